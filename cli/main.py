@@ -1,0 +1,55 @@
+"""`sa2vp` — the command-line entry point."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sa2vp_cli.common import ParamsOption, SetOption, expected_errors_exit_2, settings_from
+
+app = typer.Typer(
+    name="sa2vp",
+    help="SA²VP visual prompt tuning on frozen timm backbones.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+model_app = typer.Typer(help="Build models and inspect them.", no_args_is_help=True)
+app.add_typer(model_app, name="model")
+
+
+@model_app.command("summary")
+@expected_errors_exit_2
+def model_summary(
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    num_classes: Annotated[int, typer.Option(min=1, help="Classes of the task head.")] = 100,
+) -> None:
+    """Build SA²VP on the configured backbone and print its trainable parameters."""
+    from sa2vp.models import build_model, parameter_summary
+
+    settings = settings_from(params, overrides)
+    model = build_model(settings, num_classes)
+    summary = parameter_summary(model)
+    table = Table(title=f"SA²VP on {settings.backbone.name} ({settings.backbone.weights} weights)")
+    table.add_column("group")
+    table.add_column("trainable parameters", justify="right")
+    for group, count in summary.groups.items():
+        table.add_row(group, f"{count:,}")
+    table.add_row("total (head excluded)", f"{summary.trainable:,}", style="bold")
+    table.add_row(f"head ({num_classes} classes)", f"{summary.head:,}")
+    table.add_row("frozen backbone", f"{summary.backbone:,}")
+    table.add_row("trainable / backbone", f"{summary.percent_of_backbone:.3f} %", style="bold")
+    Console().print(table)
+    m = settings.model
+    typer.echo(
+        f"window c={m.window}  gamma={m.gamma}  lambda={m.lam}  rank r={m.prompt_rank}  adapter t={m.adapter_dim}  "
+        f"to_prompt={sorted(model.to_prompt)}  deep={sorted(model.deep)}  grid={model.grid[0]}x{model.grid[1]}"
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,94 @@
+"""The pieces SA²VP adds to a frozen backbone, shared by the ViT and Swin versions.
+
+- `LowRankPromptMap`: a learned token map U·W + b of rank r (method file §2, "Prompt pathway input").
+- `PromptAdapter`: LN' → W_down → act → W_up, no residual (§2, "Cross_i").
+- `SpatialCrossBlock`: Cross_i = Adapter_i(proj(LocalAttn(q, k, v)) + query state), where q, k, v and the
+  output projection are the frozen block's own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+from torch import nn
+
+from sa2vp.models.local_attention import Border, HeadMode, spatial_cross_attention
+
+
+class LowRankPromptMap(nn.Module):
+    """A (tokens × dim) prompt map factored as U (tokens × rank) · W (rank × dim) + b."""
+
+    def __init__(self, tokens: int, rank: int, dim: int) -> None:
+        super().__init__()
+        self.tokens = nn.Parameter(torch.empty(1, tokens, rank))
+        self.proj = nn.Linear(rank, dim)
+        nn.init.trunc_normal_(self.tokens, std=0.02)
+        nn.init.xavier_uniform_(self.proj.weight)
+        nn.init.normal_(self.proj.bias, std=1e-6)
+
+    def forward(self) -> torch.Tensor:
+        """The map, shape (1, tokens, dim): broadcast over the batch by the caller."""
+        return self.proj(self.tokens)
+
+
+class PromptAdapter(nn.Module):
+    """Adapts what one pathway reads from the other: W_up · act(W_down · LN(x))."""
+
+    def __init__(self, dim: int, hidden: int, activation: Literal["gelu", "relu"], dropout: float) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.down = nn.Linear(dim, hidden)
+        self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
+        self.drop = nn.Dropout(dropout)
+        self.up = nn.Linear(hidden, dim)
+        for linear in (self.down, self.up):
+            # Non-zero up-projection so every adapter weight gets a gradient from the first step.
+            nn.init.trunc_normal_(linear.weight, std=0.02)
+            nn.init.zeros_(linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.drop(self.act(self.down(self.norm(x)))))
+
+
+class SpatialCrossBlock(nn.Module):
+    """Cross_i of one layer: the frozen block's attention, restricted to aligned windows, plus an adapter.
+
+    Only the adapter is learned; the projections come from the frozen block and are passed in, so they are
+    neither copied nor registered twice.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        adapter_dim: int,
+        activation: Literal["gelu", "relu"],
+        dropout: float,
+        window: int | None,
+        border: Border,
+        head_mode: HeadMode,
+    ) -> None:
+        super().__init__()
+        self.window, self.border, self.head_mode = window, border, head_mode
+        self.drop = nn.Dropout(dropout)
+        self.adapter = PromptAdapter(dim, adapter_dim, activation, dropout)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        query_state: torch.Tensor,
+        out_proj: Callable[[torch.Tensor], torch.Tensor],
+        grid: tuple[int, int],
+        num_prefix: int,
+    ) -> torch.Tensor:
+        """q from the querying pathway, k/v from the other (per head, (B, H, L, D)); query_state is the
+        querying pathway's un-normalised input to this layer (the residual h of §2)."""
+        attended = spatial_cross_attention(q, k, v, grid, self.window, num_prefix, self.border, self.head_mode)
+        return self.adapter(self.drop(out_proj(attended)) + query_state)
+
+    def extra_repr(self) -> str:
+        window = "global" if self.window is None else f"{self.window}x{self.window}"
+        return f"window={window}, border={self.border}, head_mode={self.head_mode}"

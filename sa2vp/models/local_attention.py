@@ -1,0 +1,150 @@
+"""Spatially-aligned cross attention (method file §2, "LocalAttn").
+
+A patch query at grid position ⟨y, x⟩ attends only to the patch keys of the other pathway inside the
+c×c window centred on ⟨y, x⟩; prefix queries (CLS) attend globally to every token of the other pathway.
+
+Fast path, no loop over tokens or windows: the query grid is cut into tiles of T×T positions and each tile
+attends to its (T+c−1)×(T+c−1) "halo" of keys under a fixed boolean mask, so every tile is one small dense
+attention problem and all tiles run as a single batched `scaled_dot_product_attention` call. Work is
+O(N·(T+c−1)²·d) with T = max(c, 7), i.e. O(N·c²·d), and memory stays linear in N (the halo copies of K and V
+are at most (1+(c−1)/T)² ≈ 4× the key map; the fused attention kernels never materialise scores on GPU).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+Border = Literal["clip", "zero"]
+HeadMode = Literal["multi", "single"]
+
+# Tiles are at least this wide: small enough that the halo overhead stays low for c ≤ 7, large enough
+# that each tile is a reasonably shaped matrix product.
+MIN_TILE = 7
+
+
+def spatial_cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: tuple[int, int],
+    window: int | None,
+    num_prefix: int = 1,
+    border: Border = "clip",
+    head_mode: HeadMode = "multi",
+) -> torch.Tensor:
+    """Cross attention of queries ``q`` over keys/values ``k, v`` of the other pathway.
+
+    Args:
+        q, k, v: per-head projections, shape (B, H, num_prefix + h*w, D); the grid is row-major.
+        grid: (h, w) token grid of the patch tokens.
+        window: odd window size c, or None for the global variant (every query sees every token).
+        num_prefix: leading non-spatial tokens (CLS, registers); they query globally.
+        border: "clip" drops window positions outside the grid; "zero" pads the key/value map with
+            zeros there, so they score 0 and take softmax mass (the release's accelerated variant).
+        head_mode: "multi" keeps the backbone's heads (scale D^-½); "single" views all H·D channels as one
+            head (scale (H·D)^-½).
+
+    Returns:
+        Attention output with heads merged, shape (B, num_prefix + h*w, H*D), before the output projection.
+    """
+    batch, heads, length, head_dim = q.shape
+    height, width = grid
+    if length != num_prefix + height * width or k.shape[2] != length:
+        raise ValueError(
+            f"token count {length} does not match num_prefix={num_prefix} + grid {height}x{width}"
+        )
+    if head_mode == "single":
+        q, k, v = (_one_wide_head(t) for t in (q, k, v))
+
+    if window is None:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
+        prefix_out = F.scaled_dot_product_attention(q[:, :, :num_prefix], k, v)
+        patch_out = _windowed_attention(
+            q[:, :, num_prefix:], k[:, :, num_prefix:], v[:, :, num_prefix:], grid, window, border
+        )
+        out = torch.cat([prefix_out, patch_out], dim=2)
+    return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
+
+
+def _one_wide_head(t: torch.Tensor) -> torch.Tensor:
+    batch, heads, length, head_dim = t.shape
+    return t.transpose(1, 2).reshape(batch, 1, length, heads * head_dim)
+
+
+def _windowed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    grid: tuple[int, int],
+    window: int,
+    border: Border,
+) -> torch.Tensor:
+    """Patch queries over their c×c key window, all tiles in one batched attention call."""
+    batch, heads, _, dim = q.shape
+    height, width = grid
+    radius = window // 2
+    tile_h, tile_w = min(max(window, MIN_TILE), height), min(max(window, MIN_TILE), width)
+    tiles_y, tiles_x = math.ceil(height / tile_h), math.ceil(width / tile_w)
+    pad_h, pad_w = tiles_y * tile_h - height, tiles_x * tile_w - width
+    halo_h, halo_w = tile_h + 2 * radius, tile_w + 2 * radius
+
+    # Queries: (B, H, h, w, D) -> padded to whole tiles -> (B, tiles·H, tile_h·tile_w, D).
+    q_grid = F.pad(q.reshape(batch, heads, height, width, dim), (0, 0, 0, pad_w, 0, pad_h))
+    q_tiles = (
+        q_grid.reshape(batch, heads, tiles_y, tile_h, tiles_x, tile_w, dim)
+        .permute(0, 2, 4, 1, 3, 5, 6)
+        .reshape(batch, tiles_y * tiles_x * heads, tile_h * tile_w, dim)
+    )
+
+    def halo_tiles(t: torch.Tensor) -> torch.Tensor:
+        # Zero padding doubles as the "zero" border; under "clip" the mask hides it.
+        padded = F.pad(
+            t.reshape(batch, heads, height, width, dim),
+            (0, 0, radius, pad_w + radius, radius, pad_h + radius),
+        )
+        windows = padded.unfold(2, halo_h, tile_h).unfold(3, halo_w, tile_w)  # B,H,ty,tx,D,hh,hw
+        return windows.permute(0, 2, 3, 1, 5, 6, 4).reshape(batch, tiles_y * tiles_x * heads, halo_h * halo_w, dim)
+
+    mask = _tile_mask(height, width, tile_h, tile_w, radius, border, heads, q.device)
+    out = F.scaled_dot_product_attention(q_tiles, halo_tiles(k), halo_tiles(v), attn_mask=mask)
+
+    out = (
+        out.reshape(batch, tiles_y, tiles_x, heads, tile_h, tile_w, dim)
+        .permute(0, 3, 1, 4, 2, 5, 6)
+        .reshape(batch, heads, tiles_y * tile_h, tiles_x * tile_w, dim)
+    )
+    return out[:, :, :height, :width].reshape(batch, heads, height * width, dim)
+
+
+@lru_cache(maxsize=64)
+def _tile_mask(
+    height: int, width: int, tile_h: int, tile_w: int, radius: int, border: Border, heads: int, device: torch.device
+) -> torch.Tensor:
+    """Boolean mask (1, tiles·heads, tile positions, halo positions): True where a query may attend."""
+    tiles_y, tiles_x = math.ceil(height / tile_h), math.ceil(width / tile_w)
+    halo_h, halo_w = tile_h + 2 * radius, tile_w + 2 * radius
+    qi, qj = torch.meshgrid(torch.arange(tile_h), torch.arange(tile_w), indexing="ij")
+    ki, kj = torch.meshgrid(torch.arange(halo_h), torch.arange(halo_w), indexing="ij")
+    qi, qj, ki, kj = qi.reshape(-1, 1), qj.reshape(-1, 1), ki.reshape(1, -1), kj.reshape(1, -1)
+    # Halo position u sits at u - radius relative to the tile origin: inside the window iff 0 <= u - i <= 2r.
+    in_window = (ki - qi >= 0) & (ki - qi <= 2 * radius) & (kj - qj >= 0) & (kj - qj <= 2 * radius)
+
+    ty, tx = torch.meshgrid(torch.arange(tiles_y), torch.arange(tiles_x), indexing="ij")
+    ty, tx = ty.reshape(-1, 1, 1), tx.reshape(-1, 1, 1)
+    key_y, key_x = ty * tile_h + ki - radius, tx * tile_w + kj - radius
+    key_inside = (key_y >= 0) & (key_y < height) & (key_x >= 0) & (key_x < width)
+    # Queries in the padding that rounds the grid up to whole tiles are discarded afterwards; letting
+    # them see their whole window keeps every softmax row non-empty (an empty row would give NaN).
+    query_outside = (ty * tile_h + qi >= height) | (tx * tile_w + qj >= width)
+    if border == "clip":
+        allowed = in_window & (key_inside | query_outside)
+    else:
+        allowed = in_window.expand(tiles_y * tiles_x, -1, -1)
+    allowed = allowed.unsqueeze(1).expand(-1, heads, -1, -1)
+    return allowed.reshape(1, tiles_y * tiles_x * heads, tile_h * tile_w, halo_h * halo_w).to(device)

@@ -1,0 +1,208 @@
+"""SA²VP on a timm VisionTransformer — method file §2, in the order it is written there.
+
+Two pathways run through the same frozen blocks: the *base* pathway on the image tokens and the *prompt*
+pathway on a learned low-rank prompt map (plus the frozen positional embeddings). At every layer one pathway
+reads the other through the spatially-aligned cross attention of `SpatialCrossBlock`:
+
+    i in TO_PROMPT:  P ← Block_i(P) + γ·Cross_i(query=P, kv=B)      B ← Block_i(B)
+    otherwise:       B ← Block_i(B) + γ·Cross_i(query=B, kv=P)      P ← Block_i(P)
+    i in DEEP:       P ← P + e_k ⊙ Block_i(U_k·W_k + b_k)
+
+Cross_i is computed from the states entering layer i, normalised by the block's norm1 — exactly what the
+block's own attention projects to q, k, v. Both pathways therefore run each block once, as one batch, and
+the cross attention reuses those q, k, v instead of projecting them again (§2, "Cost").
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import nn
+
+from sa2vp.models.backbones import BackboneError, token_grid
+from sa2vp.models.cross_block import LowRankPromptMap, SpatialCrossBlock
+from sa2vp.settings import SA2VPSettings, SettingsError
+
+# The release's layer sets for a 12-layer ViT; other depths use the same relative positions.
+RELEASE_DEPTH = 12
+RELEASE_TO_PROMPT = (0, 4, 8)
+RELEASE_DEEP = (4, 8)
+
+
+class SA2VPOutput(NamedTuple):
+    """Training-mode output: logits of the shared head on each pathway's CLS feature."""
+
+    base: torch.Tensor
+    prompt: torch.Tensor
+
+
+def release_layers(positions: tuple[int, ...], depth: int) -> list[int]:
+    """The release's layer positions scaled from depth 12 to `depth` (identity for depth 12)."""
+    return sorted({min(depth - 1, round(p * depth / RELEASE_DEPTH)) for p in positions})
+
+
+def resolve_layers(settings: SA2VPSettings, depth: int) -> tuple[frozenset[int], frozenset[int]]:
+    """(TO_PROMPT, DEEP) for a backbone of `depth` layers, validated."""
+    to_prompt = settings.to_prompt_layers
+    deep = settings.deep_layers
+    if to_prompt is None:
+        to_prompt = release_layers(RELEASE_TO_PROMPT, depth)
+    if deep is None:
+        # Layer 0 already receives the input prompt map, so a deep map there would be redundant.
+        deep = [i for i in release_layers(RELEASE_DEEP, depth) if i > 0]
+    for key, layers in (("model.to_prompt_layers", to_prompt), ("model.deep_layers", deep)):
+        bad = [i for i in layers if not 0 <= i < depth]
+        if bad:
+            raise SettingsError(
+                f"{key}: layer index {bad[0]} is out of range; allowed 0..{depth - 1} for a backbone of depth {depth}"
+            )
+    return frozenset(to_prompt), frozenset(deep)
+
+
+class SA2VPViT(nn.Module):
+    """SA²VP over a frozen timm VisionTransformer.
+
+    In training mode `forward` returns `SA2VPOutput(base, prompt)`; in eval mode the base logits, which is
+    what SA²VP predicts with.
+    """
+
+    def __init__(self, backbone: VisionTransformer, num_classes: int, settings: SA2VPSettings) -> None:
+        super().__init__()
+        _check_backbone(backbone)
+        self.settings = settings
+        self.backbone = backbone
+        self.backbone.requires_grad_(False)
+        depth, dim = len(backbone.blocks), backbone.embed_dim
+        self.grid = token_grid(backbone)
+        self.num_prefix = backbone.num_prefix_tokens
+        self.to_prompt, self.deep = resolve_layers(settings, depth)
+        self.gamma = settings.gamma
+        tokens = self.num_prefix + self.grid[0] * self.grid[1]
+
+        self.prompt_map = LowRankPromptMap(tokens, settings.prompt_rank, dim)
+        # Deep maps have no positional embedding in the release; each gets an SSF-style channel scale e_k.
+        self.deep_maps = nn.ModuleDict({str(i): LowRankPromptMap(tokens, settings.prompt_rank, dim) for i in sorted(self.deep)})
+        self.deep_scales = nn.ParameterDict({str(i): nn.Parameter(torch.randn(dim) * 0.02) for i in sorted(self.deep)})
+        self.cross = nn.ModuleList(
+            SpatialCrossBlock(
+                dim,
+                settings.adapter_dim,
+                settings.adapter_act,
+                settings.dropout,
+                settings.window_size,
+                settings.border,
+                settings.head_mode,
+            )
+            for _ in range(depth)
+        )
+        self.head = nn.Linear(dim, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def train(self, mode: bool = True) -> SA2VPViT:
+        super().train(mode)
+        self.backbone.eval()  # frozen: no dropout or drop-path in the backbone, ever
+        return self
+
+    def forward(self, images: torch.Tensor) -> SA2VPOutput | torch.Tensor:
+        base = self._embed_images(images)
+        prompt = self._embed_prompt().expand(base.shape[0], -1, -1)
+        base, prompt = self._run_blocks(base, prompt)
+        base_logits = self.head(self._pooled(base))
+        if not self.training:
+            return base_logits
+        return SA2VPOutput(base_logits, self.head(self._pooled(prompt)))
+
+    def _embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        vit = self.backbone
+        return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
+
+    def _embed_prompt(self) -> torch.Tensor:
+        """P_0 = U_0·W_0 + b_0 + pos_embed; slot 0 is the prompt pathway's own CLS (gets pos_embed[0])."""
+        vit = self.backbone
+        pos = vit.pos_embed
+        if vit.no_embed_class:  # position table covers the patches only
+            pos = F.pad(pos, (0, 0, self.num_prefix, 0))
+        return vit.norm_pre(self.prompt_map() + pos)
+
+    def _run_blocks(self, base: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = base.shape[0]
+        for i, block in enumerate(self.backbone.blocks):
+            both = torch.cat([base, prompt])
+            q, k, v = _attention_inputs(block, both)
+            base_out, prompt_out = _block_from_qkv(block, both, q, k, v).split(batch)
+            (qb, qp), (kb, kp), (vb, vp) = q.split(batch), k.split(batch), v.split(batch)
+            out_proj = partial(_project_out, block.attn)
+            if i in self.to_prompt:
+                fused = self.cross[i](qp, kb, vb, prompt, out_proj, self.grid, self.num_prefix)
+                prompt_out = prompt_out + self.gamma * fused
+            else:
+                fused = self.cross[i](qb, kp, vp, base, out_proj, self.grid, self.num_prefix)
+                base_out = base_out + self.gamma * fused
+            if i in self.deep:
+                # The deep map is the same for every image: run it through the block once, broadcast.
+                prompt_out = prompt_out + self.deep_scales[str(i)] * block(self.deep_maps[str(i)]())
+            base, prompt = base_out, prompt_out
+        return base, prompt
+
+    def _pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The backbone's own final norm and pooling (CLS token for the paper's ViT), before any head."""
+        return self.backbone.forward_head(self.backbone.norm(tokens), pre_logits=True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+def sa2vp_loss(
+    output: SA2VPOutput, target: torch.Tensor, lam: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(λ·CE(base) + (1−λ)·CE(prompt), CE(base), CE(prompt))."""
+    base_loss = F.cross_entropy(output.base, target)
+    prompt_loss = F.cross_entropy(output.prompt, target)
+    return lam * base_loss + (1.0 - lam) * prompt_loss, base_loss, prompt_loss
+
+
+def _attention_inputs(block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The block's q, k, v for input x, per head: (B, H, L, D) each."""
+    attn = block.attn
+    batch, length, _ = x.shape
+    qkv = attn.qkv(block.norm1(x)).reshape(batch, length, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    return attn.q_norm(q), attn.k_norm(k), v
+
+
+def _block_from_qkv(block: Block, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """timm's Block.forward given precomputed q, k, v (the frozen backbone is always in eval mode)."""
+    attn = block.attn
+    batch, length, _ = x.shape
+    attended = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+    attended = attended.transpose(1, 2).reshape(batch, length, attn.attn_dim)
+    x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(attn.norm(attended)))))
+    return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))
+
+
+def _project_out(attn: Attention, attended: torch.Tensor) -> torch.Tensor:
+    """The block's frozen output projection W_o (after its optional attention-output norm)."""
+    return attn.proj(attn.norm(attended))
+
+
+def _check_backbone(backbone: nn.Module) -> None:
+    if not isinstance(backbone, VisionTransformer):
+        raise BackboneError(f"SA²VP-ViT needs a timm VisionTransformer, got {type(backbone).__name__}")
+    if not backbone.has_class_token or backbone.pos_embed is None or backbone.dynamic_img_size:
+        raise BackboneError(
+            "SA²VP-ViT needs a ViT with a class token and a fixed absolute position embedding "
+            "(class_token=True, dynamic_img_size=False)"
+        )
+    for i, block in enumerate(backbone.blocks):
+        attn = getattr(block, "attn", None)
+        if type(block) is not Block or not isinstance(attn, Attention) or getattr(attn, "gate", None) is not None:
+            raise BackboneError(
+                f"block {i} is {type(block).__name__} with {type(attn).__name__}: SA²VP-ViT supports timm's "
+                "pre-norm Block with the standard (ungated) Attention"
+            )

@@ -1,0 +1,190 @@
+"""The one schema of the experiment's settings.
+
+Every setting is defined here, once, with its default and its validation. params.yaml is an instance of
+`Settings`; `SA2VP_…` environment variables (nested keys joined by `__`, e.g. `SA2VP_MODEL__GAMMA=0.5`) and
+command-line overrides (`model.gamma=0.5`) are applied on top by `load_settings`. No other module keeps a
+second list of defaults.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+
+class SettingsError(ValueError):
+    """A setting has a value that is not allowed; the message names the setting and what is allowed."""
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos, and a typo silently ignored is a wrong experiment.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BackboneSettings(_Section):
+    """The frozen backbone."""
+
+    name: str = Field(
+        "vit_base_patch16_224.orig_in21k",
+        description="timm model name, optionally with a pretrained tag (`vit_base_patch16_224.orig_in21k`).",
+    )
+    weights: str = Field(
+        "hub",
+        description="`hub` (timm's pretrained weights, downloaded), `random` (random init), "
+        "or a path to a weights file (.safetensors, or Google's original .npz).",
+    )
+    img_size: int | None = Field(
+        None, ge=16, description="Input resolution; default: the pretrained configuration's."
+    )
+
+
+class SA2VPSettings(_Section):
+    """SA²VP on ViT (method file §2); defaults are the authors' release."""
+
+    method: Literal["sa2vp"] = "sa2vp"
+    window: int | Literal["global"] = Field(
+        3, description="Window c of the spatially-aligned cross attention: odd ≥ 1, or `global` (ablation)."
+    )
+    gamma: float = Field(0.1, ge=0.0, description="γ: weight of the fused cross-attention output.")
+    lam: float = Field(0.8, ge=0.0, le=1.0, description="λ: loss = λ·CE(base) + (1−λ)·CE(prompt).")
+    prompt_rank: int = Field(16, ge=1, description="r: rank of the low-rank prompt maps.")
+    adapter_dim: int = Field(16, ge=1, description="t: bottleneck width of the prompt adapters.")
+    adapter_act: Literal["gelu", "relu"] = Field("gelu", description="Adapter activation (release: gelu).")
+    to_prompt_layers: list[int] | None = Field(
+        None,
+        description="Layers where the prompt pathway queries the base; the others let the base query the "
+        "prompt. Default: the release's {0, 4, 8} for depth 12, same relative positions otherwise.",
+    )
+    deep_layers: list[int] | None = Field(
+        None,
+        description="Layers where a new prompt map is fused in (deep mode); [] = shallow. "
+        "Default: the release's {4, 8} for depth 12, same relative positions otherwise.",
+    )
+    head_mode: Literal["multi", "single"] = Field(
+        "multi", description="`multi`: the backbone's heads; `single`: one head over all channels."
+    )
+    border: Literal["clip", "zero"] = Field(
+        "clip", description="Window positions outside the grid: `clip` (dropped) or `zero` (zero keys)."
+    )
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the cross attention and adapters.")
+
+    @field_validator("window", mode="before")
+    @classmethod
+    def _odd_window(cls, value: object) -> int | str:
+        if value == "global":
+            return "global"
+        try:
+            size = int(str(value)) if not isinstance(value, bool) else None
+        except ValueError:
+            size = None
+        if size is None or size < 1 or size % 2 == 0:
+            raise ValueError("must be an odd integer >= 1 (3, 5, 7, …) or 'global'")
+        return size
+
+    @field_validator("to_prompt_layers", "deep_layers")
+    @classmethod
+    def _non_negative_unique(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        if any(i < 0 for i in value):
+            raise ValueError("layer indices must be >= 0")
+        return sorted(set(value))
+
+    @property
+    def window_size(self) -> int | None:
+        """The window c, or None for the global variant."""
+        return None if self.window == "global" else int(self.window)
+
+
+class Settings(BaseSettings):
+    """params.yaml: one section per concern."""
+
+    model_config = SettingsConfigDict(env_prefix="SA2VP_", env_nested_delimiter="__", extra="forbid")
+
+    backbone: BackboneSettings = BackboneSettings()
+    model: SA2VPSettings = SA2VPSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit overrides > SA2VP_* environment > params.yaml > defaults above.
+        return init_settings, env_settings, _ParamsFileSource(settings_cls)
+
+
+_params_file: ContextVar[Path | None] = ContextVar("sa2vp_params_file", default=None)
+
+
+class _ParamsFileSource(PydanticBaseSettingsSource):
+    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:  # pragma: no cover
+        return None, field_name, False
+
+    def __call__(self) -> dict[str, Any]:
+        path = _params_file.get()
+        return read_params(path) if path is not None else {}
+
+
+def read_params(path: Path) -> dict[str, Any]:
+    """The mapping in a params.yaml, or a SettingsError naming the file and what is wrong."""
+    try:
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SettingsError(f"{path}: settings file not found") from None
+    except yaml.YAMLError as exc:
+        raise SettingsError(f"{path}: not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SettingsError(f"{path}: expected a mapping of sections (backbone, model, …), got {type(data).__name__}")
+    return data
+
+
+def load_settings(params: Path | str | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Settings from a params file, the environment and dotted overrides (`{"model.gamma": 0.5}`).
+
+    Raises SettingsError with one line per invalid key (`model.window: …`).
+    """
+    token = _params_file.set(Path(params) if params is not None else None)
+    try:
+        return Settings(**_nest(overrides or {}))
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc, source=params)) from None
+    finally:
+        _params_file.reset(token)
+
+
+def describe_validation_error(exc: ValidationError, source: Path | str | None = None) -> str:
+    """pydantic's error as `key: message (got value)` lines, prefixed by the file when there is one."""
+    lines = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(root)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown setting"
+        got = error.get("input")
+        suffix = f" (got {got!r})" if error["type"] != "missing" and not isinstance(got, dict) else ""
+        lines.append(f"{key}: {message}{suffix}")
+    prefix = f"{source}: " if source is not None else ""
+    return prefix + ("; ".join(lines) if len(lines) > 1 else lines[0])
+
+
+def _nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
+    nested: dict[str, Any] = {}
+    for key, value in dotted.items():
+        *parents, leaf = key.split(".")
+        node = nested
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested

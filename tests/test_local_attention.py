@@ -1,0 +1,87 @@
+"""The fast spatially-aligned cross attention against the naive per-token reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import naive_cross_attention
+
+from sa2vp.models.local_attention import spatial_cross_attention
+
+TOLERANCE = 1e-5
+
+
+def _inputs(grid, heads=2, head_dim=4, batch=2, num_prefix=1, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    length = num_prefix + grid[0] * grid[1]
+    return [
+        torch.randn(batch, heads, length, head_dim, generator=generator, dtype=torch.float32).requires_grad_()
+        for _ in range(3)
+    ]
+
+
+def _forward_and_grads(fn, tensors, upstream, **kwargs):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    out = fn(*leaves, **kwargs)
+    (out * upstream).sum().backward()
+    return out.detach(), [leaf.grad for leaf in leaves]
+
+
+# A square grid, a non-square one, and one larger than a tile (several tiles plus rounding padding).
+GRIDS = [(5, 5), (4, 6), (9, 8)]
+
+
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
+@pytest.mark.parametrize("window", [1, 3, 5, 7, None], ids=lambda c: f"c{c or 'global'}")
+@pytest.mark.parametrize("head_mode", ["multi", "single"])
+@pytest.mark.parametrize("border", ["clip", "zero"])
+def test_fast_path_matches_naive_reference(grid, window, head_mode, border):
+    q, k, v = _inputs(grid)
+    kwargs = dict(grid=grid, window=window, num_prefix=1, border=border, head_mode=head_mode)
+    upstream = torch.randn(q.shape[0], q.shape[2], q.shape[1] * q.shape[3], generator=torch.Generator().manual_seed(1))
+
+    fast_out, fast_grads = _forward_and_grads(spatial_cross_attention, (q, k, v), upstream, **kwargs)
+    ref_out, ref_grads = _forward_and_grads(naive_cross_attention, (q, k, v), upstream, **kwargs)
+
+    assert fast_out.dtype == torch.float32
+    assert (fast_out - ref_out).abs().max().item() <= TOLERANCE
+    for name, fast, ref in zip("qkv", fast_grads, ref_grads):
+        assert (fast - ref).abs().max().item() <= TOLERANCE, f"gradient of {name}"
+
+
+def test_window_one_reads_exactly_the_aligned_partner():
+    grid = (3, 4)
+    q, k, v = (t.detach() for t in _inputs(grid, heads=1, head_dim=8))
+    out = spatial_cross_attention(q, k, v, grid, window=1, num_prefix=1)
+    torch.testing.assert_close(out[:, 1:], v[:, 0, 1:], rtol=0, atol=1e-6)
+
+
+def test_clip_and_zero_borders_differ_only_where_the_window_leaves_the_grid():
+    grid = (6, 6)
+    q, k, v = (t.detach() for t in _inputs(grid))
+    clip = spatial_cross_attention(q, k, v, grid, window=3, border="clip")
+    zero = spatial_cross_attention(q, k, v, grid, window=3, border="zero")
+    patch_diff = (clip - zero)[:, 1:].abs().amax(dim=(0, 2)).reshape(grid)
+    interior = patch_diff[1:-1, 1:-1]
+    assert interior.max() < 1e-6
+    assert patch_diff[0].min() > 1e-4 and patch_diff[:, -1].min() > 1e-4
+    torch.testing.assert_close(clip[:, 0], zero[:, 0])  # CLS attends globally either way
+
+
+def test_cls_query_is_global_while_patch_queries_are_local():
+    grid = (5, 5)
+    q, k, v = (t.detach() for t in _inputs(grid))
+    base = spatial_cross_attention(q, k, v, grid, window=3)
+    v_far = v.clone()
+    v_far[:, :, 1 + 4 * 5 + 4] += 10.0  # the bottom-right patch token
+    moved = spatial_cross_attention(q, k, v_far, grid, window=3)
+    changed = (moved - base).abs().amax(dim=(0, 2)) > 1e-6
+    assert changed[0], "CLS must see every token"
+    assert not changed[1], "the top-left patch query must not see the bottom-right token"
+    assert changed[1 + 3 * 5 + 3], "the diagonal neighbour sees it"
+
+
+def test_token_count_must_match_the_grid():
+    q, k, v = (t.detach() for t in _inputs((4, 4)))
+    with pytest.raises(ValueError, match="does not match"):
+        spatial_cross_attention(q, k, v, (5, 4), window=3)
