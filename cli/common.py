@@ -12,13 +12,14 @@ from typing import Annotated, Any, TypeVar
 import typer
 import yaml
 
-from sa2vp.models.backbones import BackboneError
+from sa2vp.data.errors import DataError
+from sa2vp.errors import BackboneError
 from sa2vp.settings import Settings, SettingsError, load_settings
 
 USAGE_ERROR = 2
 
 # Errors a user can cause and fix; anything else is a bug and keeps its traceback.
-EXPECTED_ERRORS: tuple[type[Exception], ...] = (SettingsError, BackboneError, FileNotFoundError)
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (SettingsError, BackboneError, FileNotFoundError, DataError)
 
 ParamsOption = Annotated[
     Path, typer.Option("--params", "-p", help="Settings file (the schema is sa2vp.settings.Settings).")

@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sa2vp_cli.common import ParamsOption, SetOption, expected_errors_exit_2, settings_from
+from sa2vp_cli.data import app as data_app
 
 app = typer.Typer(
     name="sa2vp",
@@ -19,6 +20,7 @@ app = typer.Typer(
 )
 model_app = typer.Typer(help="Build models and inspect them.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
+app.add_typer(data_app, name="data")
 
 
 @model_app.command("summary")

@@ -102,6 +102,61 @@ class SA2VPSettings(_Section):
         return None if self.window == "global" else int(self.window)
 
 
+class DataSettings(_Section):
+    """The dataset, its split protocol and where its files live (sa2vp.data; method file §4 and §6)."""
+
+    dataset: str = Field(
+        "digits",
+        min_length=1,
+        description="Registry name (`sa2vp data list`: vtab-svhn, fgvc-cub200, hta-cifar10, digits, …), an alias "
+        "(a bare VTAB-1k task name such as `svhn` means the VTAB-1k task), or `folder:<path>` for an image folder "
+        "with one sub-folder per class.",
+    )
+    protocol: Literal["vtab1k", "fgvc", "hta", "holdout"] | None = Field(
+        None,
+        description="Split protocol: `vtab1k` (the archive's train800/val200/train800val200/test lists), `fgvc` "
+        "(VPT's train/val/test json), `hta` (seeded hold-out of the official train split + official test), "
+        "`holdout` (seeded stratified train/val/test of all images). Default: the dataset's (registry).",
+    )
+    seed: int = Field(42, ge=0, description="Seed of the seeded hold-outs (protocols hta and holdout).")
+    root: Path = Field(Path("data"), description="Folder for downloads, extracted datasets and split files.")
+    source: Path | None = Field(
+        None,
+        description="A local copy to use instead of downloading: the vtab-1k.zip archive or its extracted folder "
+        "(VTAB-1k), or the image archive of an FGVC set (required for NABirds, which has no public URL).",
+    )
+    val_fraction: float = Field(
+        0.1, gt=0.0, lt=1.0, description="hta and holdout: fraction of each class held out for validation."
+    )
+    test_fraction: float = Field(
+        0.2, gt=0.0, lt=1.0, description="holdout: fraction of each class held out for test."
+    )
+    transform: Literal["vtab", "fgvc"] | None = Field(
+        None,
+        description="`vtab`: resize to the input size, no augmentation; `fgvc`: resize to 256/224 of it, then "
+        "random crop + horizontal flip for training, centre crop for evaluation. Default: the dataset's (registry).",
+    )
+    skip_corrupt: bool = Field(
+        False,
+        description="Decode every image during prepare and leave unreadable ones out of the splits (listed in the "
+        "manifest). Otherwise an unreadable image is an error naming the file.",
+    )
+    verify_checksums: bool = Field(
+        True, description="Check downloaded and in-place files against the publishers' checksums where known."
+    )
+    render_size: int = Field(
+        224, ge=8, description="digits: side in pixels of the images written by prepare (the backbone's input size)."
+    )
+
+    @field_validator("test_fraction")
+    @classmethod
+    def _room_for_training(cls, value: float, info: Any) -> float:
+        val_fraction = info.data.get("val_fraction")
+        if val_fraction is not None and val_fraction + value >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction must be < 1 (got {val_fraction} + {value})")
+        return value
+
+
 class Settings(BaseSettings):
     """params.yaml: one section per concern."""
 
@@ -109,6 +164,7 @@ class Settings(BaseSettings):
 
     backbone: BackboneSettings = BackboneSettings()
     model: SA2VPSettings = SA2VPSettings()
+    data: DataSettings = DataSettings()
 
     @classmethod
     def settings_customise_sources(

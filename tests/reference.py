@@ -92,5 +92,5 @@ def _naive_cross(model, i, block, query, other):
         return part.reshape(x.shape[0], x.shape[1], attn.num_heads, attn.head_dim).transpose(1, 2)
 
     q, k, v = heads(query, 0), heads(other, 1), heads(other, 2)
-    attended = naive_cross_attention(q, k, v, model.grid, cross.window, model.num_prefix, cross.border, cross.head_mode)
+    attended = naive_cross_attention(q, k, v, cross.grid, cross.window, cross.num_prefix, cross.border, cross.head_mode)
     return cross.adapter(attn.proj(attended) + query)

@@ -16,13 +16,10 @@ import timm
 import torch
 from torch import nn
 
+from sa2vp.errors import BackboneError
 from sa2vp.settings import BackboneSettings, SettingsError
 
 WEIGHT_SUFFIXES = (".safetensors", ".npz")
-
-
-class BackboneError(RuntimeError):
-    """The backbone could not be built or loaded; the message says what to do about it."""
 
 
 def create_backbone(settings: BackboneSettings) -> nn.Module:

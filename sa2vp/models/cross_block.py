@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from sa2vp.models.local_attention import Border, HeadMode, spatial_cross_attention
+from sa2vp.models.local_attention import Border, HeadMode, build_tile_mask, spatial_cross_attention
 
 
 class LowRankPromptMap(nn.Module):
@@ -68,11 +68,20 @@ class SpatialCrossBlock(nn.Module):
         window: int | None,
         border: Border,
         head_mode: HeadMode,
+        grid: tuple[int, int],
+        num_heads: int,
+        num_prefix: int,
     ) -> None:
         super().__init__()
         self.window, self.border, self.head_mode = window, border, head_mode
+        self.grid, self.num_prefix = grid, num_prefix
         self.drop = nn.Dropout(dropout)
         self.adapter = PromptAdapter(dim, adapter_dim, activation, dropout)
+        # Built once here (a buffer follows .to(device)), so forward has no Python-side caching.
+        mask = None
+        if window is not None:
+            mask = build_tile_mask(grid, window, border, 1 if head_mode == "single" else num_heads, torch.device("cpu"))
+        self.register_buffer("tile_mask", mask, persistent=False)
 
     def forward(
         self,
@@ -81,12 +90,12 @@ class SpatialCrossBlock(nn.Module):
         v: torch.Tensor,
         query_state: torch.Tensor,
         out_proj: Callable[[torch.Tensor], torch.Tensor],
-        grid: tuple[int, int],
-        num_prefix: int,
     ) -> torch.Tensor:
         """q from the querying pathway, k/v from the other (per head, (B, H, L, D)); query_state is the
         querying pathway's un-normalised input to this layer (the residual h of §2)."""
-        attended = spatial_cross_attention(q, k, v, grid, self.window, num_prefix, self.border, self.head_mode)
+        attended = spatial_cross_attention(
+            q, k, v, self.grid, self.window, self.num_prefix, self.border, self.head_mode, self.tile_mask
+        )
         return self.adapter(self.drop(out_proj(attended)) + query_state)
 
     def extra_repr(self) -> str:

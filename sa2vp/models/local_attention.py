@@ -36,6 +36,7 @@ def spatial_cross_attention(
     num_prefix: int = 1,
     border: Border = "clip",
     head_mode: HeadMode = "multi",
+    tile_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Cross attention of queries ``q`` over keys/values ``k, v`` of the other pathway.
 
@@ -48,6 +49,8 @@ def spatial_cross_attention(
             zeros there, so they score 0 and take softmax mass (the release's accelerated variant).
         head_mode: "multi" keeps the backbone's heads (scale D^-½); "single" views all H·D channels as one
             head (scale (H·D)^-½).
+        tile_mask: the mask `tile_mask(...)` returns for these arguments; pass it precomputed to keep the
+            call free of Python-side caching (e.g. under torch.compile). Built and cached when omitted.
 
     Returns:
         Attention output with heads merged, shape (B, num_prefix + h*w, H*D), before the output projection.
@@ -65,8 +68,10 @@ def spatial_cross_attention(
         out = F.scaled_dot_product_attention(q, k, v)
     else:
         prefix_out = F.scaled_dot_product_attention(q[:, :, :num_prefix], k, v)
+        if tile_mask is None:
+            tile_mask = build_tile_mask(grid, window, border, q.shape[1], q.device)
         patch_out = _windowed_attention(
-            q[:, :, num_prefix:], k[:, :, num_prefix:], v[:, :, num_prefix:], grid, window, border
+            q[:, :, num_prefix:], k[:, :, num_prefix:], v[:, :, num_prefix:], grid, window, tile_mask
         )
         out = torch.cat([prefix_out, patch_out], dim=2)
     return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
@@ -83,19 +88,20 @@ def _windowed_attention(
     v: torch.Tensor,
     grid: tuple[int, int],
     window: int,
-    border: Border,
+    mask: torch.Tensor,
 ) -> torch.Tensor:
     """Patch queries over their c×c key window, all tiles in one batched attention call."""
     batch, heads, _, dim = q.shape
     height, width = grid
     radius = window // 2
-    tile_h, tile_w = min(max(window, MIN_TILE), height), min(max(window, MIN_TILE), width)
-    tiles_y, tiles_x = math.ceil(height / tile_h), math.ceil(width / tile_w)
+    (tile_h, tile_w), (tiles_y, tiles_x) = _tiling(grid, window)
     pad_h, pad_w = tiles_y * tile_h - height, tiles_x * tile_w - width
     halo_h, halo_w = tile_h + 2 * radius, tile_w + 2 * radius
 
     # Queries: (B, H, h, w, D) -> padded to whole tiles -> (B, tiles·H, tile_h·tile_w, D).
-    q_grid = F.pad(q.reshape(batch, heads, height, width, dim), (0, 0, 0, pad_w, 0, pad_h))
+    q_grid = q.reshape(batch, heads, height, width, dim)
+    if pad_h or pad_w:
+        q_grid = F.pad(q_grid, (0, 0, 0, pad_w, 0, pad_h))
     q_tiles = (
         q_grid.reshape(batch, heads, tiles_y, tile_h, tiles_x, tile_w, dim)
         .permute(0, 2, 4, 1, 3, 5, 6)
@@ -111,7 +117,6 @@ def _windowed_attention(
         windows = padded.unfold(2, halo_h, tile_h).unfold(3, halo_w, tile_w)  # B,H,ty,tx,D,hh,hw
         return windows.permute(0, 2, 3, 1, 5, 6, 4).reshape(batch, tiles_y * tiles_x * heads, halo_h * halo_w, dim)
 
-    mask = _tile_mask(height, width, tile_h, tile_w, radius, border, heads, q.device)
     out = F.scaled_dot_product_attention(q_tiles, halo_tiles(k), halo_tiles(v), attn_mask=mask)
 
     out = (
@@ -119,15 +124,28 @@ def _windowed_attention(
         .permute(0, 3, 1, 4, 2, 5, 6)
         .reshape(batch, heads, tiles_y * tile_h, tiles_x * tile_w, dim)
     )
-    return out[:, :, :height, :width].reshape(batch, heads, height * width, dim)
+    if pad_h or pad_w:
+        out = out[:, :, :height, :width]
+    return out.reshape(batch, heads, height * width, dim)
+
+
+def _tiling(grid: tuple[int, int], window: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """((tile rows, tile columns), (tiles down, tiles across)) for a grid and window."""
+    height, width = grid
+    tile_h, tile_w = min(max(window, MIN_TILE), height), min(max(window, MIN_TILE), width)
+    return (tile_h, tile_w), (math.ceil(height / tile_h), math.ceil(width / tile_w))
 
 
 @lru_cache(maxsize=64)
-def _tile_mask(
-    height: int, width: int, tile_h: int, tile_w: int, radius: int, border: Border, heads: int, device: torch.device
+def build_tile_mask(
+    grid: tuple[int, int], window: int, border: Border, heads: int, device: torch.device
 ) -> torch.Tensor:
-    """Boolean mask (1, tiles·heads, tile positions, halo positions): True where a query may attend."""
-    tiles_y, tiles_x = math.ceil(height / tile_h), math.ceil(width / tile_w)
+    """Boolean mask (1, tiles·heads, tile positions, halo positions): True where a query may attend.
+
+    `heads` is the number of heads the attention runs with (1 in single-head mode)."""
+    height, width = grid
+    radius = window // 2
+    (tile_h, tile_w), (tiles_y, tiles_x) = _tiling(grid, window)
     halo_h, halo_w = tile_h + 2 * radius, tile_w + 2 * radius
     qi, qj = torch.meshgrid(torch.arange(tile_h), torch.arange(tile_w), indexing="ij")
     ki, kj = torch.meshgrid(torch.arange(halo_h), torch.arange(halo_w), indexing="ij")

@@ -97,8 +97,11 @@ class SA2VPViT(nn.Module):
                 settings.window_size,
                 settings.border,
                 settings.head_mode,
+                self.grid,
+                block.attn.num_heads,
+                self.num_prefix,
             )
-            for _ in range(depth)
+            for block in backbone.blocks
         )
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
@@ -139,10 +142,10 @@ class SA2VPViT(nn.Module):
             (qb, qp), (kb, kp), (vb, vp) = q.split(batch), k.split(batch), v.split(batch)
             out_proj = partial(_project_out, block.attn)
             if i in self.to_prompt:
-                fused = self.cross[i](qp, kb, vb, prompt, out_proj, self.grid, self.num_prefix)
+                fused = self.cross[i](qp, kb, vb, prompt, out_proj)
                 prompt_out = prompt_out + self.gamma * fused
             else:
-                fused = self.cross[i](qb, kp, vp, base, out_proj, self.grid, self.num_prefix)
+                fused = self.cross[i](qb, kp, vp, base, out_proj)
                 base_out = base_out + self.gamma * fused
             if i in self.deep:
                 # The deep map is the same for every image: run it through the block once, broadcast.
@@ -153,6 +156,17 @@ class SA2VPViT(nn.Module):
     def _pooled(self, tokens: torch.Tensor) -> torch.Tensor:
         """The backbone's own final norm and pooling (CLS token for the paper's ViT), before any head."""
         return self.backbone.forward_head(self.backbone.norm(tokens), pre_logits=True)
+
+    def compile_cross_blocks(self, mode: str | None = None) -> SA2VPViT:
+        """Compile the cross blocks with torch.compile, in place.
+
+        Each cross block is some twenty small memory-bound operations (pads, tile copies, masked attention,
+        projection, norm, adapter); on a GPU their launch overhead, not their arithmetic, dominates.
+        Compiling fuses them. The first step pays the compilation (tens of seconds).
+        """
+        for block in self.cross:
+            block.compile(dynamic=False, mode=mode)
+        return self
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]

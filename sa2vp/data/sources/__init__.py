@@ -1,0 +1,44 @@
+"""Where datasets come from: one module per source kind, each with the same three functions.
+
+    dataset_dir(info, settings) -> Path        where the dataset's files live
+    fetch(info, settings, progress) -> Path     download / extract / verify once, then mark complete
+    catalogue(info, settings, progress)         the images and official lists of a fetched dataset
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import ModuleType
+
+from sa2vp.data.catalogue import Catalogue
+from sa2vp.data.progress import NO_PROGRESS, Progress
+from sa2vp.data.registry import DatasetInfo
+from sa2vp.data.sources import digits, fgvc, folder, torchvision_sets, vtab1k
+from sa2vp.settings import DataSettings
+
+_SOURCES: dict[str, ModuleType] = {
+    "vtab1k": vtab1k,
+    "torchvision": torchvision_sets,
+    "fgvc": fgvc,
+    "digits": digits,
+    "folder": folder,
+}
+
+
+def source_module(info: DatasetInfo) -> ModuleType:
+    return _SOURCES[info.source]
+
+
+def dataset_dir(info: DatasetInfo, settings: DataSettings) -> Path:
+    return source_module(info).dataset_dir(info, settings)
+
+
+def fetch(info: DatasetInfo, settings: DataSettings, progress: Progress = NO_PROGRESS) -> Path:
+    """Make the dataset's files complete on disk (downloading if needed); returns their folder."""
+    return source_module(info).fetch(info, settings, progress)
+
+
+def read_catalogue(info: DatasetInfo, settings: DataSettings, progress: Progress = NO_PROGRESS) -> Catalogue:
+    """Fetch the dataset if needed and return its images and official lists."""
+    fetch(info, settings, progress)
+    return source_module(info).catalogue(info, settings, progress)

@@ -1,0 +1,75 @@
+"""The dataset registry: names, aliases, groups, errors that suggest, and the data settings."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from sa2vp.data import DATASETS, UnknownDatasetError, by_group, lookup
+from sa2vp.data.splits import resolve_protocol, split_dir
+from sa2vp.settings import DataSettings, SettingsError, load_settings
+
+VTAB_FOLDERS = ["caltech101", "cifar", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397",
+                "patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy", "clevr_count", "clevr_dist", "dmlab",
+                "kitti", "dsprites_loc", "dsprites_ori", "smallnorb_azi", "smallnorb_ele"]
+
+
+def test_benchmarks_are_complete() -> None:
+    groups = Counter(info.group for info in DATASETS.values())
+    assert groups["vtab-natural"] + groups["vtab-specialized"] + groups["vtab-structured"] == 19
+    assert (groups["vtab-natural"], groups["vtab-specialized"], groups["vtab-structured"]) == (7, 4, 8)
+    assert groups["fgvc"] == 5 and groups["hta"] == 10 and "digits" in DATASETS
+    assert sorted(info.folder for info in DATASETS.values() if info.source == "vtab1k") == sorted(VTAB_FOLDERS)
+    assert {info.num_classes for info in by_group()["fgvc"]} == {200, 555, 102, 120, 196}
+    for info in DATASETS.values():
+        assert info.protocols and info.title and info.licence and info.num_classes
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("svhn", "vtab-svhn"), ("SVHN", "vtab-svhn"), ("vtab_svhn", "vtab-svhn"), ("cifar", "vtab-cifar100"),
+    ("oxford_iiit_pet", "vtab-oxford-iiit-pet"), ("cub200", "fgvc-cub200"), ("cifar10", "hta-cifar10"),
+    ("hta-svhn", "hta-svhn"), ("Stanford_Dogs", "fgvc-stanford-dogs"), ("digits", "digits"),
+])
+def test_lookup_names_and_aliases(name: str, expected: str) -> None:
+    assert lookup(name).name == expected
+
+
+def test_every_vtab_folder_name_is_an_alias() -> None:
+    for folder in VTAB_FOLDERS:
+        assert lookup(folder).source == "vtab1k"
+
+
+def test_unknown_name_suggests_close_ones() -> None:
+    with pytest.raises(UnknownDatasetError) as info:
+        lookup("svnh")
+    message = str(info.value)
+    assert "'svnh'" in message and "vtab-svhn" in message and "hta-svhn" in message
+    assert "folder:<path>" in message
+
+
+def test_folder_entries(tmp_path: Path) -> None:
+    info = lookup(f"folder:{tmp_path}")
+    assert info.source == "folder" and info.protocol == "holdout" and info.folder == str(tmp_path)
+    settings = DataSettings(dataset=f"folder:{tmp_path}", root=tmp_path / "data")
+    assert split_dir(settings) == tmp_path / "data" / "splits" / f"folder-{tmp_path.name}" / "holdout-seed42"
+    with pytest.raises(UnknownDatasetError):
+        lookup("folder:")
+
+
+def test_protocols_per_dataset() -> None:
+    assert resolve_protocol(lookup("vtab-dtd"), DataSettings()) == "vtab1k"
+    assert resolve_protocol(lookup("hta-cub200"), DataSettings()) == "hta"
+    assert resolve_protocol(lookup("fgvc-cub200"), DataSettings(protocol="hta")) == "hta"
+    with pytest.raises(Exception, match=r"data.protocol='fgvc' is not available for vtab-dtd; allowed: vtab1k"):
+        resolve_protocol(lookup("vtab-dtd"), DataSettings(protocol="fgvc"))
+
+
+def test_data_settings_defaults_and_validation() -> None:
+    settings = load_settings(None, {"data.dataset": "svhn"})
+    assert settings.data.root == Path("data") and settings.data.seed == 42 and settings.data.protocol is None
+    with pytest.raises(SettingsError, match="test_fraction"):
+        load_settings(None, {"data.val_fraction": 0.5, "data.test_fraction": 0.5})
+    with pytest.raises(SettingsError, match="data.protocol"):
+        load_settings(None, {"data.protocol": "random"})

@@ -1,0 +1,65 @@
+"""Every knob is a typed, validated setting; errors name the setting and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+
+from sa2vp.models.sa2vp_vit import resolve_layers
+from sa2vp.settings import SA2VPSettings, SettingsError, load_settings
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("model.window", 4, "model.window: must be an odd integer >= 1"),
+        ("model.window", 0, "model.window: must be an odd integer >= 1"),
+        ("model.window", -3, "model.window: must be an odd integer >= 1"),
+        ("model.window", "wide", "model.window: must be an odd integer >= 1"),
+        ("model.lam", 1.5, "model.lam: Input should be less than or equal to 1"),
+        ("model.lam", -0.1, "model.lam: Input should be greater than or equal to 0"),
+        ("model.gamma", -1, "model.gamma: Input should be greater than or equal to 0"),
+        ("model.prompt_rank", 0, "model.prompt_rank: Input should be greater than or equal to 1"),
+        ("model.adapter_act", "tanh", "model.adapter_act: Input should be 'gelu' or 'relu'"),
+        ("model.head_mode", "both", "model.head_mode: Input should be 'multi' or 'single'"),
+        ("model.border", "wrap", "model.border: Input should be 'clip' or 'zero'"),
+        ("model.deep_layers", [-1], "model.deep_layers: layer indices must be >= 0"),
+        ("model.gama", 0.5, "model.gama: unknown setting"),
+    ],
+)
+def test_invalid_values_raise_an_error_naming_the_setting(key, value, expected):
+    with pytest.raises(SettingsError) as error:
+        load_settings(None, {key: value})
+    assert expected in str(error.value)
+
+
+def test_valid_windows_and_defaults():
+    assert load_settings(None, {"model.window": "5"}).model.window == 5
+    assert load_settings(None, {"model.window": "global"}).model.window_size is None
+    model = SA2VPSettings()
+    assert (model.window, model.gamma, model.lam, model.prompt_rank, model.adapter_dim) == (3, 0.1, 0.8, 16, 16)
+    assert (model.adapter_act, model.head_mode, model.border, model.dropout) == ("gelu", "multi", "clip", 0.1)
+
+
+def test_layer_index_beyond_the_depth_names_the_setting_and_the_range():
+    with pytest.raises(SettingsError, match=r"model.deep_layers: layer index 12 .* allowed 0..11"):
+        resolve_layers(SA2VPSettings(deep_layers=[4, 12]), depth=12)
+    with pytest.raises(SettingsError, match=r"model.to_prompt_layers: layer index 6 .* allowed 0..5"):
+        resolve_layers(SA2VPSettings(to_prompt_layers=[0, 6]), depth=6)
+
+
+def test_precedence_is_overrides_then_environment_then_params_file(tmp_path, monkeypatch):
+    params = tmp_path / "params.yaml"
+    params.write_text("model:\n  gamma: 0.3\n  lam: 0.5\n  window: 5\n")
+    monkeypatch.setenv("SA2VP_MODEL__LAM", "0.6")
+    settings = load_settings(params, {"model.window": 7})
+    assert (settings.model.gamma, settings.model.lam, settings.model.window) == (0.3, 0.6, 7)
+
+
+def test_a_broken_params_file_is_named(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("model: [unclosed\n")
+    with pytest.raises(SettingsError, match=f"{params}: not valid YAML"):
+        load_settings(params)
+    params.write_text("model:\n  window: 2\n")
+    with pytest.raises(SettingsError, match=rf"{params}: model.window: must be an odd"):
+        load_settings(params)
