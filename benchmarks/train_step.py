@@ -25,7 +25,6 @@ from functools import partial
 
 import timm
 import torch
-import torch.nn.functional as F
 
 from sa2vp.models.backbones import freeze
 from sa2vp.models.sa2vp_vit import SA2VPViT, _attention_inputs, _project_out, sa2vp_loss
