@@ -8,13 +8,14 @@ second list of defaults.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 
@@ -25,6 +26,12 @@ class SettingsError(ValueError):
 class _Section(BaseModel):
     # Unknown keys are typos, and a typo silently ignored is a wrong experiment.
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PretrainSettings(_Section):
+    """Offline pretraining of the backbone on a generated source task that never sees the target data."""
+
+    seed: int = Field(0, ge=0, description="Seed of the generated images and of the pretraining run.")
 
 
 class BackboneSettings(_Section):
@@ -40,7 +47,21 @@ class BackboneSettings(_Section):
         "or a path to a weights file (.safetensors, or Google's original .npz).",
     )
     img_size: int | None = Field(
-        None, ge=16, description="Input resolution; default: the pretrained configuration's."
+        None, ge=8, description="Input resolution; default: the pretrained configuration's."
+    )
+    model_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra keyword arguments for `timm.create_model` that change the architecture "
+        "(patch_size, embed_dim, depth, num_heads, …), e.g. for a small ViT on small images.",
+    )
+    origin: Literal["hub", "synthetic"] = Field(
+        "hub",
+        description="Where `sa2vp backbone materialise` gets the weights file it writes: `hub` downloads the "
+        "timm checkpoint of `name`; `synthetic` pretrains `name` on a generated source task (offline).",
+    )
+    pretrain: PretrainSettings = Field(
+        default_factory=lambda: PretrainSettings(),
+        description="The generated source task and its training (origin: synthetic).",
     )
 
 
@@ -157,6 +178,64 @@ class DataSettings(_Section):
         return value
 
 
+class TrainSettings(_Section):
+    """The training engine; defaults are the release's recipe (method file §4)."""
+
+    epochs: int = Field(100, ge=1, description="Training epochs.")
+    batch_size: int = Field(64, ge=1, description="Images per optimiser step (before accumulation).")
+    accumulate: int = Field(1, ge=1, description="Batches whose gradients are summed per optimiser step.")
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate of AdamW (after warm-up).")
+    weight_decay: float = Field(1e-4, ge=0.0, description="AdamW weight decay, on weights of >= 2 dimensions only.")
+    warmup_epochs: float = Field(10, ge=0.0, description="Linear warm-up from 0 to `lr`, in epochs.")
+    min_lr: float = Field(1e-7, ge=0.0, description="The per-step cosine schedule ends at this learning rate.")
+    seed: int = Field(42, ge=0, description="Seed of initialisation, shuffling, dropout and augmentation.")
+    device: str = Field(
+        "auto",
+        description="`auto` (CUDA when present, else CPU), `cpu`, `cuda`, `cuda:N` or `mps`.",
+    )
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="`auto`: bf16 autocast on CUDA when supported, else fp16 with a gradient scaler; fp32 on CPU.",
+    )
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes.")
+    train_split: Literal["train", "trainval"] = Field(
+        "train", description="Split to train on: `train` (tuning) or `trainval` (final run, protocol §4)."
+    )
+    val_split: Literal["val"] | None = Field(
+        "val",
+        description="Split validated every epoch, whose best epoch is kept; null trains without validation and "
+        "keeps the last epoch (required with train_split=trainval, which contains val).",
+    )
+    eval_batch_size: int = Field(256, ge=1, description="Images per batch when evaluating.")
+    output: Path = Field(Path("runs/train"), description="Folder for checkpoints and the final artifact.")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value) is None:
+            raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @model_validator(mode="after")
+    def _no_validation_on_training_images(self) -> TrainSettings:
+        if self.val_split is not None and self.train_split == "trainval":
+            raise ValueError("val_split must be null when train_split is trainval (trainval contains val)")
+        return self
+
+
+class TrackingSettings(_Section):
+    """MLflow tracking."""
+
+    uri: str = Field(
+        "sqlite:///mlflow.db",
+        description="MLflow tracking URI: a local store (`sqlite:///mlflow.db`, MLflow's default, at the project "
+        "root) or a tracking server (`http://host:5000`).",
+    )
+    experiment: str = Field("sa2vp", min_length=1, description="MLflow experiment the runs are logged to.")
+    run_name: str | None = Field(None, description="Name of the run; default: dataset, method and backbone.")
+    enabled: bool = Field(True, description="Log to MLflow at all (false: files only).")
+
+
 class Settings(BaseSettings):
     """params.yaml: one section per concern."""
 
@@ -165,6 +244,8 @@ class Settings(BaseSettings):
     backbone: BackboneSettings = BackboneSettings()
     model: SA2VPSettings = SA2VPSettings()
     data: DataSettings = DataSettings()
+    train: TrainSettings = TrainSettings()
+    tracking: TrackingSettings = TrackingSettings()
 
     @classmethod
     def settings_customise_sources(

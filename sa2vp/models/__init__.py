@@ -7,10 +7,13 @@ from dataclasses import dataclass
 from torch import nn
 
 from sa2vp.models.backbones import BackboneError, create_backbone
+from sa2vp.models.base import AdaptedModel, LossTerms
 from sa2vp.models.sa2vp_vit import SA2VPOutput, SA2VPViT, sa2vp_loss
 from sa2vp.settings import Settings
 
 __all__ = [
+    "AdaptedModel",
+    "LossTerms",
     "BackboneError",
     "ParameterSummary",
     "SA2VPOutput",
@@ -22,7 +25,7 @@ __all__ = [
 ]
 
 
-def build_model(settings: Settings, num_classes: int) -> SA2VPViT:
+def build_model(settings: Settings, num_classes: int) -> AdaptedModel:
     """The backbone named in `settings.backbone`, wrapped by the method in `settings.model`."""
     return SA2VPViT(create_backbone(settings.backbone), num_classes, settings.model)
 
@@ -45,7 +48,7 @@ class ParameterSummary:
         return 100.0 * self.trainable / self.backbone
 
 
-def parameter_summary(model: SA2VPViT) -> ParameterSummary:
+def parameter_summary(model: AdaptedModel) -> ParameterSummary:
     groups: dict[str, int] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad or name.startswith("head."):

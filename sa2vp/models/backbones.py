@@ -29,7 +29,7 @@ def create_backbone(settings: BackboneSettings) -> nn.Module:
         close = difflib.get_close_matches(architecture, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `timm.list_models()`"
         raise SettingsError(f"backbone.name: unknown timm model {settings.name!r}{hint}")
-    kwargs: dict[str, Any] = {"num_classes": 0}
+    kwargs: dict[str, Any] = {**settings.model_kwargs, "num_classes": 0}
     if settings.img_size is not None:
         kwargs["img_size"] = settings.img_size
 

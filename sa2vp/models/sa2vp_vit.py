@@ -25,6 +25,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from sa2vp.models.backbones import BackboneError, token_grid
+from sa2vp.models.base import AdaptedModel, LossTerms
 from sa2vp.models.cross_block import LowRankPromptMap, SpatialCrossBlock
 from sa2vp.settings import SA2VPSettings, SettingsError
 
@@ -64,7 +65,7 @@ def resolve_layers(settings: SA2VPSettings, depth: int) -> tuple[frozenset[int],
     return frozenset(to_prompt), frozenset(deep)
 
 
-class SA2VPViT(nn.Module):
+class SA2VPViT(AdaptedModel):
     """SA²VP over a frozen timm VisionTransformer.
 
     In training mode `forward` returns `SA2VPOutput(base, prompt)`; in eval mode the base logits, which is
@@ -106,11 +107,6 @@ class SA2VPViT(nn.Module):
         self.head = nn.Linear(dim, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
-
-    def train(self, mode: bool = True) -> SA2VPViT:
-        super().train(mode)
-        self.backbone.eval()  # frozen: no dropout or drop-path in the backbone, ever
-        return self
 
     def forward(self, images: torch.Tensor) -> SA2VPOutput | torch.Tensor:
         base = self._embed_images(images)
@@ -168,8 +164,10 @@ class SA2VPViT(nn.Module):
             block.compile(dynamic=False, mode=mode)
         return self
 
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        return [p for p in self.parameters() if p.requires_grad]
+    def loss(self, output: SA2VPOutput, target: torch.Tensor) -> LossTerms:
+        """λ·CE(base) + (1−λ)·CE(prompt); both pathway losses are reported."""
+        total, base, prompt = sa2vp_loss(output, target, self.settings.lam)
+        return LossTerms(total, {"base": base, "prompt": prompt})
 
 
 def sa2vp_loss(

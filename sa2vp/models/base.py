@@ -1,0 +1,66 @@
+"""The one small interface every adaptation method implements, so the engine needs to know none of them.
+
+    model = build_model(settings, num_classes)      # an AdaptedModel
+    output = model(images)                           # training mode: whatever `model.loss` takes
+    terms = model.loss(output, targets)              # LossTerms(total, parts): parts are logged per name
+    model.eval(); logits = model(images)             # eval mode: class logits, always
+    model.trainable_state_dict()                     # what an artifact stores: never the frozen backbone
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LossTerms(NamedTuple):
+    """The loss to minimise and its named components (e.g. SA²VP's two pathway losses), for logging."""
+
+    total: torch.Tensor
+    parts: dict[str, torch.Tensor]
+
+
+class AdaptedModel(nn.Module):
+    """A frozen `backbone` plus trainable parts and a classification `head`.
+
+    Subclasses build their trainable modules in `__init__` and implement `forward`. The defaults below suit
+    methods whose forward returns logits in both modes and whose backbone stays frozen.
+    """
+
+    backbone: nn.Module
+    head: nn.Module
+    frozen_backbone: bool = True
+
+    def train(self, mode: bool = True) -> AdaptedModel:
+        super().train(mode)
+        if self.frozen_backbone:
+            self.backbone.eval()  # frozen: no dropout or drop-path in the backbone, ever
+        return self
+
+    def loss(self, output: Any, target: torch.Tensor) -> LossTerms:
+        loss = F.cross_entropy(output, target)
+        return LossTerms(loss, {"ce": loss})
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained tensors by name: every parameter that requires grad (the artifact's content)."""
+        return {name: p.detach().clone() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Load tensors saved by `trainable_state_dict`; names and shapes must match exactly."""
+        own = dict(self.named_parameters())
+        expected = {name for name, p in own.items() if p.requires_grad}
+        missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+        if missing or unexpected:
+            raise ValueError(f"trainable weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        with torch.no_grad():
+            for name, tensor in state.items():
+                if own[name].shape != tensor.shape:
+                    raise ValueError(f"trainable weight {name}: shape {tuple(tensor.shape)} does not fit "
+                                     f"{tuple(own[name].shape)}")
+                own[name].copy_(tensor)
