@@ -4,6 +4,9 @@ mistakes into one clear line on stderr with exit code 2 (no traceback)."""
 from __future__ import annotations
 
 import functools
+import json
+import logging
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -13,13 +16,16 @@ import typer
 import yaml
 
 from sa2vp.data.errors import DataError
-from sa2vp.errors import BackboneError
+from sa2vp.errors import ArtifactError, BackboneError, TrackingError, TrainingDiverged
 from sa2vp.settings import Settings, SettingsError, load_settings
 
 USAGE_ERROR = 2
 
 # Errors a user can cause and fix; anything else is a bug and keeps its traceback.
-EXPECTED_ERRORS: tuple[type[Exception], ...] = (SettingsError, BackboneError, FileNotFoundError, DataError)
+EXPECTED_ERRORS: tuple[type[Exception], ...] = (
+    SettingsError, BackboneError, FileNotFoundError, DataError, ArtifactError, TrackingError,
+)
+RUN_FAILED = 1  # a run that started and failed for a reason the message explains (e.g. a diverging loss)
 
 ParamsOption = Annotated[
     Path, typer.Option("--params", "-p", help="Settings file (the schema is sa2vp.settings.Settings).")
@@ -46,6 +52,9 @@ def expected_errors_exit_2(command: F) -> F:
             return command(*args, **kwargs)
         except EXPECTED_ERRORS as exc:
             fail(str(exc))
+        except TrainingDiverged as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(RUN_FAILED) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -63,3 +72,25 @@ def settings_from(params: Path, overrides: list[str] | None) -> Settings:
 
 def is_terminal() -> bool:
     return sys.stderr.isatty()
+
+
+def with_options(overrides: list[str] | None, options: dict[str, Any]) -> list[str]:
+    """--set overrides plus a command's own options (which win; None = not given); JSON keeps values exact."""
+    given = [f"{key}={json.dumps(str(value) if isinstance(value, Path) else value)}"
+             for key, value in options.items() if value is not None]
+    return [*(overrides or []), *given]
+
+
+def progress() -> Any:
+    """Bars on a terminal; nothing otherwise (long commands log one plain line per step instead)."""
+    from sa2vp.data import NO_PROGRESS, BarProgress
+
+    return BarProgress() if is_terminal() else NO_PROGRESS
+
+
+def setup_logging() -> None:
+    """Library log lines (one per epoch, trial, …) as plain lines on stderr; MLflow's own chatter hushed."""
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    for noisy in ("mlflow", "alembic", "optuna", "httpx", "huggingface_hub", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -10,7 +9,9 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sa2vp_cli.common import ParamsOption, SetOption, expected_errors_exit_2, fail, is_terminal, settings_from
+from sa2vp_cli.common import (
+    ParamsOption, SetOption, expected_errors_exit_2, fail, is_terminal, settings_from, with_options,
+)
 
 app = typer.Typer(help="Datasets: the registry, downloads and split files.", no_args_is_help=True)
 
@@ -70,7 +71,7 @@ def download(
     """Download (or find in place), verify and extract a dataset's files, without splitting them."""
     from sa2vp.data import download as fetch
 
-    settings = settings_from(params, _with_options(overrides, {"data.dataset": name, "data.source": from_}))
+    settings = settings_from(params, with_options(overrides, {"data.dataset": name, "data.source": from_}))
     folder = fetch(settings.data, _progress())
     typer.echo(f"{settings.data.dataset}: files complete in {folder}")
 
@@ -90,7 +91,7 @@ def prepare(
     from sa2vp.data import read_manifest
 
     options = {"data.dataset": name, "data.protocol": protocol, "data.seed": seed, "data.source": from_}
-    settings = settings_from(params, _with_options(overrides, options))
+    settings = settings_from(params, with_options(overrides, options))
     folder = write_splits(settings.data, _progress())
     manifest = read_manifest(folder).data
     counts = ", ".join(f"{split} {entry['count']:,}" for split, entry in manifest["splits"].items())
@@ -100,14 +101,9 @@ def prepare(
     typer.echo(f"split files: {folder}")
 
 
-def _with_options(overrides: list[str] | None, options: dict[str, Any]) -> list[str]:
-    """--set overrides plus the command's own options (which win); JSON quoting keeps values exact."""
-    given = [f"{key}={json.dumps(str(value) if isinstance(value, Path) else value)}"
-             for key, value in options.items() if value is not None]
-    return [*(overrides or []), *given]
-
 
 def _progress() -> Any:
+    """Downloads and rendering: bars on a terminal, a line per step in logs."""
     from sa2vp.data import BarProgress, LineProgress
 
     return BarProgress() if is_terminal() else LineProgress()

@@ -9,7 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sa2vp_cli.common import ParamsOption, SetOption, expected_errors_exit_2, settings_from
+from sa2vp_cli import train as training
+from sa2vp_cli.common import ParamsOption, SetOption, expected_errors_exit_2, settings_from, setup_logging
 from sa2vp_cli.data import app as data_app
 
 app = typer.Typer(
@@ -21,6 +22,16 @@ app = typer.Typer(
 model_app = typer.Typer(help="Build models and inspect them.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
+app.command("train")(training.train)
+app.command("evaluate")(training.evaluate)
+app.command("predict")(training.predict)
+app.command("ui")(training.ui)
+
+
+@app.callback()
+def main() -> None:
+    """SA²VP visual prompt tuning on frozen timm backbones."""
+    setup_logging()
 
 
 @model_app.command("summary")

@@ -3,3 +3,15 @@
 
 class BackboneError(RuntimeError):
     """The backbone could not be built or loaded; the message says what to do about it."""
+
+
+class ArtifactError(RuntimeError):
+    """An artifact or checkpoint is missing, unreadable or does not fit; the message names the file."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the message says where and what to try."""
+
+
+class TrackingError(RuntimeError):
+    """MLflow could not be reached or refused a write; the message names tracking.uri."""

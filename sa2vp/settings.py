@@ -32,6 +32,30 @@ class PretrainSettings(_Section):
     """Offline pretraining of the backbone on a generated source task that never sees the target data."""
 
     seed: int = Field(0, ge=0, description="Seed of the generated images and of the pretraining run.")
+    classes: int = Field(
+        200, ge=2, description="Glyph classes of the source task (random stroke compositions, fixed by the seed)."
+    )
+    max_strokes: int = Field(3, ge=1, description="Most strokes (lines, arcs, curves, corners) in one glyph class.")
+    images_per_class: int = Field(
+        150, ge=1, description="Training images rendered per class (random deformations of its glyph)."
+    )
+    eval_images_per_class: int = Field(
+        10, ge=1, description="Held-out images per class for the reported source-task accuracy."
+    )
+    epochs: int = Field(3, ge=1, description="Passes over the training images.")
+    batch_size: int = Field(128, ge=1, description="Images per optimiser step.")
+    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate of AdamW (after warm-up), cosine-decayed to 0.")
+    weight_decay: float = Field(0.05, ge=0.0, description="AdamW weight decay, on weights of >= 2 dimensions only.")
+    warmup_epochs: float = Field(0.3, ge=0.0, description="Linear warm-up from 0 to `lr`, in epochs.")
+    label_smoothing: float = Field(
+        0.1, ge=0.0, lt=1.0, description="Label smoothing of the source-task cross-entropy."
+    )
+
+    @model_validator(mode="after")
+    def _warmup_within_training(self) -> PretrainSettings:
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(f"warmup_epochs must be < epochs (got {self.warmup_epochs} >= {self.epochs})")
+        return self
 
 
 class BackboneSettings(_Section):
@@ -66,26 +90,40 @@ class BackboneSettings(_Section):
 
 
 class SA2VPSettings(_Section):
-    """SA²VP on ViT (method file §2); defaults are the authors' release."""
+    """SA²VP on ViT (method file §2) and Swin (§3); defaults are the authors' ViT release.
+
+    The Swin release's values that differ (γ = 0.5, r = t = 8) are not switched by the backbone: set them.
+    """
 
     method: Literal["sa2vp"] = "sa2vp"
     window: int | Literal["global"] = Field(
         3, description="Window c of the spatially-aligned cross attention: odd ≥ 1, or `global` (ablation)."
     )
-    gamma: float = Field(0.1, ge=0.0, description="γ: weight of the fused cross-attention output.")
+    gamma: float = Field(
+        0.1, ge=0.0, description="γ: weight of the fused cross-attention output (release: ViT 0.1, Swin 0.5)."
+    )
     lam: float = Field(0.8, ge=0.0, le=1.0, description="λ: loss = λ·CE(base) + (1−λ)·CE(prompt).")
-    prompt_rank: int = Field(16, ge=1, description="r: rank of the low-rank prompt maps.")
-    adapter_dim: int = Field(16, ge=1, description="t: bottleneck width of the prompt adapters.")
+    prompt_rank: int = Field(16, ge=1, description="r: rank of the low-rank prompt maps (release: ViT 16, Swin 8).")
+    adapter_dim: int = Field(
+        16, ge=1, description="t: bottleneck width of the prompt adapters (release: ViT 16, Swin 8)."
+    )
     adapter_act: Literal["gelu", "relu"] = Field("gelu", description="Adapter activation (release: gelu).")
     to_prompt_layers: list[int] | None = Field(
         None,
         description="Layers where the prompt pathway queries the base; the others let the base query the "
-        "prompt. Default: the release's {0, 4, 8} for depth 12, same relative positions otherwise.",
+        "prompt. Default: the release's {0, 4, 8} for depth 12, same relative positions otherwise. "
+        "Swin: block indices within each cross stage; default {0, 6, 12} for 18 blocks, scaled likewise.",
     )
     deep_layers: list[int] | None = Field(
         None,
         description="Layers where a new prompt map is fused in (deep mode); [] = shallow. "
-        "Default: the release's {4, 8} for depth 12, same relative positions otherwise.",
+        "Default: the release's {4, 8} for depth 12, same relative positions otherwise. "
+        "Swin has no deep prompts (release): null or [] only.",
+    )
+    cross_stages: list[int] | None = Field(
+        None,
+        description="Swin only: stages whose blocks have cross attention (0-based; the prompt map runs through "
+        "every stage). Default: the release's third stage (index 2). Must be null for a ViT.",
     )
     head_mode: Literal["multi", "single"] = Field(
         "multi", description="`multi`: the backbone's heads; `single`: one head over all channels."
@@ -115,6 +153,16 @@ class SA2VPSettings(_Section):
             return None
         if any(i < 0 for i in value):
             raise ValueError("layer indices must be >= 0")
+        return sorted(set(value))
+
+    @field_validator("cross_stages")
+    @classmethod
+    def _some_stages(cls, value: list[int] | None) -> list[int] | None:
+        if value is None:
+            return None
+        # Without a cross stage the pathways never meet: the prompt would not touch the prediction.
+        if not value or any(i < 0 for i in value):
+            raise ValueError("must list at least one stage index >= 0, or be null (the release's stage 2)")
         return sorted(set(value))
 
     @property
@@ -205,6 +253,9 @@ class TrainSettings(_Section):
         "val",
         description="Split validated every epoch, whose best epoch is kept; null trains without validation and "
         "keeps the last epoch (required with train_split=trainval, which contains val).",
+    )
+    test_split: Literal["test"] | None = Field(
+        "test", description="Split evaluated once at the end with the kept weights; null skips it (tuning trials)."
     )
     eval_batch_size: int = Field(256, ge=1, description="Images per batch when evaluating.")
     output: Path = Field(Path("runs/train"), description="Folder for checkpoints and the final artifact.")

@@ -9,12 +9,13 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from data_fixtures import make_vtab_task, zip_folder
+from hub_server import HubServer, run_sa2vp
 
 from sa2vp.data import ChecksumError, UnsafeArchiveError
 from sa2vp.data.files import (
     MARKER, download_url, extract, mark_complete, read_marker, staging, verify_checksum, write_atomic,
 )
-from sa2vp.data.sources import hub
 
 
 def _zip(path: Path, members: dict[str, bytes]) -> Path:
@@ -120,15 +121,72 @@ def test_write_atomic_leaves_no_temporary(tmp_path: Path) -> None:
     assert (tmp_path / "a" / "f.txt").read_text() == "two"
 
 
-def test_hub_file_is_checked_against_the_hub_sha256(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import huggingface_hub
+# --- hub downloads: the shipped `sa2vp` command and the real huggingface_hub client against a loopback Hub -----
+# (tests/hub_server.py says why the command runs in a subprocess: HF_ENDPOINT is read when huggingface_hub is
+# imported.)
 
-    payload = tmp_path / "dl" / "vtab-1k.zip"
-    payload.parent.mkdir()
-    payload.write_bytes(b"zip bytes")
-    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda **kwargs: str(payload))
-    monkeypatch.setattr(hub, "lfs_sha256", lambda repo, name: hashlib.sha256(b"zip bytes").hexdigest())
-    assert hub.hub_file("XiN0919/VTAB-1k", "vtab-1k.zip", tmp_path / "dl") == payload
-    monkeypatch.setattr(hub, "lfs_sha256", lambda repo, name: "f" * 64)
-    with pytest.raises(ChecksumError, match="vtab-1k.zip"):
-        hub.hub_file("XiN0919/VTAB-1k", "vtab-1k.zip", tmp_path / "dl")
+VTAB_ZIP = ("dataset", "XiN0919/VTAB-1k", "vtab-1k.zip")
+RESOLVE = "/datasets/XiN0919/VTAB-1k/resolve/main/vtab-1k.zip"
+PATHS_INFO = "/api/datasets/XiN0919/VTAB-1k/paths-info/main"
+
+
+@pytest.fixture
+def vtab_zip_bytes(tmp_path: Path) -> bytes:
+    """A small vtab-1k.zip as on the hub: `vtab-1k/svhn/…` and `vtab-1k/dtd/…`."""
+    make_vtab_task(tmp_path / "publisher", "svhn", num_classes=10, train=1, val=1, test=1)
+    make_vtab_task(tmp_path / "publisher", "dtd", num_classes=3, train=1, val=1, test=1)
+    return zip_folder(tmp_path / "publisher", tmp_path / "vtab-1k.zip", "vtab-1k/").read_bytes()
+
+
+def test_hub_file_is_checked_against_the_hub_sha256(tmp_path: Path, vtab_zip_bytes: bytes) -> None:
+    sha256 = hashlib.sha256(vtab_zip_bytes).hexdigest()
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.mkdir()
+    bad.mkdir()
+    with HubServer({VTAB_ZIP: vtab_zip_bytes}) as hub:
+        env = hub.client_env(tmp_path / "hf-home")
+        result = run_sa2vp(["data", "prepare", "svhn"], good, env)
+        assert result.returncode == 0, result.stderr
+        assert "split files: data/splits/vtab-svhn/vtab1k" in result.stdout
+        assert (good / "data/downloads/vtab-1k.zip").read_bytes() == vtab_zip_bytes
+        # metadata from the resolve redirect, the bytes from its Location, then the LFS sha256 to check them by
+        assert hub.requests == [("HEAD", "hub", RESOLVE), ("GET", "cdn", f"/lfs/{sha256}"), ("POST", "hub", PATHS_INFO)]
+        hub.requests.clear()
+        result = run_sa2vp(["data", "download", "dtd"], good, env)  # the kept download: same etag, not fetched
+        assert result.returncode == 0, result.stderr
+        assert hub.requests == [("HEAD", "hub", RESOLVE), ("POST", "hub", PATHS_INFO)]
+        assert (good / "data/vtab-1k/dtd/train800.txt").is_file()
+
+    wrong = "f" * 64  # the hub publishes a sha256 the served bytes do not have: corrupted on the way
+    with HubServer({VTAB_ZIP: vtab_zip_bytes}, advertised_sha256={VTAB_ZIP: wrong}) as hub:
+        result = run_sa2vp(["data", "prepare", "svhn"], bad, hub.client_env(tmp_path / "hf-home"))
+        assert [r.method for r in hub.requests] == ["HEAD", "GET", "POST"]
+    assert result.returncode == 2, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert f"data/downloads/vtab-1k.zip: sha256 is {sha256}, the publisher's is {wrong}" in line  # ChecksumError
+    assert "Traceback" not in result.stderr and not (bad / "data" / "vtab-1k").exists()
+
+
+def test_hub_missing_file_or_no_network_is_one_clear_line(tmp_path: Path, vtab_zip_bytes: bytes) -> None:
+    advice = "without internet, pass a local copy with --from (data.source) or put it at data/downloads/vtab-1k.zip"
+    with HubServer({("dataset", "XiN0919/VTAB-1k", "README.md"): b"# VTAB-1k\n"}) as hub:  # no vtab-1k.zip
+        env = hub.client_env(tmp_path / "hf-home")
+        missing = run_sa2vp(["data", "prepare", "svhn"], tmp_path, env)
+        # HF_HUB_OFFLINE=1 is how a machine without network says so: the client sends nothing and raises what it
+        # raises for a refused connection (which it would first retry with back-off for about 23 s)
+        offline = run_sa2vp(["data", "prepare", "svhn"], tmp_path, {**env, "HF_HUB_OFFLINE": "1"})
+        assert hub.requests == [("HEAD", "hub", RESOLVE)]
+    for result in (missing, offline):
+        assert result.returncode == 2, result.stderr
+        (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert line.startswith("error: could not download vtab-1k.zip from hub dataset XiN0919/VTAB-1k: ")
+        assert line.endswith(advice) and "Traceback" not in result.stderr
+    assert "404 Client Error. Entry Not Found for url: http://127.0.0.1:" in missing.stderr
+    assert "Please check your connection" in offline.stderr
+
+    # following the advice works with the hub gone (its port now refuses connections): the copy is used as it is
+    (tmp_path / "data" / "downloads").mkdir(parents=True, exist_ok=True)  # hf_hub_download made it
+    (tmp_path / "data" / "downloads" / "vtab-1k.zip").write_bytes(vtab_zip_bytes)
+    result = run_sa2vp(["data", "prepare", "svhn"], tmp_path, env)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "data/splits/vtab-svhn/vtab1k/train.txt").is_file()

@@ -14,6 +14,7 @@ from data_fixtures import (
     make_cifar10, make_cub_images, make_dtd, make_gtsrb, make_image_folder, make_json_zip, make_svhn, make_vtab_task,
     tar_folder, write_vpt_json, zip_folder,
 )
+from hub_server import HubServer, run_sa2vp
 from PIL import Image
 
 from sa2vp.data import (
@@ -85,16 +86,19 @@ def test_vtab1k_from_local_archive(tmp_path: Path, vtab_zip: Path) -> None:
     assert (tmp_path / "data" / "vtab-1k" / "svhn" / MARKER).is_file()
 
 
-def test_vtab1k_from_local_folder_and_from_hub(tmp_path: Path, vtab_zip: Path,
-                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_vtab1k_from_local_folder_and_from_hub(tmp_path: Path, vtab_zip: Path) -> None:
     publisher = tmp_path / "publisher"
     by_folder = prepare(_settings(tmp_path / "a", dataset="vtab-dtd", source=publisher))
-    # from the hub (patched: no network) with a folder left half-extracted by an interrupted run
-    monkeypatch.setattr(vtab1k, "hub_file", lambda *args: vtab_zip)
+    # from a loopback Hub, through the shipped command and the real huggingface_hub client (tests/hub_server.py),
+    # with a folder left half-extracted by an interrupted run
     leftover = tmp_path / "b" / "data" / "vtab-1k" / "dtd.partial"
     leftover.mkdir(parents=True)
     (leftover / "train800.txt").write_text("images/half.jpg 0\n")
-    by_hub = prepare(_settings(tmp_path / "b", dataset="dtd"))
+    with HubServer({("dataset", vtab1k.HUB_REPO, vtab1k.HUB_FILE): vtab_zip.read_bytes()}) as hub:
+        result = run_sa2vp(["data", "prepare", "dtd"], tmp_path / "b", hub.client_env(tmp_path / "hf-home"))
+        assert result.returncode == 0, result.stderr
+        assert [(r.method, r.origin) for r in hub.requests] == [("HEAD", "hub"), ("GET", "cdn"), ("POST", "hub")]
+    by_hub = tmp_path / "b" / "data" / "splits" / "vtab-dtd" / "vtab1k"
     assert _snapshot(by_folder) == _snapshot(by_hub)
     assert not leftover.exists()
 

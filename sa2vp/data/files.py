@@ -25,23 +25,12 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
+from sa2vp.atomic import write_atomic  # noqa: F401  (re-exported: the data sources use it)
 from sa2vp.data.errors import ChecksumError, DataError, MissingDataError, UnsafeArchiveError
 from sa2vp.data.progress import NO_PROGRESS, Progress
 
 MARKER = ".sa2vp-complete"
 _CHUNK = 1 << 20
-
-
-def write_atomic(path: Path, data: bytes | str) -> None:
-    """Write a file under a temporary name in the same folder, then rename it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def file_digest(path: Path, algorithm: str = "sha256") -> str:

@@ -89,3 +89,16 @@ def weights_digest(model: nn.Module) -> str:
         digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
         digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+def data_config(model: nn.Module) -> dict[str, Any]:
+    """timm's data configuration (input size, interpolation, mean, std, crop) for the backbone as built.
+
+    timm reports the pretrained configuration's input size even when the model was created with another
+    `img_size`; the size the patch embedding was actually built for is the one that counts.
+    """
+    config = dict(timm.data.resolve_model_data_config(model))
+    built = getattr(getattr(model, "patch_embed", None), "img_size", None)
+    if built is not None:
+        config["input_size"] = (config["input_size"][0], int(built[0]), int(built[1]))
+    return config

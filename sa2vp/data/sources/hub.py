@@ -24,8 +24,8 @@ def hub_file(repo_id: str, filename: str, dest_dir: Path, verify: bool = True,
                                         local_dir=dest_dir))
         except Exception as exc:  # network, auth and hub errors come in many types; all mean "not fetched"
             raise DataError(
-                f"could not download {filename} from hub dataset {repo_id}: {exc}; without internet, pass a local "
-                f"copy with --from (data.source) or put it at {Path(dest_dir) / filename}"
+                f"could not download {filename} from hub dataset {repo_id}: {_one_line(exc)}; without internet, pass "
+                f"a local copy with --from (data.source) or put it at {Path(dest_dir) / filename}"
             ) from None
         advance(1)
     if verify:
@@ -54,4 +54,9 @@ def hub_filenames(repo_id: str) -> list[str]:
     try:
         return sorted(HfApi().list_repo_files(repo_id, repo_type="dataset"))
     except Exception as exc:  # see hub_file
-        raise DataError(f"could not list hub dataset {repo_id}: {exc}") from None
+        raise DataError(f"could not list hub dataset {repo_id}: {_one_line(exc)}") from None
+
+
+def _one_line(exc: Exception) -> str:
+    # huggingface_hub's HTTP errors (404 and the like) span several lines; a DataError is shown as one line.
+    return " ".join(str(exc).split())

@@ -1,0 +1,318 @@
+"""`fit`: train an adaptation method on a prepared dataset, tracked in MLflow, resumable from any epoch.
+
+One epoch = shuffle (seeded by train.seed and the epoch) → optimiser steps with autocast, gradient accumulation
+and the per-step schedule → validation (top-1, mean per-class) → MLflow metrics → checkpoint. The best epoch
+on validation is kept (the last one when there is no validation split). At the end the kept weights are
+evaluated on the test split and written as the artifact. A killed run continues from its last checkpoint
+with `resume=True` and, on the CPU, ends with exactly the metrics of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from sa2vp.data import NO_PROGRESS, Progress, load_split, prepare, read_manifest, split_dir
+from sa2vp.engine.artifact import build_seeded, flatten_settings, save_artifact
+from sa2vp.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from sa2vp.engine.metrics import Metrics, evaluate_model
+from sa2vp.engine.optim import build_optimizer, build_scheduler
+from sa2vp.engine.report import write_report
+from sa2vp.engine.runtime import Precision, resolve_device, resolve_precision
+from sa2vp.errors import ArtifactError, TrainingDiverged
+from sa2vp.models import AdaptedModel, parameter_summary
+from sa2vp.models.backbones import data_config, weights_digest
+from sa2vp.settings import Settings
+from sa2vp.tracking import Run, start_run
+
+log = logging.getLogger("sa2vp.train")
+
+ARTIFACT_DIR = "model"
+# Settings that may change between a killed run and its resumption without changing its result.
+RESUMABLE_CHANGES = ("tracking.", "train.num_workers", "train.device", "train.output", "train.eval_batch_size")
+
+
+@dataclass
+class EpochReport:
+    epoch: int
+    epochs: int
+    losses: dict[str, float]
+    lr: float
+    val: Metrics | None
+    seconds: float
+    images: int
+
+    def metrics(self) -> dict[str, float]:
+        values = {f"train/{name}": value for name, value in self.losses.items()}
+        values["lr"] = self.lr
+        values["train/images_per_second"] = self.images / max(self.seconds, 1e-9)
+        if self.val is not None:
+            values.update(self.val.as_dict("val/"))
+        return values
+
+    def line(self) -> str:
+        parts = "  ".join(f"{name} {value:.4f}" for name, value in self.losses.items())
+        val = f"  val top1 {100 * self.val.top1:.2f}%  mean-class {100 * self.val.mean_class:.2f}%" if self.val else ""
+        return (f"epoch {self.epoch}/{self.epochs}  {parts}  lr {self.lr:.3g}{val}  "
+                f"{self.seconds:.1f}s ({self.images / max(self.seconds, 1e-9):.0f} img/s)")
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    artifact: Path
+    run_id: str
+    best_epoch: int
+    val: Metrics | None
+    test: Metrics | None
+    history: list[EpochReport] = field(default_factory=list)
+    stopped_early: bool = False
+
+
+# Called after every epoch; returning True stops training there (tuning's pruner uses it).
+EpochCallback = Callable[[EpochReport], bool]
+
+
+def fit(
+    settings: Settings,
+    *,
+    resume: bool = False,
+    progress: Progress = NO_PROGRESS,
+    on_epoch: EpochCallback | None = None,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
+) -> TrainResult:
+    """Train `settings.model` on `settings.data` as `settings.train` says; log to `settings.tracking`."""
+    device = resolve_device(settings.train.device)
+    precision = resolve_precision(settings.train.precision, device)
+    checkpoint = load_checkpoint(settings.train.output) if resume else None
+    if checkpoint is not None:
+        _check_resumable(checkpoint, settings)
+
+    folder = _prepared(settings, progress)
+    manifest = read_manifest(folder)
+    model = build_seeded(settings, len(manifest.classes))
+    config = data_config(model.backbone)
+    loaders = _loaders(settings, folder, config, device)
+    model.to(device)
+
+    steps_per_epoch = math.ceil(len(loaders["train"]) / settings.train.accumulate)
+    optimizer = build_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], settings.train)
+    scheduler = build_scheduler(optimizer, settings.train, steps_per_epoch)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_scaler)
+    state = _TrainingState()
+    if checkpoint is not None:
+        model.load_trainable_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        scaler.load_state_dict(checkpoint["scaler"])
+        state = _TrainingState.from_dict(checkpoint["state"])
+        restore_rng_state(checkpoint["rng"])
+
+    summary = parameter_summary(model)
+    backbone_sha256 = weights_digest(model.backbone)
+    name = run_name or settings.tracking.run_name or _default_run_name(settings)
+    run = start_run(settings.tracking, name, _tags(settings, manifest, backbone_sha256), parent_run_id,
+                    resume_run_id=state.run_id)
+    if state.run_id is None:
+        state.run_id = run.run_id
+        run.log_params({**flatten_settings(settings), "trainable_parameters": summary.trainable,
+                        "trainable_percent": round(summary.percent_of_backbone, 4),
+                        "backbone_parameters": summary.backbone, "num_classes": len(manifest.classes)})
+        run.log_metrics({"trainable_parameters": summary.trainable,
+                         "trainable_percent": summary.percent_of_backbone})
+    log.info("%s: %s trainable parameters (%.3f %% of the %s-parameter backbone), device %s, %s",
+             name, f"{summary.trainable:,}", summary.percent_of_backbone, f"{summary.backbone:,}", device,
+             precision.name)
+
+    stopped = False
+    try:
+        for epoch in range(state.epoch + 1, settings.train.epochs + 1):
+            report = _train_epoch(model, loaders, optimizer, scheduler, scaler, settings, device, precision,
+                                  epoch, len(manifest.classes), progress)
+            state.record(report, model)
+            run.log_metrics(report.metrics(), step=epoch)
+            log.info(report.line())
+            save_checkpoint(settings.train.output, {
+                "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
+                "state": state.as_dict(), "settings": flatten_settings(settings),
+            })
+            if on_epoch is not None and on_epoch(report):
+                stopped = True
+                break
+        result = _finish(model, state, settings, manifest, config, loaders, device, precision, run, summary,
+                         backbone_sha256, progress, stopped)
+    except BaseException as exc:
+        run.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
+        run.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    run.finish("KILLED" if stopped else "FINISHED")
+    return result
+
+
+class _TrainingState:
+    """What a checkpoint carries besides tensors: progress, the best epoch so far and its weights."""
+
+    def __init__(self) -> None:
+        self.epoch = 0
+        self.run_id: str | None = None
+        self.best_epoch = 0
+        self.best_score = -1.0
+        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.best_val: Any = None
+        self.history: list[dict[str, Any]] = []
+
+    def record(self, report: EpochReport, model: AdaptedModel) -> None:
+        self.epoch = report.epoch
+        self.history.append({"epoch": report.epoch, **report.metrics()})
+        # Keep the best epoch on validation; without validation, the latest.
+        score = report.val.top1 if report.val is not None else float(report.epoch)
+        if score > self.best_score:
+            self.best_score, self.best_epoch = score, report.epoch
+            self.best_weights = model.trainable_state_dict()
+            self.best_val = None if report.val is None else torch.from_numpy(report.val.confusion)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> _TrainingState:
+        state = cls()
+        vars(state).update(values)
+        return state
+
+
+def _train_epoch(model: AdaptedModel, loaders: dict[str, DataLoader], optimizer: torch.optim.Optimizer,
+                 scheduler: Any, scaler: torch.amp.GradScaler, settings: Settings, device: torch.device,
+                 precision: Precision, epoch: int, num_classes: int, progress: Progress) -> EpochReport:
+    train = settings.train
+    loader = loaders["train"]
+    loader.generator.manual_seed(train.seed * 100_003 + epoch)  # the epoch's order, the same after a resume
+    model.train()
+    sums: dict[str, torch.Tensor] = {}
+    images = 0
+    start = time.perf_counter()
+    lr = optimizer.param_groups[0]["lr"]
+    with progress(f"epoch {epoch}/{train.epochs}", len(loader), "batches") as advance:
+        for index, (inputs, targets) in enumerate(loader):
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            with precision.autocast(device):
+                terms = model.loss(model(inputs), targets)
+            if not torch.isfinite(terms.total):
+                raise TrainingDiverged(
+                    f"the loss became {terms.total.item()} at epoch {epoch}, batch {index + 1} (lr {lr:.3g}); "
+                    "lower train.lr, raise train.warmup_epochs, or use train.precision=fp32"
+                )
+            scaler.scale(terms.total / train.accumulate).backward()
+            last = index + 1 == len(loader)
+            if (index + 1) % train.accumulate == 0 or last:
+                lr = optimizer.param_groups[0]["lr"]
+                scaler.step(optimizer)
+                scaler.update()
+                optimizer.zero_grad(set_to_none=True)
+                scheduler.step()
+            for name, value in {"loss": terms.total, **{f"loss_{k}": v for k, v in terms.parts.items()}}.items():
+                sums[name] = sums.get(name, 0.0) + value.detach().float() * len(targets)
+            images += len(targets)
+            advance(1)
+    seconds = time.perf_counter() - start
+    val = None
+    if "val" in loaders:
+        val = evaluate_model(model, loaders["val"], num_classes, device, precision, progress, "validating")
+    losses = {name: float(total) / max(images, 1) for name, total in sums.items()}
+    return EpochReport(epoch, train.epochs, losses, lr, val, seconds, images)
+
+
+def _finish(model: AdaptedModel, state: _TrainingState, settings: Settings, manifest: Any, config: dict[str, Any],
+            loaders: dict[str, DataLoader], device: torch.device, precision: Precision, run: Run, summary: Any,
+            backbone_sha256: str, progress: Progress, stopped: bool) -> TrainResult:
+    if state.best_weights is not None:
+        model.load_trainable_state_dict(state.best_weights)
+    classes = list(manifest.classes)
+    test = None
+    if "test" in loaders:
+        test = evaluate_model(model, loaders["test"], len(classes), device, precision, progress, "testing")
+    val = None if state.best_val is None else Metrics(state.best_val.numpy())
+    output = Path(settings.train.output)
+    record = {
+        "backbone": {"name": settings.backbone.name, "weights": settings.backbone.weights, "sha256": backbone_sha256,
+                     "parameters": summary.backbone},
+        "classes": classes,
+        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
+        "transform": manifest.transform,
+        "dataset": {"name": manifest.data.get("dataset"), "protocol": manifest.data.get("protocol"),
+                    "split_dir": str(manifest.folder), "manifest_hash": manifest.data.get("content_hash")},
+        "trainable": {"parameters": summary.trainable, "percent_of_backbone": summary.percent_of_backbone,
+                      "head": summary.head, "groups": summary.groups},
+        "training": {"epochs": state.epoch, "best_epoch": state.best_epoch, "stopped_early": stopped,
+                     "val": None if val is None else val.as_dict(), "test": None if test is None else test.as_dict(),
+                     "eval_batch_size": settings.train.eval_batch_size, "mlflow_run_id": run.run_id or None},
+        "versions": _versions(),
+    }
+    artifact = save_artifact(output / ARTIFACT_DIR, model, settings, record)
+    write_report(output, classes, state.history, val, test, run)
+    run.log_artifacts(output / ARTIFACT_DIR, ARTIFACT_DIR)
+    if test is not None:
+        log.info("test: top1 %.2f%%  mean-class %.2f%% (best epoch %d)", 100 * test.top1, 100 * test.mean_class,
+                 state.best_epoch)
+    return TrainResult(output, artifact.parent, run.run_id, state.best_epoch, val, test,
+                       stopped_early=stopped)
+
+
+def _prepared(settings: Settings, progress: Progress) -> Path:
+    """The dataset's split folder, prepared first if it is not there yet."""
+    folder = split_dir(settings.data)
+    return folder if (folder / "manifest.json").is_file() else prepare(settings.data, progress)
+
+
+def _loaders(settings: Settings, folder: Path, config: dict[str, Any], device: torch.device) -> dict[str, DataLoader]:
+    train = settings.train
+    common = {"num_workers": train.num_workers, "pin_memory": device.type == "cuda",
+              "persistent_workers": False}
+    loaders = {"train": DataLoader(load_split(folder, train.train_split, config), batch_size=train.batch_size,
+                                   shuffle=True, generator=torch.Generator(), **common)}
+    for key, split in (("val", train.val_split), ("test", train.test_split)):
+        if split is not None:
+            loaders[key] = DataLoader(load_split(folder, split, config, train=False),
+                                      batch_size=train.eval_batch_size, shuffle=False, **common)
+    return loaders
+
+
+def _check_resumable(checkpoint: dict[str, Any], settings: Settings) -> None:
+    before, now = checkpoint.get("settings", {}), flatten_settings(settings)
+    changed = [key for key in sorted(set(before) | set(now))
+               if before.get(key) != now.get(key) and not key.startswith(RESUMABLE_CHANGES)]
+    if changed:
+        key = changed[0]
+        raise ArtifactError(
+            f"--resume: the checkpoint in {settings.train.output} was written with {key}={before.get(key)!r}, now "
+            f"{now.get(key)!r} ({len(changed)} setting(s) differ); resume with the same settings or train afresh"
+        )
+
+
+def _tags(settings: Settings, manifest: Any, backbone_sha256: str) -> dict[str, Any]:
+    return {"dataset": manifest.data.get("dataset"), "protocol": manifest.data.get("protocol"),
+            "dataset_manifest_hash": manifest.data.get("content_hash"), "backbone": settings.backbone.name,
+            "backbone_weights": settings.backbone.weights, "backbone_sha256": backbone_sha256,
+            "method": settings.model.method}
+
+
+def _default_run_name(settings: Settings) -> str:
+    return f"{settings.data.dataset}-{settings.model.method}-{settings.backbone.name}"
+
+
+def _versions() -> dict[str, str]:
+    import timm
+
+    import sa2vp
+
+    return {"sa2vp": getattr(sa2vp, "__version__", "unknown"), "torch": torch.__version__, "timm": timm.__version__}

@@ -1,0 +1,70 @@
+"""Shared set-up for the training tests: a tiny random ViT on digits rendered at 16 px, a project folder with
+its own params.yaml and MLflow store, and a helper to run the installed `sa2vp` command in it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from sa2vp.data import prepare
+from sa2vp.settings import load_settings
+
+SA2VP = str(Path(sys.executable).with_name("sa2vp"))
+
+TINY_PARAMS: dict[str, Any] = {
+    "backbone": {
+        "name": "vit_tiny_patch16_224",
+        "weights": "random",
+        "img_size": 16,
+        "model_kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},
+    },
+    "model": {"window": 3},
+    "data": {"dataset": "digits", "render_size": 16},
+    "train": {"epochs": 3, "batch_size": 64, "warmup_epochs": 1, "lr": 0.01, "num_workers": 0,
+              "output": "runs/train"},
+    "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "tests"},
+}
+
+
+@pytest.fixture(scope="session")
+def digits_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """digits rendered at 16 px and split once per test session."""
+    root = tmp_path_factory.mktemp("digits-data")
+    prepare(load_settings(None, {"data.dataset": "digits", "data.render_size": 16, "data.root": str(root)}).data)
+    return root
+
+
+@pytest.fixture()
+def project(tmp_path: Path, digits_root: Path) -> Path:
+    """A project folder: params.yaml of the tiny model, data pointing at the shared digits."""
+    params = yaml.safe_load(yaml.safe_dump(TINY_PARAMS))
+    params["data"]["root"] = str(digits_root)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    return tmp_path
+
+
+def run_sa2vp(project: Path, *args: str, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    done = subprocess.run([SA2VP, *args], cwd=project, capture_output=True, text=True, env=env, timeout=300,
+                          **kwargs)
+    if check and done.returncode != 0:
+        raise AssertionError(f"sa2vp {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+    return done
+
+
+def tiny_settings(project: Path, **overrides: Any):  # noqa: ANN201
+    """The project's settings with dotted overrides; paths made absolute (tests do not chdir)."""
+    base = {"train.output": str(project / "runs" / "train"), "tracking.uri": f"sqlite:///{project / 'mlflow.db'}"}
+    return load_settings(project / "params.yaml", {**base, **overrides})
+
+
+def copy_tree(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
