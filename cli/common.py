@@ -17,7 +17,7 @@ import yaml
 
 from sa2vp.data.errors import DataError
 from sa2vp.errors import ArtifactError, BackboneError, TrackingError, TrainingDiverged
-from sa2vp.settings import Settings, SettingsError, load_settings
+from sa2vp.settings import Settings, SettingsError, load_settings, read_overrides
 
 USAGE_ERROR = 2
 
@@ -33,6 +33,12 @@ ParamsOption = Annotated[
 SetOption = Annotated[
     list[str] | None,
     typer.Option("--set", "-s", help="Override a setting: --set model.gamma=0.5 (repeatable; values are YAML)."),
+]
+
+SetFileOption = Annotated[
+    list[Path] | None,
+    typer.Option("--set-file", help="Apply the dotted settings in a YAML file, e.g. the best.yaml `sa2vp tune` "
+                 "writes (repeatable; --set wins)."),
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -59,9 +65,11 @@ def expected_errors_exit_2(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def settings_from(params: Path, overrides: list[str] | None) -> Settings:
-    """params.yaml (if present) < SA2VP_* environment < --set overrides."""
+def settings_from(params: Path, overrides: list[str] | None, files: list[Path] | None = None) -> Settings:
+    """params.yaml (if present) < SA2VP_* environment < --set-file files < --set overrides."""
     parsed: dict[str, Any] = {}
+    for path in files or []:
+        parsed.update(read_overrides(path))
     for item in overrides or []:
         key, sep, raw = item.partition("=")
         if not sep or not key:

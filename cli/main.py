@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sa2vp_cli import train as training
+from sa2vp_cli.backbone import app as backbone_app
 from sa2vp_cli.common import ParamsOption, SetOption, expected_errors_exit_2, settings_from, setup_logging
 from sa2vp_cli.data import app as data_app
 
@@ -22,9 +23,11 @@ app = typer.Typer(
 model_app = typer.Typer(help="Build models and inspect them.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
+app.add_typer(backbone_app, name="backbone")
 app.command("train")(training.train)
 app.command("evaluate")(training.evaluate)
 app.command("predict")(training.predict)
+app.command("tune")(training.tune)
 app.command("ui")(training.ui)
 
 

@@ -14,7 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from sa2vp_cli.common import (
-    ParamsOption, SetOption, expected_errors_exit_2, fail, progress, settings_from, with_options,
+    ParamsOption, SetFileOption, SetOption, expected_errors_exit_2, fail, progress, settings_from, with_options,
 )
 
 ArtifactArgument = Annotated[
@@ -37,18 +37,19 @@ def train(
                                          "checkpoint (same settings).")] = False,
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
+    files: SetFileOption = None,
 ) -> None:
     """Train the configured method on a dataset; one MLflow run with params, curves, figures and the artifact."""
-    _train(dataset, epochs, device, output, resume, params, overrides)
+    _train(dataset, epochs, device, output, resume, params, overrides, files)
 
 
 @expected_errors_exit_2
 def _train(dataset: str | None, epochs: int | None, device: str | None, output: Path | None, resume: bool,
-           params: Path, overrides: list[str] | None) -> None:
+           params: Path, overrides: list[str] | None, files: list[Path] | None) -> None:
     from sa2vp.engine import fit
 
     options = {"data.dataset": dataset, "train.epochs": epochs, "train.device": device, "train.output": output}
-    settings = settings_from(params, with_options(overrides, options))
+    settings = settings_from(params, with_options(overrides, options), files)
     result = fit(settings, resume=resume, progress=progress())
     if result.test is not None:
         typer.echo(f"test top-1 {100 * result.test.top1:.2f} %  mean per-class {100 * result.test.mean_class:.2f} %  "
@@ -65,6 +66,8 @@ def evaluate(
     backbone_weights: BackboneWeightsOption = None,
     device: DeviceOption = None,
     metrics_file: Annotated[Path | None, typer.Option(help="Also write the metrics as JSON here.")] = None,
+    plots_dir: Annotated[Path | None, typer.Option(help="Also write confusion.csv and per_class_accuracy.csv "
+                                                   "here (DVC plots).")] = None,
 ) -> None:
     """Recompute an artifact's metrics on a split of the dataset it was trained on."""
     import json
@@ -82,6 +85,10 @@ def evaluate(
                f"({metrics.count:,} images)")
     if metrics_file is not None:
         write_atomic(metrics_file, json.dumps({split: metrics.as_dict()}, indent=2) + "\n")
+    if plots_dir is not None:
+        from sa2vp.engine.report import write_dvc_plots
+
+        write_dvc_plots(plots_dir, loaded.classes, metrics)
 
 
 @expected_errors_exit_2
@@ -128,3 +135,38 @@ def ui(
         fail("the mlflow command is not installed in this environment")
     typer.echo(f"MLflow UI for {uri}: http://127.0.0.1:{port}  (Ctrl-C stops it)")
     os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)])
+
+
+@expected_errors_exit_2
+def tune(
+    dataset: Annotated[str | None, typer.Option(help="Registry name or folder:<path> (data.dataset).")] = None,
+    n_trials: Annotated[int | None, typer.Option("--n-trials", help="Trials to add (tune.n_trials).")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds after which no trial starts (tune.timeout).")] = None,
+    storage: Annotated[str | None, typer.Option(help="Journal file or database URL (tune.storage).")] = None,
+    study_name: Annotated[str | None, typer.Option("--study-name", help="Study (tune.study_name).")] = None,
+    params: ParamsOption = Path("params.yaml"),
+    overrides: SetOption = None,
+    files: SetFileOption = None,
+) -> None:
+    """Tune the method's settings on the validation split with Optuna (preparing the data if missing)."""
+    import optuna
+
+    from sa2vp.tuning import tune as run_tuning
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # sa2vp logs one line per trial itself
+
+    options = {"data.dataset": dataset, "tune.n_trials": n_trials, "tune.timeout": timeout, "tune.storage": storage,
+               "tune.study_name": study_name}
+    settings = settings_from(params, with_options(overrides, options), files)
+    result = run_tuning(settings, progress())
+    best = result.study.best_trial
+    typer.echo(f"study {result.study.study_name}: best of {len(result.study.trials)} trials")
+    table = Table()
+    table.add_column("setting")
+    table.add_column("value", justify="right")
+    for key, value in best.params.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    table.add_row("trial", str(best.number))
+    table.add_row("val top-1", f"{100 * result.best_value:.2f} %", style="bold")
+    Console().print(table)
+    typer.echo(f"best settings: {result.best_file}  (train with: sa2vp train --set-file {result.best_file})")

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -95,7 +95,10 @@ class SA2VPSettings(_Section):
     The Swin release's values that differ (γ = 0.5, r = t = 8) are not switched by the backbone: set them.
     """
 
-    method: Literal["sa2vp"] = "sa2vp"
+    method: Literal["sa2vp", "linear"] = Field(
+        "sa2vp", description="Adaptation method: `sa2vp`, or `linear` (linear probe on the frozen backbone's "
+        "pooled feature; the SA²VP keys below are then unused)."
+    )
     window: int | Literal["global"] = Field(
         3, description="Window c of the spatially-aligned cross attention: odd ≥ 1, or `global` (ablation)."
     )
@@ -274,6 +277,85 @@ class TrainSettings(_Section):
         return self
 
 
+class FloatRange(_Section):
+    """A continuous search dimension."""
+
+    type: Literal["float"] = "float"
+    low: float
+    high: float
+    log: bool = Field(False, description="Sample on a log scale (for scales like γ or a learning rate).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if not self.low < self.high or (self.log and self.low <= 0):
+            raise ValueError(f"need low < high (and low > 0 with log: true), got low={self.low}, high={self.high}")
+        return self
+
+
+class IntRange(_Section):
+    """An integer search dimension."""
+
+    type: Literal["int"] = "int"
+    low: int
+    high: int
+    step: int = Field(1, ge=1)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> IntRange:
+        if not self.low < self.high:
+            raise ValueError(f"need low < high, got low={self.low}, high={self.high}")
+        return self
+
+
+class Choice(_Section):
+    """A categorical search dimension."""
+
+    type: Literal["choice"] = "choice"
+    choices: list[Any] = Field(min_length=1)
+
+
+SearchDimension = Annotated[FloatRange | IntRange | Choice, Field(discriminator="type")]
+
+
+class TuneSettings(_Section):
+    """Optuna tuning on the validation split (`sa2vp tune`, the pipeline's tune stage)."""
+
+    space: dict[str, SearchDimension] | None = Field(
+        None,
+        description="Settings to search, by dotted key: {model.gamma: {type: float, low: 0.01, high: 2, log: true}, "
+        "model.window: {type: choice, choices: [1, 3, 5, 7]}}. Default: the method's own space (SA²VP: γ log-scale, "
+        "λ and the window c).",
+    )
+    n_trials: int = Field(20, ge=1, description="Trials to add to the study in this run.")
+    timeout: float | None = Field(None, gt=0, description="Stop starting new trials after this many seconds.")
+    epochs: int | None = Field(None, ge=1, description="Training epochs per trial; default train.epochs.")
+    sampler_seed: int = Field(42, ge=0, description="Seed of the TPE sampler.")
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        "median", description="Stops unpromising trials early on their per-epoch validation accuracy."
+    )
+    storage: str = Field(
+        "runs/tune/optuna.journal",
+        description="Optuna storage: a file path (Optuna's journal file, one machine) or a database URL "
+        "(sqlite:///…, postgresql://…) that many machines share.",
+    )
+    study_name: str | None = Field(None, description="Default: <dataset>-<method>-<backbone>.")
+    enqueue_defaults: bool = Field(
+        True, description="Start a new study with the current settings as its first trial (tuning never ends "
+        "below them)."
+    )
+    output: Path = Field(Path("runs/tune"), description="Folder for best.yaml and the trials' temporary files.")
+
+    @field_validator("space")
+    @classmethod
+    def _dotted_keys(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        for key in value or {}:
+            section = key.split(".", 1)[0]
+            if "." not in key or section not in {"model", "train", "backbone"}:
+                raise ValueError(f"key {key!r}: expected a dotted setting under model., train. or backbone.")
+        return value
+
+
 class TrackingSettings(_Section):
     """MLflow tracking."""
 
@@ -296,6 +378,7 @@ class Settings(BaseSettings):
     model: SA2VPSettings = SA2VPSettings()
     data: DataSettings = DataSettings()
     train: TrainSettings = TrainSettings()
+    tune: TuneSettings = TuneSettings()
     tracking: TrackingSettings = TrackingSettings()
 
     @classmethod
@@ -336,6 +419,17 @@ def read_params(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise SettingsError(f"{path}: expected a mapping of sections (backbone, model, …), got {type(data).__name__}")
     return data
+
+
+def read_overrides(path: Path) -> dict[str, Any]:
+    """Dotted overrides from a YAML file — a mapping of `section.key: value`, or such a mapping under
+    `settings:` (the best.yaml that `sa2vp tune` writes)."""
+    data = read_params(path)
+    overrides = data.get("settings", data)
+    if not isinstance(overrides, dict) or not all(isinstance(k, str) and "." in k for k in overrides):
+        raise SettingsError(f"{path}: expected a mapping of dotted settings (model.gamma: 0.5), optionally under "
+                            "`settings:`")
+    return dict(overrides)
 
 
 def load_settings(params: Path | str | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:

@@ -94,3 +94,49 @@ def _naive_cross(model, i, block, query, other):
     q, k, v = heads(query, 0), heads(other, 1), heads(other, 2)
     attended = naive_cross_attention(q, k, v, cross.grid, cross.window, cross.num_prefix, cross.border, cross.head_mode)
     return cross.adapter(attn.proj(attended) + query)
+
+
+def naive_sa2vp_swin_forward(model, images):
+    """SA²VP-Swin's forward written as method file §3: the §2 pseudocode inside the cross stages only.
+
+    Both pathways run every stage (patch merging, then blocks) separately, the prompt map broadcast to the
+    batch from the start; the cross attention projects q, k, v with the block's full qkv and uses the naive
+    attention on the stage grid with no prefix token. Returns (base logits, prompt logits).
+    """
+    swin = model.backbone
+    height, width = swin.patch_embed.grid_size
+    base = swin.patch_embed(images)
+    prompt = swin.patch_embed.norm(model.prompt_map()).reshape(1, height, width, -1)
+    prompt = prompt.expand(images.shape[0], -1, -1, -1)
+    for s, stage in enumerate(swin.layers):
+        base, prompt = stage.downsample(base), stage.downsample(prompt)
+        for i, block in enumerate(stage.blocks):
+            if s not in model.to_prompt:
+                base, prompt = block(base), block(prompt)
+            elif i in model.to_prompt[s]:
+                fused = _naive_swin_cross(model.cross[str(s)][i], block, query=prompt, other=base)
+                prompt = block(prompt)
+                base = block(base)
+                prompt = prompt + model.gamma * fused
+            else:
+                fused = _naive_swin_cross(model.cross[str(s)][i], block, query=base, other=prompt)
+                prompt = block(prompt)
+                base = block(base)
+                base = base + model.gamma * fused
+    pooled = [swin.forward_head(swin.norm(x), pre_logits=True) for x in (base, prompt)]
+    return model.head(pooled[0]), model.head(pooled[1])
+
+
+def _naive_swin_cross(cross, block, query, other):
+    attn = block.attn
+    batch, height, width, dim = query.shape
+
+    def heads(x, which):
+        qkv = F.linear(block.norm1(x.reshape(batch, height * width, dim)), attn.qkv.weight, attn.qkv.bias)
+        part = qkv.chunk(3, dim=-1)[which]
+        return part.reshape(batch, height * width, attn.num_heads, -1).transpose(1, 2)
+
+    q, k, v = heads(query, 0), heads(other, 1), heads(other, 2)
+    attended = naive_cross_attention(q, k, v, cross.grid, cross.window, 0, cross.border, cross.head_mode)
+    fused = cross.adapter(attn.proj(attended) + query.reshape(batch, height * width, dim))
+    return fused.reshape(batch, height, width, dim)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+
+import numpy as np
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +44,15 @@ def write_split_report(output: Path, classes: Sequence[str], metrics: Metrics, s
     run.log_figure(figure, f"{split}_confusion_matrix.png")
     save_figure(figure, output / "confusion_matrix.png")
     run.log_table(rows, f"{split}_per_class_accuracy.json")
+
+
+def write_dvc_plots(folder: Path, classes: Sequence[str], metrics: Metrics) -> None:
+    """confusion.csv (one `actual,predicted` row per image, DVC's confusion template) and
+    per_class_accuracy.csv (one row per class, for a bar plot)."""
+    rows = [{"actual": classes[i], "predicted": classes[j]}
+            for (i, j), count in np.ndenumerate(metrics.confusion) for _ in range(int(count))]
+    write_atomic(folder / "confusion.csv", to_csv(rows) if rows else "actual,predicted\n")
+    write_atomic(folder / "per_class_accuracy.csv", to_csv(metrics.per_class_rows(classes)))
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:

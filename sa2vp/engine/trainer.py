@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,10 +70,10 @@ class TrainResult:
     output: Path
     artifact: Path
     run_id: str
+    epochs: int  # epochs trained (fewer than train.epochs when stopped early)
     best_epoch: int
     val: Metrics | None
     test: Metrics | None
-    history: list[EpochReport] = field(default_factory=list)
     stopped_early: bool = False
 
 
@@ -264,8 +264,7 @@ def _finish(model: AdaptedModel, state: _TrainingState, settings: Settings, mani
     if test is not None:
         log.info("test: top1 %.2f%%  mean-class %.2f%% (best epoch %d)", 100 * test.top1, 100 * test.mean_class,
                  state.best_epoch)
-    return TrainResult(output, artifact.parent, run.run_id, state.best_epoch, val, test,
-                       stopped_early=stopped)
+    return TrainResult(output, artifact.parent, run.run_id, state.epoch, state.best_epoch, val, test, stopped)
 
 
 def _prepared(settings: Settings, progress: Progress) -> Path:

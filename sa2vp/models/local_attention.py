@@ -67,13 +67,14 @@ def spatial_cross_attention(
     if window is None:
         out = F.scaled_dot_product_attention(q, k, v)
     else:
-        prefix_out = F.scaled_dot_product_attention(q[:, :, :num_prefix], k, v)
         if tile_mask is None:
             tile_mask = build_tile_mask(grid, window, border, q.shape[1], q.device)
-        patch_out = _windowed_attention(
+        out = _windowed_attention(
             q[:, :, num_prefix:], k[:, :, num_prefix:], v[:, :, num_prefix:], grid, window, tile_mask
         )
-        out = torch.cat([prefix_out, patch_out], dim=2)
+        if num_prefix:  # Swin has no prefix tokens; skip the empty global-attention call
+            prefix_out = F.scaled_dot_product_attention(q[:, :, :num_prefix], k, v)
+            out = torch.cat([prefix_out, out], dim=2)
     return out.transpose(1, 2).reshape(batch, length, heads * head_dim)
 
 

@@ -27,7 +27,7 @@ from torch import nn
 from sa2vp.models.backbones import BackboneError, token_grid
 from sa2vp.models.base import AdaptedModel, LossTerms
 from sa2vp.models.cross_block import LowRankPromptMap, SpatialCrossBlock
-from sa2vp.settings import SA2VPSettings, SettingsError
+from sa2vp.settings import Choice, FloatRange, SA2VPSettings, SettingsError
 
 # The release's layer sets for a 12-layer ViT; other depths use the same relative positions.
 RELEASE_DEPTH = 12
@@ -218,3 +218,12 @@ def _check_backbone(backbone: nn.Module) -> None:
                 f"block {i} is {type(block).__name__} with {type(attn).__name__}: SA²VP-ViT supports timm's "
                 "pre-norm Block with the standard (ungated) Attention"
             )
+
+
+# What tuning searches by default (method file §2: "γ is tuned on the validation set"): γ on a log scale
+# around the release's 0.1 and 1.5, the loss weight λ, and the window c.
+SEARCH_SPACE = {
+    "model.gamma": FloatRange(low=0.01, high=2.0, log=True),
+    "model.lam": FloatRange(low=0.5, high=1.0),
+    "model.window": Choice(choices=[1, 3, 5, 7]),
+}

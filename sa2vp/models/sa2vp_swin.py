@@ -1,0 +1,209 @@
+"""SA²VP on a timm SwinTransformer — method file §3, the authors' release for Swin.
+
+One low-rank prompt map at patch-embedding resolution (through the frozen patch-embedding norm) runs through
+every frozen stage beside the image tokens: the same blocks, shifted windows and patch merging. Only the
+blocks of the cross stage(s) (release: the third stage, index 2) exchange information, with the cross block
+of the ViT version on the full stage grid:
+
+    i in TO_PROMPT:  P ← Block_i(P) + γ·Cross_i(query=P, kv=B)      B ← Block_i(B)
+    otherwise:       B ← Block_i(B) + γ·Cross_i(query=B, kv=P)      P ← Block_i(P)
+
+Cross_i uses the block's own norm1, qkv and proj, no relative-position bias and no CLS token. Unlike the ViT
+version it projects q, k, v again instead of reusing the block's: the block computes them inside timm's
+shifted, padded window partition, and reusing them would mean re-implementing that attention (shift masks,
+bias-valued padding tokens, relative-position bias). The price is 3·d² per token of the cross stage, about a
+tenth of a Swin-B training step's FLOPs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention
+from torch import nn
+
+from sa2vp.models.backbones import BackboneError
+from sa2vp.models.base import AdaptedModel, LossTerms
+from sa2vp.models.cross_block import LowRankPromptMap, SpatialCrossBlock
+from sa2vp.models.sa2vp_vit import SA2VPOutput, sa2vp_loss
+from sa2vp.settings import SA2VPSettings, SettingsError
+
+# The release: cross attention in the third stage of Swin-B (18 blocks); the prompt queries at 0, 6 and 12.
+RELEASE_CROSS_STAGE = 2
+RELEASE_STAGE_DEPTH = 18
+RELEASE_TO_PROMPT = (0, 6, 12)
+
+
+def release_blocks(depth: int) -> list[int]:
+    """The release's TO_PROMPT blocks scaled from 18 blocks to `depth` (identity for 18).
+
+    The last block always lets the base query the prompt, as in the release: in a stage of one or two
+    blocks the scaled positions would otherwise cover every block, and the base logits, which SA²VP predicts
+    with, would never see the prompt.
+    """
+    return sorted({i for p in RELEASE_TO_PROMPT if (i := round(p * depth / RELEASE_STAGE_DEPTH)) < depth - 1})
+
+
+def resolve_cross_blocks(settings: SA2VPSettings, depths: list[int]) -> dict[int, frozenset[int]]:
+    """{cross stage: its TO_PROMPT block indices} for a Swin with stage depths `depths`, validated."""
+    if settings.deep_layers:
+        raise SettingsError(
+            f"model.deep_layers: {settings.deep_layers} is not supported on Swin, which has no deep prompts in "
+            "the release; allowed: null or []"
+        )
+    stages = settings.cross_stages
+    if stages is None:  # a Swin with fewer than three stages gets its last one
+        stages = [min(RELEASE_CROSS_STAGE, len(depths) - 1)]
+    for stage in stages:
+        if stage >= len(depths):
+            raise SettingsError(
+                f"model.cross_stages: stage index {stage} is out of range; allowed 0..{len(depths) - 1} for a "
+                f"Swin with {len(depths)} stages"
+            )
+    to_prompt = {}
+    for stage in stages:
+        depth = depths[stage]
+        blocks = release_blocks(depth) if settings.to_prompt_layers is None else settings.to_prompt_layers
+        bad = [i for i in blocks if i >= depth]
+        if bad:
+            raise SettingsError(
+                f"model.to_prompt_layers: block index {bad[0]} is out of range; allowed 0..{depth - 1} for "
+                f"cross stage {stage} of depth {depth}"
+            )
+        to_prompt[stage] = frozenset(blocks)
+    return to_prompt
+
+
+class SA2VPSwin(AdaptedModel):
+    """SA²VP over a frozen timm SwinTransformer.
+
+    In training mode `forward` returns `SA2VPOutput(base, prompt)`; in eval mode the base logits.
+    """
+
+    def __init__(self, backbone: SwinTransformer, num_classes: int, settings: SA2VPSettings) -> None:
+        super().__init__()
+        _check_backbone(backbone)
+        self.settings = settings
+        self.backbone = backbone
+        self.backbone.requires_grad_(False)
+        self.to_prompt = resolve_cross_blocks(settings, [len(stage.blocks) for stage in backbone.layers])
+        self.gamma = settings.gamma
+        self.grid = tuple(backbone.patch_embed.grid_size)
+
+        self.prompt_map = LowRankPromptMap(self.grid[0] * self.grid[1], settings.prompt_rank, backbone.layers[0].dim)
+        self.cross = nn.ModuleDict(
+            {str(s): _cross_blocks(backbone.layers[s], settings) for s in sorted(self.to_prompt)}
+        )
+        self.head = nn.Linear(backbone.num_features, num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, images: torch.Tensor) -> SA2VPOutput | torch.Tensor:
+        base = self.backbone.patch_embed(images)  # (B, H, W, C), after the patch-embedding norm
+        # The prompt pathway is the same for every image until it first reads the base: it stays batch 1.
+        prompt = self._embed_prompt()
+        last_cross = max(self.to_prompt)
+        for s, stage in enumerate(self.backbone.layers):
+            if s in self.to_prompt:
+                base, prompt = self._cross_stage(s, base, prompt)
+            elif self.training or s < last_cross:
+                base, prompt = stage(base), stage(prompt)
+            else:  # eval: what the prompt does after the last cross stage never reaches the base logits
+                base = stage(base)
+        base_logits = self.head(self._pooled(base))
+        if not self.training:
+            return base_logits
+        return SA2VPOutput(base_logits, self.head(self._pooled(prompt)))
+
+    def _embed_prompt(self) -> torch.Tensor:
+        """P_0 = LN_pe(U·W + b) on the patch grid, (1, H, W, C); timm's Swin has no absolute position embedding."""
+        return self.backbone.patch_embed.norm(self.prompt_map()).reshape(1, *self.grid, -1)
+
+    def _cross_stage(self, s: int, base: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        stage = self.backbone.layers[s]
+        base, prompt = stage.downsample(base), stage.downsample(prompt)
+        for i, (block, cross) in enumerate(zip(stage.blocks, self.cross[str(s)])):
+            if i in self.to_prompt[s]:
+                fused = _cross_attention(block, cross, query=prompt, other=base)
+                base, prompt = block(base), block(prompt) + self.gamma * fused
+            else:
+                fused = _cross_attention(block, cross, query=base, other=prompt)
+                base, prompt = block(base) + self.gamma * fused, block(prompt)
+        return base, prompt
+
+    def _pooled(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The backbone's own final norm and average pooling, before any head."""
+        return self.backbone.forward_head(self.backbone.norm(tokens), pre_logits=True)
+
+    def compile_cross_blocks(self, mode: str | None = None) -> SA2VPSwin:
+        """Compile the cross blocks with torch.compile, in place (see `SA2VPViT.compile_cross_blocks`)."""
+        for blocks in self.cross.values():
+            for block in blocks:
+                block.compile(dynamic=False, mode=mode)
+        return self
+
+    def loss(self, output: SA2VPOutput, target: torch.Tensor) -> LossTerms:
+        """λ·CE(base) + (1−λ)·CE(prompt); both pathway losses are reported."""
+        total, base, prompt = sa2vp_loss(output, target, self.settings.lam)
+        return LossTerms(total, {"base": base, "prompt": prompt})
+
+
+def _cross_blocks(stage: nn.Module, settings: SA2VPSettings) -> nn.ModuleList:
+    """One cross block (adapter d → t → d) per block of `stage`, on the stage's full token grid, no CLS."""
+    return nn.ModuleList(
+        SpatialCrossBlock(
+            block.dim,
+            settings.adapter_dim,
+            settings.adapter_act,
+            settings.dropout,
+            settings.window_size,
+            settings.border,
+            settings.head_mode,
+            tuple(stage.output_resolution),
+            block.attn.num_heads,
+            num_prefix=0,
+        )
+        for block in stage.blocks
+    )
+
+
+def _cross_attention(
+    block: SwinTransformerBlock, cross: SpatialCrossBlock, query: torch.Tensor, other: torch.Tensor
+) -> torch.Tensor:
+    """Cross_i(query, kv=other) over the whole stage grid, (B, H, W, C) in and out.
+
+    Either pathway may still be batch 1 (the prompt before it first reads the base); it is broadcast.
+    """
+    batch, (height, width, dim) = max(query.shape[0], other.shape[0]), query.shape[1:]
+    (q,) = _project(block, query, "q")
+    k, v = _project(block, other, "kv")
+    q, k, v = (t.expand(batch, -1, -1, -1) for t in (q, k, v))
+    fused = cross(q, k, v, query.reshape(query.shape[0], height * width, dim), block.attn.proj)
+    return fused.reshape(batch, height, width, dim)
+
+
+def _project(block: SwinTransformerBlock, x: torch.Tensor, part: str) -> torch.Tensor:
+    """The `q` or `kv` rows of the block's frozen qkv projection of norm1(x), per head: (n, B, heads, L, D)."""
+    attn = block.attn
+    width = attn.qkv.out_features // 3
+    rows = slice(0, width) if part == "q" else slice(width, 3 * width)
+    bias = None if attn.qkv.bias is None else attn.qkv.bias[rows]
+    tokens = block.norm1(x).flatten(1, 2)
+    out = F.linear(tokens, attn.qkv.weight[rows], bias)
+    batch, length = tokens.shape[:2]
+    # Same channel layout as WindowAttention: (q|k|v) × heads × head_dim.
+    return out.reshape(batch, length, -1, attn.num_heads, width // attn.num_heads).permute(2, 0, 3, 1, 4)
+
+
+def _check_backbone(backbone: nn.Module) -> None:
+    if not isinstance(backbone, SwinTransformer):
+        raise BackboneError(f"SA²VP-Swin needs a timm SwinTransformer, got {type(backbone).__name__}")
+    if backbone.dynamic_img_size:
+        raise BackboneError("SA²VP-Swin needs a fixed input size (strict_img_size=True): the prompt map has one")
+    for s, stage in enumerate(backbone.layers):
+        for i, block in enumerate(stage.blocks):
+            if type(block) is not SwinTransformerBlock or type(block.attn) is not WindowAttention:
+                raise BackboneError(
+                    f"stage {s} block {i} is {type(block).__name__}: SA²VP-Swin supports timm's SwinTransformerBlock "
+                    "with WindowAttention"
+                )
