@@ -8,6 +8,7 @@ second list of defaults.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping
 from contextvars import ContextVar
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
+from pydantic_core import to_jsonable_python
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -395,6 +397,9 @@ class Settings(BaseSettings):
 
 
 _params_file: ContextVar[Path | None] = ContextVar("sa2vp_params_file", default=None)
+# Dotted keys given as overrides: they replace the file's value outright. (pydantic-settings deep-merges its
+# sources, which would otherwise merge an overriding mapping such as backbone.model_kwargs into the file's.)
+_overridden: ContextVar[frozenset[str]] = ContextVar("sa2vp_overridden", default=frozenset())
 
 
 class _ParamsFileSource(PydanticBaseSettingsSource):
@@ -403,7 +408,15 @@ class _ParamsFileSource(PydanticBaseSettingsSource):
 
     def __call__(self) -> dict[str, Any]:
         path = _params_file.get()
-        return read_params(path) if path is not None else {}
+        data = read_params(path) if path is not None else {}
+        for dotted in _overridden.get():
+            *parents, leaf = dotted.split(".")
+            node: Any = data
+            for part in parents:
+                node = node.get(part) if isinstance(node, dict) else None
+            if isinstance(node, dict):
+                node.pop(leaf, None)
+        return data
 
 
 def read_params(path: Path) -> dict[str, Any]:
@@ -438,12 +451,14 @@ def load_settings(params: Path | str | None = None, overrides: Mapping[str, Any]
     Raises SettingsError with one line per invalid key (`model.window: …`).
     """
     token = _params_file.set(Path(params) if params is not None else None)
+    keys = _overridden.set(frozenset(overrides or {}))
     try:
         return Settings(**_nest(overrides or {}))
     except ValidationError as exc:
         raise SettingsError(describe_validation_error(exc, source=params)) from None
     finally:
         _params_file.reset(token)
+        _overridden.reset(keys)
 
 
 def describe_validation_error(exc: ValidationError, source: Path | str | None = None) -> str:
@@ -459,6 +474,35 @@ def describe_validation_error(exc: ValidationError, source: Path | str | None = 
         lines.append(f"{key}: {message}{suffix}")
     prefix = f"{source}: " if source is not None else ""
     return prefix + ("; ".join(lines) if len(lines) > 1 else lines[0])
+
+
+def flatten_settings(settings: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Every setting as `section.key` → JSON value (MLflow params, trial overrides, comparisons). Mappings
+    that are settings of their own (backbone.model_kwargs, tune.space) stay whole."""
+    flat: dict[str, Any] = {}
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        if isinstance(value, BaseModel):
+            flat.update(flatten_settings(value, f"{prefix}{name}."))
+        else:
+            flat[f"{prefix}{name}"] = to_jsonable_python(value)
+    return flat
+
+
+def settings_from_dump(dump: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Settings:
+    """Settings saved with `model_dump(mode="json")` (an artifact's record), with dotted overrides; the
+    environment and params files play no part."""
+    tree = json.loads(json.dumps(dump))
+    for key, value in (overrides or {}).items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return Settings.model_validate(tree)
+    except ValidationError as exc:
+        raise SettingsError(describe_validation_error(exc)) from None
 
 
 def _nest(dotted: Mapping[str, Any]) -> dict[str, Any]:

@@ -23,10 +23,12 @@ import yaml
 
 from sa2vp.atomic import write_atomic
 from sa2vp.data import NO_PROGRESS, Progress, prepare, split_dir
-from sa2vp.engine import EpochReport, fit, flatten_settings
+from sa2vp.engine import EpochReport, fit
 from sa2vp.errors import TrainingDiverged
 from sa2vp.models import search_space
-from sa2vp.settings import Choice, FloatRange, IntRange, SearchDimension, Settings, SettingsError, load_settings
+from sa2vp.settings import (
+    Choice, FloatRange, IntRange, SearchDimension, Settings, SettingsError, flatten_settings, load_settings,
+)
 from sa2vp.tracking import Run, start_run
 
 log = logging.getLogger("sa2vp.tune")
@@ -81,7 +83,10 @@ def tune(settings: Settings, progress: Progress = NO_PROGRESS, n_trials: int | N
     earlier = len(study.trials)
     if settings.tune.enqueue_defaults and not study.trials:
         current = flatten_settings(settings)
-        study.enqueue_trial({key: current[key] for key in space}, user_attrs={"defaults": True})
+        inside = {key: current[key] for key, dim in space.items() if _contains(dim, current[key])}
+        for key in sorted(set(space) - set(inside)):
+            log.info("first trial: %s=%r is outside tune.space, so the sampler chooses it", key, current[key])
+        study.enqueue_trial(inside, user_attrs={"defaults": True})
     parent = start_run(settings.tracking, f"tune-{study.study_name}",
                        {"study_name": study.study_name, "storage": settings.tune.storage, "dataset":
                         settings.data.dataset, "method": settings.model.method, "backbone": settings.backbone.name})
@@ -147,6 +152,12 @@ def _suggest(trial: optuna.Trial, key: str, dimension: SearchDimension) -> Any:
         return trial.suggest_int(key, dimension.low, dimension.high, step=dimension.step, log=dimension.log)
     assert isinstance(dimension, Choice)
     return trial.suggest_categorical(key, dimension.choices)
+
+
+def _contains(dimension: SearchDimension, value: Any) -> bool:
+    if isinstance(dimension, Choice):
+        return value in dimension.choices
+    return isinstance(value, (int, float)) and dimension.low <= value <= dimension.high
 
 
 def _report(total: int) -> Any:

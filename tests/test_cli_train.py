@@ -139,3 +139,45 @@ def test_training_logs_to_a_real_tracking_server_started_by_sa2vp_ui(project: Pa
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
+
+
+def test_a_swin_backbone_trains_and_evaluates_through_the_same_commands(project: Path) -> None:  # noqa: F811
+    swin = json.dumps({"patch_size": 2, "embed_dim": 16, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 2, 4],
+                       "window_size": 2})
+    done = run_sa2vp(project, "train", "--epochs", "1", "--set", "backbone.name=swin_tiny_patch4_window7_224",
+                     "--set", f"backbone.model_kwargs={swin}", "--set", "model.gamma=0.5")
+    assert "epoch 1/1" in done.stderr and "loss_prompt" in done.stderr
+    record = json.loads((project / "runs/train/model/model.json").read_text())
+    assert record["backbone"]["name"] == "swin_tiny_patch4_window7_224"
+    evaluated = run_sa2vp(project, "evaluate", "runs/train/model")
+    assert f"top-1 {100 * record['training']['test']['top1']:.2f} %" in evaluated.stdout
+
+
+def test_tune_records_failed_trials_goes_on_and_resumes_its_study(project: Path) -> None:  # noqa: F811
+    import optuna
+    import yaml
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    # The enqueued first trial is the current settings (lr 0.01); a trial the sampler gives lr 1e30 diverges and
+    # must not stop the study.
+    space = json.dumps({"model.gamma": {"type": "float", "low": 0.01, "high": 2.0, "log": True},
+                        "train.lr": {"type": "choice", "choices": [0.01, 1e30]}})
+    common = ["--set", "tune.epochs=1", "--set", "tune.sampler_seed=6", "--set", f"tune.space={space}",
+              "--storage", "runs/study.journal",
+              "--study-name", "s"]
+    done = run_sa2vp(project, "tune", "--n-trials", "2", *common)
+    assert "model.gamma" in done.stdout and "val top-1" in done.stdout
+    best = yaml.safe_load((project / "runs/tune/best.yaml").read_text())
+    assert best["trial"] == 0 and best["settings"]["train.lr"] == 0.01 and best["settings"]["model.gamma"] == 0.1
+    run_sa2vp(project, "tune", "--n-trials", "1", *common)  # resumes: adds one trial to the same study
+    study = optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(project / "runs/study.journal"))))
+    states = [(float(t.params["train.lr"]), t.state.name) for t in study.trials]  # YAML reads 1e+30 as text
+    assert len(states) == 3 and states[0] == (0.01, "COMPLETE") and ((1e30, "FAIL") in states), states
+    assert all(state == ("COMPLETE" if lr == 0.01 else "FAIL") for lr, state in states), states
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    parents = [r for r in runs if r.info.run_name.startswith("tune-")]
+    assert len(parents) == 2 and len(runs) == 2 + 3  # two tuning runs, three nested trial runs
+    failed = sum(state == "FAIL" for _, state in states)
+    assert sum(r.info.status == "FAILED" for r in runs) == failed

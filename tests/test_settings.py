@@ -63,3 +63,11 @@ def test_a_broken_params_file_is_named(tmp_path):
     params.write_text("model:\n  window: 2\n")
     with pytest.raises(SettingsError, match=rf"{params}: model.window: must be an odd"):
         load_settings(params)
+
+
+def test_an_overriding_mapping_replaces_the_files_mapping(tmp_path) -> None:
+    params = tmp_path / "params.yaml"
+    params.write_text("backbone:\n  model_kwargs: {depth: 2, patch_size: 4}\n  img_size: 32\n")
+    settings = load_settings(params, {"backbone.model_kwargs": {"depths": [1, 1]}})
+    assert settings.backbone.model_kwargs == {"depths": [1, 1]} and settings.backbone.img_size == 32
+    assert load_settings(params).backbone.model_kwargs == {"depth": 2, "patch_size": 4}

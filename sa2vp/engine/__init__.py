@@ -5,12 +5,12 @@
     metrics = evaluate(loaded, "test")          # evaluation.py: the same metrics, recomputed
 """
 
-from sa2vp.engine.artifact import LoadedArtifact, build_seeded, flatten_settings, load_artifact, save_artifact
+from sa2vp.engine.artifact import LoadedArtifact, build_seeded, load_artifact, save_artifact
 from sa2vp.engine.evaluation import Prediction, evaluate, predict
 from sa2vp.engine.metrics import Metrics, evaluate_model
 from sa2vp.engine.trainer import EpochReport, TrainResult, fit
 
 __all__ = [
     "EpochReport", "LoadedArtifact", "Metrics", "Prediction", "TrainResult", "build_seeded", "evaluate",
-    "evaluate_model", "fit", "flatten_settings", "load_artifact", "predict", "save_artifact",
+    "evaluate_model", "fit", "load_artifact", "predict", "save_artifact",
 ]

@@ -20,7 +20,7 @@ from sa2vp.atomic import atomic_path, write_atomic
 from sa2vp.errors import ArtifactError
 from sa2vp.models import AdaptedModel, build_model
 from sa2vp.models.backbones import weights_digest
-from sa2vp.settings import Settings, SettingsError, load_settings
+from sa2vp.settings import Settings, SettingsError, flatten_settings, settings_from_dump
 
 FORMAT = "sa2vp-artifact/1"
 WEIGHTS_NAME = "model.safetensors"
@@ -88,7 +88,7 @@ def load_artifact(path: Path, backbone_weights: str | None = None, check_backbon
     folder, record = read_record(path)
     overrides = {"backbone.weights": backbone_weights} if backbone_weights is not None else {}
     try:
-        settings = load_settings(None, {**_flatten(record["settings"]), **overrides})
+        settings = settings_from_dump(record["settings"], overrides)
     except SettingsError as exc:
         raise ArtifactError(f"{folder / CONFIG_NAME}: its settings are not valid here: {exc}") from None
     model = build_seeded(settings, len(record["classes"]))
@@ -109,20 +109,3 @@ def load_artifact(path: Path, backbone_weights: str | None = None, check_backbon
     except (ValueError, OSError) as exc:
         raise ArtifactError(f"{weights}: {exc}") from None
     return LoadedArtifact(model.eval(), settings, record)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        dotted = f"{prefix}{key}"
-        if isinstance(value, dict) and value and key != "model_kwargs":
-            flat.update(_flatten(value, dotted + "."))
-        else:
-            flat[dotted] = value
-    return flat
-
-
-def flatten_settings(settings: Settings) -> dict[str, Any]:
-    """Every setting as `section.key` → JSON value (MLflow params, comparisons)."""
-    return _flatten(settings.model_dump(mode="json"))
-

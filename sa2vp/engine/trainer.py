@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sa2vp.data import NO_PROGRESS, Progress, load_split, prepare, read_manifest, split_dir
-from sa2vp.engine.artifact import build_seeded, flatten_settings, save_artifact
+from sa2vp.engine.artifact import build_seeded, save_artifact
 from sa2vp.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from sa2vp.engine.metrics import Metrics, evaluate_model
 from sa2vp.engine.optim import build_optimizer, build_scheduler
@@ -30,7 +30,7 @@ from sa2vp.engine.runtime import Precision, resolve_device, resolve_precision
 from sa2vp.errors import ArtifactError, TrainingDiverged
 from sa2vp.models import AdaptedModel, parameter_summary
 from sa2vp.models.backbones import data_config, weights_digest
-from sa2vp.settings import Settings
+from sa2vp.settings import Settings, flatten_settings
 from sa2vp.tracking import Run, start_run
 
 log = logging.getLogger("sa2vp.train")
