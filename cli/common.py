@@ -100,5 +100,5 @@ def setup_logging() -> None:
     """Library log lines (one per epoch, trial, …) as plain lines on stderr; MLflow's own chatter hushed."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("mlflow", "alembic", "optuna", "httpx", "huggingface_hub", "urllib3"):
+    for noisy in ("mlflow", "alembic", "optuna", "httpx", "huggingface_hub", "urllib3", "timm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

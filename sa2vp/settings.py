@@ -35,22 +35,33 @@ class PretrainSettings(_Section):
 
     seed: int = Field(0, ge=0, description="Seed of the generated images and of the pretraining run.")
     classes: int = Field(
-        200, ge=2, description="Glyph classes of the source task (random stroke compositions, fixed by the seed)."
+        50, ge=2, description="Glyph classes of the source task (random stroke compositions, fixed by the seed)."
     )
     max_strokes: int = Field(3, ge=1, description="Most strokes (lines, arcs, curves, corners) in one glyph class.")
     images_per_class: int = Field(
-        150, ge=1, description="Training images rendered per class (random deformations of its glyph)."
+        640, ge=1, description="Training images rendered per class and epoch (random deformations of its glyph)."
     )
     eval_images_per_class: int = Field(
         10, ge=1, description="Held-out images per class for the reported source-task accuracy."
     )
-    epochs: int = Field(3, ge=1, description="Passes over the training images.")
-    batch_size: int = Field(128, ge=1, description="Images per optimiser step.")
-    lr: float = Field(1e-3, gt=0.0, description="Peak learning rate of AdamW (after warm-up), cosine-decayed to 0.")
+    epochs: int = Field(1, ge=1, description="Epochs; each renders new images.")
+    batch_size: int = Field(32, ge=1, description="Images per optimiser step.")
+    lr: float = Field(
+        2e-3, gt=0.0, description="Peak learning rate of AdamW, held from the end of the warm-up to the cool-down."
+    )
     weight_decay: float = Field(0.05, ge=0.0, description="AdamW weight decay, on weights of >= 2 dimensions only.")
-    warmup_epochs: float = Field(0.3, ge=0.0, description="Linear warm-up from 0 to `lr`, in epochs.")
+    warmup_epochs: float = Field(0.05, ge=0.0, description="Linear warm-up from 0 to `lr`, in epochs.")
+    cooldown: float = Field(
+        0.3, gt=0.0, le=1.0, description="Fraction of the steps, at the end, over which `lr` decays linearly to 0."
+    )
     label_smoothing: float = Field(
         0.1, ge=0.0, lt=1.0, description="Label smoothing of the source-task cross-entropy."
+    )
+    patch_drop: float = Field(
+        0.5, ge=0.0, lt=1.0,
+        description="Fraction of patch tokens dropped at random from each image while pretraining (timm's "
+        "patch_drop_rate; ViTs only, 0 for other architectures): about halves a step's cost for as much learnt "
+        "per step. The materialised backbone keeps every token.",
     )
 
     @model_validator(mode="after")

@@ -1,0 +1,126 @@
+"""Pretrain the offline default backbone on the generated glyph task and check how useful it is for digits.
+
+Runs `materialise_backbone` (origin: synthetic) with the default pretraining settings, loads the written file
+the way the pipeline does (`create_backbone(weights=<file>)`), and fits a quick frozen-feature linear probe
+(standardised CLS features → scikit-learn LogisticRegression) on scikit-learn's 8×8 digits, rendered like
+`sa2vp/data/sources/digits.py` renders them and transformed like `sa2vp.data.dataset` does (stratified
+train/test split). The same architecture with random weights is the baseline: pretraining must clearly beat
+it, yet leave a linear probe short of perfect so that SA²VP has something to improve on.
+
+    python benchmarks/pretrain_offline_backbone.py
+    python benchmarks/pretrain_offline_backbone.py --set pretrain.epochs=3 pretrain.classes=300 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+import yaml
+from PIL import Image
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from sa2vp.data.dataset import build_transform
+from sa2vp.data.progress import LineProgress
+from sa2vp.models.backbones import create_backbone
+from sa2vp.pretraining import materialise_backbone, read_metadata
+from sa2vp.settings import BackboneSettings
+
+# The planned offline default backbone (params.yaml's backbone section for the digits pipeline).
+DEFAULT_BACKBONE: dict[str, Any] = {
+    "name": "vit_tiny_patch16_224",
+    "img_size": 16,
+    "model_kwargs": {"patch_size": 2, "embed_dim": 128, "depth": 4, "num_heads": 4},
+    "origin": "synthetic",
+}
+
+
+def main() -> None:
+    args = _parse()
+    torch.set_num_threads(args.threads)
+    settings = _settings(args.set)
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(args.out) if args.out else Path(folder) / "backbone.safetensors"
+        started = time.perf_counter()
+        materialise_backbone(settings, out, progress=LineProgress())
+        wall = time.perf_counter() - started
+        metadata = read_metadata(out)
+        pretrained = create_backbone(settings.model_copy(update={"weights": str(out)}))
+    torch.manual_seed(args.seed)
+    random = create_backbone(settings.model_copy(update={"weights": "random"}))
+    images, labels = _digits(pretrained)
+    train, test = train_test_split(np.arange(len(labels)), test_size=args.test_size, stratify=labels,
+                                   random_state=args.seed)
+    pre = _probe(_features(pretrained, images), labels, train, test)
+    rnd = _probe(_features(random, images), labels, train, test)
+    pixels = _probe(images.flatten(1).numpy(), labels, train, test)
+    print(f"backbone               {settings.name} img_size={settings.img_size} {settings.model_kwargs}")
+    print(f"parameters             {sum(p.numel() for p in pretrained.parameters()) / 1e6:.2f} M")
+    print(f"pretraining settings   {settings.pretrain.model_dump()}")
+    print(f"pretraining wall time  {wall:.1f} s ({torch.get_num_threads()} torch threads)")
+    print(f"source-task accuracy   {float(metadata['source_accuracy']):.1%} (held out, "
+          f"{settings.pretrain.classes} classes)")
+    print(f"digits probe           pretrained {pre:.1%} | random weights {rnd:.1%} | raw pixels {pixels:.1%} "
+          f"({len(train)} train / {len(test)} test images)")
+
+
+def _parse() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="backbone settings over the default, e.g. pretrain.epochs=3 img_size=16")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (the pipeline's CPU has 2 cores)")
+    parser.add_argument("--test-size", type=float, default=0.3, help="fraction of the digits held out for the probe")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the probe split and of the random baseline")
+    parser.add_argument("--out", default=None, help="keep the weights file here (default: a temporary folder)")
+    return parser.parse_args()
+
+
+def _settings(overrides: list[str]) -> BackboneSettings:
+    values: dict[str, Any] = {**DEFAULT_BACKBONE, "model_kwargs": dict(DEFAULT_BACKBONE["model_kwargs"])}
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        *parents, leaf = key.split(".")
+        node = values
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw)
+    return BackboneSettings(**values)
+
+
+def _digits(model: torch.nn.Module) -> tuple[torch.Tensor, np.ndarray]:
+    """All 1,797 digits as the pipeline feeds them: rendered at the input size (as digits.py writes the PNGs),
+    read as RGB, then the evaluation transform built from the backbone's data config."""
+    size = model.patch_embed.img_size[0]
+    config = {**timm.data.resolve_data_config(model=model), "input_size": (3, size, size)}
+    transform = build_transform(config, "vtab", train=False)
+    bunch = load_digits()
+    images = []
+    for pixels in bunch.images:
+        ink = Image.fromarray(np.round(pixels * (255 / 16)).astype(np.uint8), mode="L")
+        images.append(transform(ink.resize((size, size), Image.Resampling.BILINEAR).convert("RGB")))
+    return torch.stack(images), bunch.target
+
+
+def _features(model: torch.nn.Module, images: torch.Tensor) -> np.ndarray:
+    with torch.no_grad():
+        return torch.cat([model(batch) for batch in images.split(512)]).numpy()
+
+
+def _probe(features: np.ndarray, labels: np.ndarray, train: np.ndarray, test: np.ndarray) -> float:
+    probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    probe.fit(features[train], labels[train])
+    return float(probe.score(features[test], labels[test]))
+
+
+if __name__ == "__main__":
+    main()

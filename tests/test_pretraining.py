@@ -1,0 +1,155 @@
+"""Offline backbone pretraining: the generated glyph task, a tiny pretraining run, and the weights file."""
+
+from __future__ import annotations
+
+import huggingface_hub.constants
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from sa2vp import pretraining
+from sa2vp.errors import BackboneError
+from sa2vp.models.backbones import create_backbone, weights_digest
+from sa2vp.pretraining import (
+    Pretrained,
+    generate,
+    input_geometry,
+    make_task,
+    materialise_backbone,
+    normalise,
+    pretrain_backbone,
+    read_metadata,
+)
+from sa2vp.settings import BackboneSettings, PretrainSettings, SettingsError, load_settings
+
+NAME = "vit_tiny_patch16_224"
+# A 4×4-token ViT small enough to pretrain in a second or two.
+TINY = {"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}
+TINY_TASK = PretrainSettings(seed=1, classes=4, max_strokes=2, images_per_class=128, eval_images_per_class=25,
+                             epochs=6, batch_size=32, lr=5e-3, warmup_epochs=0.5, label_smoothing=0.0)
+
+
+def _tiny(**update) -> BackboneSettings:
+    return BackboneSettings(name=NAME, img_size=16, model_kwargs=TINY, origin="synthetic", pretrain=TINY_TASK,
+                            **update)
+
+
+@pytest.fixture(scope="module")
+def materialised(tmp_path_factory):
+    out = tmp_path_factory.mktemp("backbone") / "weights" / "backbone.safetensors"
+    return materialise_backbone(_tiny(), out)
+
+
+def test_generator_is_deterministic_balanced_and_sized():
+    task = make_task(PretrainSettings(seed=5, classes=6))
+    assert task.strokes.shape[:2] == (6, 3) and task.present[:, 0].all()
+    images, labels = generate(task, per_class=7, size=12, seed=5, stream=1)
+    again_images, again_labels = generate(make_task(PretrainSettings(seed=5, classes=6)), 7, 12, 5, 1)
+    assert images.shape == (42, 12, 12) and images.dtype == torch.float32
+    assert torch.equal(images, again_images) and torch.equal(labels, again_labels)
+    assert torch.bincount(labels).tolist() == [7] * 6
+    assert 0 <= images.min() and images.max() <= 1
+    # Light strokes on a dark background, as glyphs are: some ink, mostly background.
+    assert 0.05 < images.mean() < 0.5
+    other, _ = generate(task, 7, 12, seed=6, stream=1)
+    held_out, _ = generate(task, 7, 12, seed=5, stream=2)
+    assert not torch.equal(images, other) and not torch.equal(images, held_out)
+
+
+def test_images_are_sized_and_normalised_for_the_backbone():
+    model = timm.create_model(NAME, img_size=16, num_classes=0, **TINY)
+    size, mean, std = input_geometry(model)
+    assert size == 16  # the model's own input size, not the pretrained configuration's 224
+    assert (mean, std) == tuple(timm.data.resolve_data_config(model=model)[k] for k in ("mean", "std"))
+    ink, _ = generate(make_task(PretrainSettings(classes=2)), 3, size, seed=0, stream=1)
+    batch = normalise(ink, mean, std)
+    assert batch.shape == (6, 3, 16, 16)
+    torch.testing.assert_close(batch[:, 1], (ink - mean[1]) / std[1])
+    assert model(batch).shape == (6, model.num_features)
+
+
+def test_pretraining_learns_the_task_and_writes_a_loadable_file(materialised):
+    metadata = read_metadata(materialised)
+    assert metadata["timm_name"] == NAME and metadata["origin"] == "synthetic" and metadata["seed"] == "1"
+    assert float(metadata["source_accuracy"]) > 0.5  # chance is 1/4
+    loaded = create_backbone(BackboneSettings(name=NAME, weights=str(materialised), img_size=16, model_kwargs=TINY))
+    stored = load_file(str(materialised))
+    state = loaded.state_dict()
+    assert stored.keys() == state.keys() and not any(key.startswith("head.") for key in stored)
+    for key, tensor in stored.items():
+        torch.testing.assert_close(state[key], tensor, rtol=0, atol=0, msg=key)
+    random = create_backbone(BackboneSettings(name=NAME, weights="random", img_size=16, model_kwargs=TINY))
+    assert weights_digest(loaded) != weights_digest(random)
+    assert list(materialised.parent.iterdir()) == [materialised]  # no temporary file left beside it
+
+
+def test_pretraining_is_deterministic_for_a_seed(materialised):
+    settings = _tiny()
+    model = pretrain_backbone(settings)
+    assert not model.training and model.num_classes == 0
+    stored = load_file(str(materialised))
+    for key, tensor in model.state_dict().items():
+        torch.testing.assert_close(tensor, stored[key], rtol=0, atol=0, msg=key)
+
+
+def _fake_pretraining(monkeypatch):
+    model = timm.create_model(NAME, img_size=16, num_classes=0, **TINY)
+    monkeypatch.setattr(pretraining, "pretrain", lambda settings, progress: Pretrained(model, 0.5))
+
+
+def test_an_unwritable_destination_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
+    _fake_pretraining(monkeypatch)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the folder should be")
+    with pytest.raises(BackboneError, match="could not write the backbone weights"):
+        materialise_backbone(_tiny(), blocker / "backbone.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not-a-folder"]
+
+
+def test_a_failure_mid_write_leaves_the_previous_file_and_no_partial_one(tmp_path, monkeypatch):
+    _fake_pretraining(monkeypatch)
+    out = tmp_path / "backbone.safetensors"
+    out.write_bytes(b"previous weights")
+
+    def fails_half_way(tensors, filename, metadata=None):
+        with open(filename, "wb") as handle:
+            handle.write(b"half a file")
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(pretraining, "save_file", fails_half_way)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        materialise_backbone(_tiny(), out)
+    assert [p.name for p in tmp_path.iterdir()] == ["backbone.safetensors"]
+    assert out.read_bytes() == b"previous weights"
+
+
+def test_only_safetensors_files_are_written(tmp_path):
+    with pytest.raises(BackboneError, match="written as .safetensors"):
+        materialise_backbone(_tiny(), tmp_path / "backbone.pth")
+
+
+def test_hub_origin_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads its environment once, at import: set its constants too.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    settings = BackboneSettings(name="vit_tiny_patch16_224.augreg_in21k", origin="hub", img_size=32)
+    out = tmp_path / "backbone.safetensors"
+    with pytest.raises(BackboneError, match="origin=hub: could not fetch pretrained weights .* HF_HUB_OFFLINE"):
+        materialise_backbone(settings, out)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "key, value, expected",
+    [
+        ("backbone.pretrain.classes", 1, "backbone.pretrain.classes: Input should be greater than or equal to 2"),
+        ("backbone.pretrain.lr", 0, "backbone.pretrain.lr: Input should be greater than 0"),
+        ("backbone.pretrain.label_smoothing", 1, "backbone.pretrain.label_smoothing: Input should be less than 1"),
+        ("backbone.pretrain.warmup_epochs", 9, "warmup_epochs must be < epochs"),
+    ],
+)
+def test_pretraining_settings_are_validated(key, value, expected):
+    with pytest.raises(SettingsError, match=expected):
+        load_settings(None, {key: value})
