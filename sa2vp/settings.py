@@ -35,11 +35,11 @@ class PretrainSettings(_Section):
 
     seed: int = Field(0, ge=0, description="Seed of the generated images and of the pretraining run.")
     classes: int = Field(
-        50, ge=2, description="Glyph classes of the source task (random stroke compositions, fixed by the seed)."
+        100, ge=2, description="Glyph classes of the source task (random stroke compositions, fixed by the seed)."
     )
     max_strokes: int = Field(3, ge=1, description="Most strokes (lines, arcs, curves, corners) in one glyph class.")
     images_per_class: int = Field(
-        640, ge=1, description="Training images rendered per class and epoch (random deformations of its glyph)."
+        512, ge=1, description="Training images rendered per class and epoch (random deformations of its glyph)."
     )
     eval_images_per_class: int = Field(
         10, ge=1, description="Held-out images per class for the reported source-task accuracy."

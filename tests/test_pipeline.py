@@ -20,7 +20,7 @@ BIN = Path(sys.executable).parent
 TINY = {
     "backbone.model_kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},
     "backbone.pretrain": {"images_per_class": 20, "eval_images_per_class": 5, "epochs": 1, "classes": 8},
-    "train.epochs": 2,
+    "train.epochs": 1,
     "tune.n_trials": 2,
     "tune.epochs": 1,
 }
