@@ -1,4 +1,5 @@
-"""Training-step throughput and peak memory of SA²VP, beside one frozen-backbone pathway.
+"""Training-step throughput and peak memory of SA²VP, beside one frozen-backbone pathway — or of any set of
+adaptation methods side by side (--methods).
 
 SA²VP runs two pathways through the frozen backbone, so its floor is about 2× one pathway's
 forward + backward-to-input; the "ratio" column is SA²VP's step time over that single pathway's.
@@ -11,6 +12,13 @@ the first step (activations, gradients and optimizer state; the weights are not 
 
     python benchmarks/train_step.py --backbone vit_tiny_patch16_224 --batch 16 --windows 1 3 7
     python benchmarks/train_step.py --backbone vit_base_patch16_224 --batch 64 --precisions bf16 fp32 --device cuda
+
+With --methods (or --set model.method=…), each method is built from the settings exactly as `sa2vp train`
+builds it (random backbone weights; --set adds any dotted setting, e.g. model.vpt.tokens=50) and one full
+training step — forward, its loss, backward, AdamW step — is timed; one table for all methods:
+
+    python benchmarks/train_step.py --backbone vit_base_patch16_224 --batch 64 --precisions bf16 --device cuda \
+        --methods linear,full,vpt-shallow,vpt-deep,lora,adaptformer,sa2vp
 """
 
 from __future__ import annotations
@@ -25,10 +33,12 @@ from functools import partial
 
 import timm
 import torch
+import yaml
 
+from sa2vp.models import build_model, parameter_summary
 from sa2vp.models.backbones import freeze
 from sa2vp.models.sa2vp_vit import SA2VPViT, _attention_inputs, _project_out, sa2vp_loss
-from sa2vp.settings import SA2VPSettings
+from sa2vp.settings import SA2VPSettings, SettingsError, load_settings
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -68,7 +78,20 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile", nargs="?", const="default", default=None,
                         help="torch.compile the cross blocks, optionally with a mode (e.g. max-autotune-no-cudagraphs)")
+    parser.add_argument("--methods", default=None,
+                        help="comma-separated methods (linear,full,vpt-shallow,vpt-deep,lora,adaptformer,sa2vp): "
+                             "time each one's training step instead of SA²VP against one pathway")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a dotted setting for --methods (repeatable), e.g. model.lora.rank=16")
     args = parser.parse_args()
+
+    overrides = _parse_overrides(args.overrides)
+    methods = args.methods.split(",") if args.methods else None
+    if methods is None and "model.method" in overrides:
+        methods = [overrides["model.method"]]
+    if methods:
+        compare_methods(args, methods, overrides)
+        return
 
     configs = [
         Config(args.backbone, args.batch, args.img_size, w if w == "global" else int(w), p, args.device,
@@ -89,6 +112,84 @@ def main() -> None:
                    sa2vp_peak, pathway_peak)
         )
     print_table(results)
+
+
+@dataclass
+class MethodResult:
+    method: str
+    precision: str
+    trainable: int
+    percent: float
+    img_s: float
+    peak_mib: float
+
+
+def compare_methods(args: argparse.Namespace, methods: list[str], overrides: dict[str, object]) -> None:
+    """One fresh process per method and precision (its own peak memory); one table."""
+    base = {"backbone.name": args.backbone, "backbone.weights": "random", "backbone.img_size": args.img_size,
+            **overrides}
+    for method in methods:  # fail on a typo before measuring anything
+        try:
+            load_settings(None, {**base, "model.method": method})
+        except SettingsError as exc:
+            raise SystemExit(f"--methods {method}: {exc}") from None
+    results = []
+    context = multiprocessing.get_context("spawn")
+    for precision in args.precisions:
+        for method in methods:
+            print(f"measuring {method} {precision} …", flush=True)
+            settings = {**base, "model.method": method}
+            with context.Pool(1) as pool:
+                results.append(pool.apply(measure_method, (settings, args.batch, args.img_size, precision,
+                                                           args.device, args.steps, args.warmup, args.compile)))
+    print(f"\nbackbone={args.backbone} (random init)  batch={args.batch}  img={args.img_size}  device={args.device}"
+          f"  torch={torch.__version__}  threads={torch.get_num_threads()}  overrides={overrides or 'none'}")
+    header = (f"{'method':>12} {'precision':>9} {'trainable':>12} {'% backbone':>11} {'img/s':>9} {'ms/step':>8}"
+              f" {'peak MiB':>9}")
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(f"{r.method:>12} {r.precision:>9} {r.trainable:>12,} {r.percent:>10.3f}% {r.img_s:>9.1f}"
+              f" {1000 * args.batch / r.img_s:>8.1f} {r.peak_mib:>9.0f}")
+
+
+def measure_method(settings: dict[str, object], batch: int, img_size: int, precision: str, device_name: str,
+                   steps: int, warmup: int, compile_mode: str | None) -> MethodResult:
+    """A full training step of the method the settings describe: forward, its loss, backward, AdamW."""
+    torch.manual_seed(0)
+    device = torch.device(device_name)
+    model = build_model(load_settings(None, settings), 100).to(device).train()
+    if compile_mode and hasattr(model, "compile_cross_blocks"):
+        model.compile_cross_blocks(mode=None if compile_mode == "default" else compile_mode)
+    summary = parameter_summary(model)
+    images = torch.randn(batch, 3, img_size, img_size, device=device)
+    labels = torch.randint(0, 100, (batch,), device=device)
+    autocast = torch.autocast(device.type, dtype=DTYPES[precision]) if DTYPES[precision] else nullcontext()
+    optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+
+    def step() -> None:
+        with autocast:
+            loss = model.loss(model(images), labels).total
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    config = Config(str(settings["backbone.name"]), batch, img_size, "-", precision, device_name, steps, warmup,
+                    compile_mode)
+    seconds, peak = _timed(step, config, device)
+    return MethodResult(str(settings["model.method"]), precision, summary.trainable, summary.percent_of_backbone,
+                        batch / seconds, peak)
+
+
+def _parse_overrides(items: list[str]) -> dict[str, object]:
+    """KEY=VALUE pairs, values read as YAML (as `sa2vp … --set` does)."""
+    parsed = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected KEY=VALUE, e.g. --set model.lora.rank=16")
+        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+    return parsed
 
 
 def measure(config: Config, which: str) -> tuple[float, float, float]:

@@ -13,6 +13,7 @@ from sa2vp_cli import train as training
 from sa2vp_cli.backbone import app as backbone_app
 from sa2vp_cli.common import ParamsOption, SetOption, expected_errors_exit_2, settings_from, setup_logging
 from sa2vp_cli.data import app as data_app
+from sa2vp_cli.suite import app as suite_app
 
 app = typer.Typer(
     name="sa2vp",
@@ -24,6 +25,7 @@ model_app = typer.Typer(help="Build models and inspect them.", no_args_is_help=T
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.add_typer(backbone_app, name="backbone")
+app.add_typer(suite_app, name="suite")
 app.command("train")(training.train)
 app.command("evaluate")(training.evaluate)
 app.command("predict")(training.predict)
@@ -44,13 +46,15 @@ def model_summary(
     overrides: SetOption = None,
     num_classes: Annotated[int, typer.Option(min=1, help="Classes of the task head.")] = 100,
 ) -> None:
-    """Build SA²VP on the configured backbone and print its trainable parameters."""
+    """Build the configured method (model.method: sa2vp, linear, full, vpt-shallow, vpt-deep, lora, adaptformer)
+    on the configured backbone and print its trainable parameters."""
     from sa2vp.models import build_model, parameter_summary
 
     settings = settings_from(params, overrides)
     model = build_model(settings, num_classes)
     summary = parameter_summary(model)
-    table = Table(title=f"SA²VP on {settings.backbone.name} ({settings.backbone.weights} weights)")
+    method = "SA²VP" if settings.model.method == "sa2vp" else settings.model.method
+    table = Table(title=f"{method} on {settings.backbone.name} ({settings.backbone.weights} weights)")
     table.add_column("group")
     table.add_column("trainable parameters", justify="right")
     for group, count in summary.groups.items():
@@ -60,6 +64,8 @@ def model_summary(
     table.add_row("frozen backbone", f"{summary.backbone:,}")
     table.add_row("trainable / backbone", f"{summary.percent_of_backbone:.3f} %", style="bold")
     Console().print(table)
+    if settings.model.method != "sa2vp":
+        return
     m = settings.model
     typer.echo(
         f"window c={m.window}  gamma={m.gamma}  lambda={m.lam}  rank r={m.prompt_rank}  adapter t={m.adapter_dim}  "

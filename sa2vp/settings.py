@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic_core import to_jsonable_python
@@ -102,15 +102,51 @@ class BackboneSettings(_Section):
     )
 
 
-class SA2VPSettings(_Section):
-    """SA²VP on ViT (method file §2) and Swin (§3); defaults are the authors' ViT release.
+class VPTSettings(_Section):
+    """Visual prompt tuning (Jia et al. 2022), methods `vpt-shallow` and `vpt-deep`."""
 
+    tokens: int = Field(
+        10, ge=1, description="p: learned prompt tokens inserted after the class (and register) tokens; vpt-deep "
+        "learns a new set of p for every layer."
+    )
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the prompt tokens (training only; VPT: 0.1).")
+
+
+class LoRASettings(_Section):
+    """LoRA (Hu et al. 2022) through the peft library, method `lora`."""
+
+    rank: int = Field(8, ge=1, description="r: rank of the low-rank update B·A of each targeted projection.")
+    alpha: float = Field(8.0, gt=0.0, description="α: the update is scaled by α / r.")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch's input (training only).")
+    targets: list[str] = Field(
+        default_factory=lambda: ["qkv"], min_length=1,
+        description="Names (last part of the module path) of the backbone's nn.Linear layers to adapt: `qkv` is "
+        "timm's fused attention input projection (ViT and Swin); `proj`, `fc1`, `fc2` are the others.",
+    )
+
+
+class AdaptFormerSettings(_Section):
+    """AdaptFormer (Chen et al. 2022), method `adaptformer`: a bottleneck adapter beside every block's MLP."""
+
+    dim: int = Field(64, ge=1, description="Bottleneck width of the adapters (release: 64).")
+    scale: float = Field(0.1, gt=0.0, description="s: the adapter's output is scaled by s (release: 0.1).")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout inside the adapter's bottleneck (release: 0.1).")
+
+
+class SA2VPSettings(_Section):
+    """The `model:` section: the adaptation method and its settings.
+
+    The top-level keys are SA²VP's, on ViT (method file §2) and Swin (§3); defaults are the authors' ViT release.
     The Swin release's values that differ (γ = 0.5, r = t = 8) are not switched by the backbone: set them.
+    The baselines of the paper's Tab. 1 read their own sub-section (vpt, lora, adaptformer) and ignore the rest.
     """
 
-    method: Literal["sa2vp", "linear"] = Field(
-        "sa2vp", description="Adaptation method: `sa2vp`, or `linear` (linear probe on the frozen backbone's "
-        "pooled feature; the SA²VP keys below are then unused)."
+    method: Literal["sa2vp", "linear", "full", "vpt-shallow", "vpt-deep", "lora", "adaptformer"] = Field(
+        "sa2vp",
+        description="Adaptation method: `sa2vp`; or a baseline — `linear` (linear probe on the frozen backbone's "
+        "pooled feature), `full` (fine-tune every backbone weight), `vpt-shallow` / `vpt-deep` (prompt tokens at "
+        "the input / at every layer, ViT only; model.vpt), `lora` (model.lora), `adaptformer` (model.adaptformer). "
+        "The SA²VP keys below are used by `sa2vp` only.",
     )
     window: int | Literal["global"] = Field(
         3, description="Window c of the spatially-aligned cross attention: odd ≥ 1, or `global` (ablation)."
@@ -148,6 +184,20 @@ class SA2VPSettings(_Section):
         "clip", description="Window positions outside the grid: `clip` (dropped) or `zero` (zero keys)."
     )
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the cross attention and adapters.")
+    prompt_adapter: bool = Field(
+        True,
+        description="Pass what one pathway reads from the other through the prompt adapter (§2, Cross_i). false: "
+        "the ablation `w/o prompt adapter` (paper Tab. 5): Cross_i returns the attended output A itself (after "
+        "the frozen W_o and dropout), without the residual h — the block already carries h, adding it again would "
+        "scale it by 1 + γ — and no adapter parameters exist.",
+    )
+    vpt: VPTSettings = Field(
+        default_factory=lambda: VPTSettings(), description="Settings of `vpt-shallow` and `vpt-deep` only."
+    )
+    lora: LoRASettings = Field(default_factory=lambda: LoRASettings(), description="Settings of `lora` only.")
+    adaptformer: AdaptFormerSettings = Field(
+        default_factory=lambda: AdaptFormerSettings(), description="Settings of `adaptformer` only."
+    )
 
     @field_validator("window", mode="before")
     @classmethod
@@ -230,7 +280,8 @@ class DataSettings(_Section):
         True, description="Check downloaded and in-place files against the publishers' checksums where known."
     )
     render_size: int = Field(
-        224, ge=8, description="digits: side in pixels of the images written by prepare (the backbone's input size)."
+        224, ge=8, description="digits, shapes-count, shapes-loc: side in pixels of the images written by prepare "
+        "(the backbone's input size).",
     )
 
     @field_validator("test_fraction")
@@ -382,6 +433,51 @@ class TrackingSettings(_Section):
     enabled: bool = Field(True, description="Log to MLflow at all (false: files only).")
 
 
+class SuiteSettings(_Section):
+    """A benchmark suite (pipelines/<suite>/): every dataset × variant cell tuned, trained and tested alike."""
+
+    name: str = Field("suite", min_length=1, description="Suite name: study names, MLflow run names, the report.")
+    datasets: list[str] = Field(default_factory=list, description="Registry names (or folder:<path>) of the suite.")
+    variants: list[str] = Field(
+        default_factory=list,
+        description="The table's rows: a method name (`linear`, `sa2vp`, …: sets model.method), or a name given "
+        "settings in `overrides` (an ablation such as `global: {model.window: global}`).",
+    )
+    seeds: list[int] = Field(
+        default_factory=lambda: [42], min_length=1,
+        description="train.seed of the final runs; the report gives mean ± std over them.",
+    )
+    tune: bool = Field(
+        True, description="Tune each cell on its validation split first (the protocol); false: train with the "
+        "settings as given (each method's defaults)."
+    )
+    overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="Dotted settings by registry group (vtab-natural, fgvc, …), dataset or variant, applied in "
+        "that order on top of the file's settings — the release's per-group values live here.",
+    )
+    output: Path = Field(Path("results"), description="Folder of the cells: <output>/<dataset>/<variant>/.")
+    report: Path = Field(Path("report"), description="Folder of the results table (results.md, results.csv).")
+
+    @field_validator("overrides")
+    @classmethod
+    def _dotted(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for scope, settings in value.items():
+            for key in settings:
+                if "." not in key or key.split(".", 1)[0] not in {"model", "train", "tune", "backbone", "data"}:
+                    raise ValueError(f"{scope}: key {key!r}: expected a dotted setting (model.gamma, train.lr, …)")
+        return value
+
+    @model_validator(mode="after")
+    def _known_variants(self) -> SuiteSettings:
+        methods = set(get_args(SA2VPSettings.model_fields["method"].annotation))
+        unknown = [v for v in self.variants if v not in methods and v not in self.overrides]
+        if unknown:
+            raise ValueError(f"variants {unknown}: each must be a method ({', '.join(sorted(methods))}) or have "
+                             "settings under suite.overrides")
+        return self
+
+
 class Settings(BaseSettings):
     """params.yaml: one section per concern."""
 
@@ -393,6 +489,7 @@ class Settings(BaseSettings):
     train: TrainSettings = TrainSettings()
     tune: TuneSettings = TuneSettings()
     tracking: TrackingSettings = TrackingSettings()
+    suite: SuiteSettings = SuiteSettings()
 
     @classmethod
     def settings_customise_sources(

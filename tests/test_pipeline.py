@@ -1,5 +1,6 @@
-"""The declarative pipeline for real: `dvc repro` in a temporary copy of the repository (tiny budget), then
-the MLflow store it filled, DVC's metrics, and a second `dvc repro` that has nothing to do."""
+"""The declarative pipelines for real: `dvc repro` in a temporary copy of the repository (tiny budget), then
+the MLflow store it filled, DVC's metrics, and a second `dvc repro` that has nothing to do; then every benchmark
+suite under pipelines/ on fabricated tiny data in the real on-disk formats."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from data_fixtures import make_cifar10, make_cub_images, make_vtab_task, write_vpt_json
 from mlflow import MlflowClient
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,3 +96,90 @@ def test_dvc_metrics_and_a_second_repro_that_does_nothing(reproduced: Path) -> N
     assert "Running stage" not in again.stdout, again.stdout
     status = _dvc(reproduced, "status")
     assert "up to date" in status.stdout.lower()
+
+
+# --- the benchmark suites ---------------------------------------------------------------------------------
+
+TINY_BACKBONE = {"name": "vit_tiny_patch16_224", "img_size": 16, "model_kwargs": TINY["backbone.model_kwargs"],
+                 "origin": "synthetic", "pretrain": TINY["backbone.pretrain"], "weights": "models/backbone.safetensors"}
+
+
+def _fabricate_vtab(data: Path) -> None:
+    make_vtab_task(data / "vtab-1k", "svhn", num_classes=10, train=3, val=2, test=2)
+
+
+def _fabricate_cub(data: Path) -> None:
+    folder = data / "fgvc" / "CUB_200_2011"
+    write_vpt_json(folder, make_cub_images(folder, per_class=3))
+
+
+# suite → (datasets, variants, seeds, tune, data it needs in place); one cell or two each keeps the test short
+SUITE_CELLS = {
+    "vtab1k": (["vtab-svhn"], ["linear", "sa2vp"], [42], True, _fabricate_vtab),
+    "fgvc": (["fgvc-cub200"], ["lora"], [42], False, _fabricate_cub),
+    "hta": (["hta-cifar10"], ["adaptformer"], [42], False,
+            lambda data: make_cifar10(data / "torchvision" / "cifar10", per_batch=10)),
+    "ablation": (["vtab-svhn"], ["no-adapter"], [42], False, _fabricate_vtab),
+    "offline": (["digits", "shapes-count"], ["vpt-deep"], [0, 1], False, None),
+}
+
+
+@pytest.fixture(scope="module")
+def suites(reproduced: Path) -> Path:
+    """Every suite reproduced with one `dvc repro` (the offline one reuses the main pipeline's backbone)."""
+    for suite, (datasets, variants, seeds, tune, fabricate) in SUITE_CELLS.items():
+        folder = reproduced / "pipelines" / suite
+        params = yaml.safe_load((folder / "params.yaml").read_text())
+        params["backbone"] = {**TINY_BACKBONE, "weights": params["backbone"]["weights"]} if suite == "offline" \
+            else dict(TINY_BACKBONE)
+        params["data"] = {**params["data"], "render_size": 16}
+        params["train"] = {**params.get("train", {}), "epochs": 1, "batch_size": 16, "warmup_epochs": 0,
+                           "num_workers": 0}
+        params["tune"] = {**params.get("tune", {}), "n_trials": 1, "epochs": 1}
+        params["suite"] = {**params["suite"], "datasets": datasets, "variants": variants, "seeds": seeds,
+                           "tune": tune}
+        (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        if fabricate is not None:
+            fabricate(folder / "data")
+    _dvc(reproduced, "repro", "--recursive", "pipelines")
+    return reproduced
+
+
+@pytest.mark.parametrize("suite", list(SUITE_CELLS))
+def test_each_suite_runs_its_cells_and_writes_its_table(suites: Path, suite: str) -> None:
+    datasets, variants, seeds, _, _ = SUITE_CELLS[suite]
+    folder = suites / "pipelines" / suite
+    table = (folder / "report" / "results.md").read_text()
+    for variant in variants:
+        assert f"| {variant} |" in table
+    header = table.splitlines()[4]
+    assert all(f" {dataset} " in header for dataset in datasets), header
+    for dataset in datasets:
+        for variant in variants:
+            result = json.loads((folder / "results" / dataset / variant / "result.json").read_text())
+            assert result["seeds"] == seeds and len(result["test_top1"]) == len(seeds)
+            assert 0 < result["trainable_percent"] < 100
+    client = MlflowClient(f"sqlite:///{suites / 'mlflow.db'}")  # every suite logs to the repository's store
+    experiment = client.get_experiment_by_name(suite)
+    (report,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = 'suite-{suite}'")
+    assert {"results.md", "results.csv"} <= {a.path for a in client.list_artifacts(report.info.run_id)}
+    runs = client.search_runs([experiment.experiment_id])
+    finals = [run for run in runs if run.data.params.get("train.train_split") == "trainval"]
+    assert len(finals) == len(datasets) * len(variants) * len(seeds)
+
+
+def test_suite_cells_get_the_groups_settings_and_are_tuned(suites: Path) -> None:
+    client = MlflowClient(f"sqlite:///{suites / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("vtab1k")
+    (final,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'vtab1k/vtab-svhn/sa2vp/seed-42'")
+    assert final.data.params["model.prompt_rank"] == "8"  # vtab-natural's release value, from suite.overrides
+    result = json.loads((suites / "pipelines/vtab1k/results/vtab-svhn/sa2vp/result.json").read_text())
+    assert set(result["tuned"]) == {"model.gamma", "model.lam", "model.window"} and result["val_top1"] is not None
+    assert final.data.params["model.gamma"] == str(result["tuned"]["model.gamma"])
+    ablation = json.loads((suites / "pipelines/ablation/results/vtab-svhn/no-adapter/result.json").read_text())
+    assert ablation["method"] == "sa2vp" and ablation["trainable_percent"] < result["trainable_percent"]
+
+
+def test_a_second_suite_repro_does_nothing(suites: Path) -> None:
+    again = _dvc(suites, "repro", "pipelines/offline/dvc.yaml")
+    assert "Running stage" not in again.stdout, again.stdout

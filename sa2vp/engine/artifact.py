@@ -94,7 +94,7 @@ def load_artifact(path: Path, backbone_weights: str | None = None, check_backbon
     model = build_seeded(settings, len(record["classes"]))
     expected = record.get("backbone", {}).get("sha256")
     if check_backbone and expected:
-        actual = weights_digest(model.backbone)
+        actual = weights_digest(model.backbone, model.backbone_name)
         if actual != expected:
             raise ArtifactError(
                 f"{folder}: backbone {settings.backbone.name} with weights={settings.backbone.weights!r} has "

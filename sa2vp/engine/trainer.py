@@ -100,6 +100,9 @@ def fit(
     folder = _prepared(settings, progress)
     manifest = read_manifest(folder)
     model = build_seeded(settings, len(manifest.classes))
+    # Before a checkpoint is loaded: with full fine-tuning the backbone's weights are themselves trained, and
+    # the digest identifies the weights training started from (what `load_artifact` rebuilds and checks).
+    backbone_sha256 = weights_digest(model.backbone, model.backbone_name)
     config = data_config(model.backbone)
     loaders = _loaders(settings, folder, config, device)
     model.to(device)
@@ -118,7 +121,6 @@ def fit(
         restore_rng_state(checkpoint["rng"])
 
     summary = parameter_summary(model)
-    backbone_sha256 = weights_digest(model.backbone)
     name = run_name or settings.tracking.run_name or _default_run_name(settings)
     run = start_run(settings.tracking, name, _tags(settings, manifest, backbone_sha256), parent_run_id,
                     resume_run_id=state.run_id)

@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
-
-from timm.models.swin_transformer import SwinTransformer
-from timm.models.vision_transformer import VisionTransformer
-from torch import nn
 
 from sa2vp.models.backbones import BackboneError, create_backbone
 from sa2vp.models.base import AdaptedModel, LossTerms
-from sa2vp.models.linear import LinearProbe
+from sa2vp.models.methods import METHODS, Method
 from sa2vp.models.sa2vp_swin import SA2VPSwin
 from sa2vp.models.sa2vp_vit import SA2VPOutput, SA2VPViT, sa2vp_loss
-from sa2vp.settings import Settings, SettingsError
+from sa2vp.settings import SearchDimension, Settings, SettingsError
 
 __all__ = [
     "AdaptedModel",
     "LossTerms",
     "BackboneError",
+    "METHODS",
     "ParameterSummary",
     "SA2VPOutput",
     "SA2VPSwin",
@@ -33,23 +29,13 @@ __all__ = [
 
 
 def build_model(settings: Settings, num_classes: int) -> AdaptedModel:
-    """The backbone named in `settings.backbone`, wrapped by the method in `settings.model`.
-
-    SA²VP has one design per backbone family (method file §2 ViT, §3 Swin); the family decides which.
-    """
+    """The backbone named in `settings.backbone`, wrapped by the method `settings.model.method` (METHODS)."""
+    method = _method(settings.model.method)
     backbone = create_backbone(settings.backbone)
-    if settings.model.method == "linear":
-        return LinearProbe(backbone, num_classes)
-    if isinstance(backbone, VisionTransformer):
-        if settings.model.cross_stages is not None:
-            raise SettingsError("model.cross_stages: Swin backbones only; must be null for a VisionTransformer")
-        return SA2VPViT(backbone, num_classes, settings.model)
-    if isinstance(backbone, SwinTransformer):
-        return SA2VPSwin(backbone, num_classes, settings.model)
-    raise BackboneError(
-        f"backbone.name: {settings.backbone.name!r} is a {type(backbone).__name__}; SA²VP supports timm's "
-        "VisionTransformer (vit_*) and SwinTransformer (swin_*) families"
-    )
+    try:
+        return method.build(backbone, num_classes, settings.model)
+    except BackboneError as exc:  # the method knows the module, not the name it was built from
+        raise BackboneError(f"backbone.name={settings.backbone.name!r}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -71,28 +57,30 @@ class ParameterSummary:
 
 
 def parameter_summary(model: AdaptedModel) -> ParameterSummary:
+    """Trainable parameters by top-level module (head apart) against the backbone's own size.
+
+    What a method injected into the backbone (LoRA) is neither backbone size nor "backbone" group: it is
+    counted under `model.injected_group`. Full fine-tuning trains the backbone itself: group "backbone", 100 %.
+    """
     groups: dict[str, int] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad or name.startswith("head."):
             continue
         group = name.split(".", 1)[0]
+        if group == "backbone" and model.backbone_name(name.removeprefix("backbone.")) is None:
+            group = model.injected_group
         groups[group] = groups.get(group, 0) + param.numel()
-    return ParameterSummary(
-        backbone=_count(model.backbone),
-        groups=groups,
-        head=_count(model.head),
-    )
+    own = sum(p.numel() for name, p in model.backbone.named_parameters() if model.backbone_name(name) is not None)
+    return ParameterSummary(backbone=own, groups=groups, head=sum(p.numel() for p in model.head.parameters()))
 
 
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def search_space(method: str) -> dict[str, SearchDimension]:
+    """The settings tuning searches for `method` by default (each method module declares its SEARCH_SPACE)."""
+    return dict(_method(method).SEARCH_SPACE)
 
 
-def search_space(method: str) -> dict[str, Any]:
-    """The settings tuning searches for `method` by default (each method declares its own SEARCH_SPACE)."""
-    from sa2vp.models import sa2vp_vit
-
-    from sa2vp.models import linear
-
-    spaces = {"sa2vp": sa2vp_vit.SEARCH_SPACE, "linear": linear.SEARCH_SPACE}
-    return dict(spaces.get(method, {}))
+def _method(name: str) -> Method:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise SettingsError(f"model.method: unknown method {name!r}; allowed: {', '.join(METHODS)}") from None

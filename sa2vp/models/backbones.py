@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -81,10 +82,17 @@ def token_grid(model: nn.Module) -> tuple[int, int]:
     return tuple(model.patch_embed.grid_size)  # type: ignore[return-value]
 
 
-def weights_digest(model: nn.Module) -> str:
-    """SHA-256 over the backbone's state (names, shapes, dtypes and bytes): identifies the exact weights."""
+def weights_digest(model: nn.Module, rename: Callable[[str], str | None] | None = None) -> str:
+    """SHA-256 over the backbone's state (names, shapes, dtypes and bytes): identifies the exact weights.
+
+    `rename` maps a state key to the name it is hashed under, or None to leave it out: an adapted model's
+    `backbone_name`, so that what a method injected into the backbone (LoRA) does not change its digest.
+    """
+    state = model.state_dict()
+    if rename is not None:
+        state = {new: tensor for name, tensor in state.items() if (new := rename(name)) is not None}
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         data = tensor.detach().cpu().contiguous()
         digest.update(f"{name}:{tuple(data.shape)}:{data.dtype}".encode())
         digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())

@@ -33,12 +33,20 @@ class AdaptedModel(nn.Module):
     backbone: nn.Module
     head: nn.Module
     frozen_backbone: bool = True
+    # Group name, in the parameter summary, of trainable tensors a method injected into the backbone (LoRA).
+    injected_group: str = "injected"
 
     def train(self, mode: bool = True) -> AdaptedModel:
         super().train(mode)
         if self.frozen_backbone:
             self.backbone.eval()  # frozen: no dropout or drop-path in the backbone, ever
         return self
+
+    def backbone_name(self, name: str) -> str | None:
+        """timm's name of the backbone tensor `name` (a key of `backbone.state_dict()`), or None when the method
+        injected it (LoRA's factors). The backbone's digest and size are taken over its own tensors only, so
+        they are the same whichever method wraps it."""
+        return name
 
     def loss(self, output: Any, target: torch.Tensor) -> LossTerms:
         return LossTerms(F.cross_entropy(output, target), {})
@@ -63,3 +71,29 @@ class AdaptedModel(nn.Module):
                     raise ValueError(f"trainable weight {name}: shape {tuple(tensor.shape)} does not fit "
                                      f"{tuple(own[name].shape)}")
                 own[name].copy_(tensor)
+
+
+def classifier_head(features: int, num_classes: int) -> nn.Linear:
+    """The linear head every method trains: weights N(0, 0.02) truncated, zero bias (as the SA²VP release)."""
+    head = nn.Linear(features, num_classes)
+    nn.init.trunc_normal_(head.weight, std=0.02)
+    nn.init.zeros_(head.bias)
+    return head
+
+
+class BackboneClassifier(AdaptedModel):
+    """The backbone's own forward up to its pooled feature (ViT: the CLS token after the final norm; Swin: the
+    average pool), then a linear head. The shape of every method that leaves the token sequence alone and
+    trains the backbone as a whole (full), inside it (LoRA, AdaptFormer) or not at all (linear probe)."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = classifier_head(backbone.num_features, num_classes)
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's pre-logits feature, (B, num_features)."""
+        return self.backbone.forward_head(self.backbone.forward_features(images), pre_logits=True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(images))

@@ -3,7 +3,8 @@
 - `LowRankPromptMap`: a learned token map U·W + b of rank r (method file §2, "Prompt pathway input").
 - `PromptAdapter`: LN' → W_down → act → W_up, no residual (§2, "Cross_i").
 - `SpatialCrossBlock`: Cross_i = Adapter_i(proj(LocalAttn(q, k, v)) + query state), where q, k, v and the
-  output projection are the frozen block's own.
+  output projection are the frozen block's own; without the adapter (ablation, paper Tab. 5) Cross_i is the
+  projected attention output alone.
 """
 
 from __future__ import annotations
@@ -62,7 +63,7 @@ class SpatialCrossBlock(nn.Module):
     def __init__(
         self,
         dim: int,
-        adapter_dim: int,
+        adapter_dim: int | None,
         activation: Literal["gelu", "relu"],
         dropout: float,
         window: int | None,
@@ -76,7 +77,8 @@ class SpatialCrossBlock(nn.Module):
         self.window, self.border, self.head_mode = window, border, head_mode
         self.grid, self.num_prefix = grid, num_prefix
         self.drop = nn.Dropout(dropout)
-        self.adapter = PromptAdapter(dim, adapter_dim, activation, dropout)
+        # adapter_dim None: the "w/o prompt adapter" ablation — no adapter parameters at all.
+        self.adapter = None if adapter_dim is None else PromptAdapter(dim, adapter_dim, activation, dropout)
         # Built once here (a buffer follows .to(device)), so forward has no Python-side caching.
         mask = None
         if window is not None:
@@ -92,12 +94,20 @@ class SpatialCrossBlock(nn.Module):
         out_proj: Callable[[torch.Tensor], torch.Tensor],
     ) -> torch.Tensor:
         """q from the querying pathway, k/v from the other (per head, (B, H, L, D)); query_state is the
-        querying pathway's un-normalised input to this layer (the residual h of §2)."""
+        querying pathway's un-normalised input to this layer (the residual h of §2).
+
+        Without the adapter the attended output A is returned alone: A + h would add the residual h a second
+        time (the block's output already carries it), which only the adapter's LN' and projections absorb.
+        """
         attended = spatial_cross_attention(
             q, k, v, self.grid, self.window, self.num_prefix, self.border, self.head_mode, self.tile_mask
         )
-        return self.adapter(self.drop(out_proj(attended)) + query_state)
+        attended = self.drop(out_proj(attended))
+        if self.adapter is None:
+            return attended
+        return self.adapter(attended + query_state)
 
     def extra_repr(self) -> str:
         window = "global" if self.window is None else f"{self.window}x{self.window}"
-        return f"window={window}, border={self.border}, head_mode={self.head_mode}"
+        adapter = "" if self.adapter is not None else ", no adapter"
+        return f"window={window}, border={self.border}, head_mode={self.head_mode}{adapter}"

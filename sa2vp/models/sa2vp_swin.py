@@ -153,7 +153,7 @@ def _cross_blocks(stage: nn.Module, settings: SA2VPSettings) -> nn.ModuleList:
     return nn.ModuleList(
         SpatialCrossBlock(
             block.dim,
-            settings.adapter_dim,
+            settings.adapter_dim if settings.prompt_adapter else None,
             settings.adapter_act,
             settings.dropout,
             settings.window_size,

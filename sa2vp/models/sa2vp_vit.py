@@ -92,7 +92,7 @@ class SA2VPViT(AdaptedModel):
         self.cross = nn.ModuleList(
             SpatialCrossBlock(
                 dim,
-                settings.adapter_dim,
+                settings.adapter_dim if settings.prompt_adapter else None,
                 settings.adapter_act,
                 settings.dropout,
                 settings.window_size,

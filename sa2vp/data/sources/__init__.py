@@ -13,7 +13,7 @@ from types import ModuleType
 from sa2vp.data.catalogue import Catalogue
 from sa2vp.data.progress import NO_PROGRESS, Progress
 from sa2vp.data.registry import DatasetInfo
-from sa2vp.data.sources import digits, fgvc, folder, torchvision_sets, vtab1k
+from sa2vp.data.sources import digits, fgvc, folder, shapes, torchvision_sets, vtab1k
 from sa2vp.settings import DataSettings
 
 _SOURCES: dict[str, ModuleType] = {
@@ -21,6 +21,7 @@ _SOURCES: dict[str, ModuleType] = {
     "torchvision": torchvision_sets,
     "fgvc": fgvc,
     "digits": digits,
+    "shapes": shapes,
     "folder": folder,
 }
 

@@ -1,0 +1,26 @@
+"""Full fine-tuning: every backbone weight and the head are trained — the upper reference of paper Tab. 1,
+at 100 % of the backbone's parameters per task."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from sa2vp.models.base import AdaptedModel, BackboneClassifier
+from sa2vp.settings import FloatRange, SA2VPSettings, SearchDimension
+
+
+class FullFineTuning(BackboneClassifier):
+    # The backbone is trained, so it follows the model's train/eval mode: its dropout and drop-path (as
+    # configured by backbone.model_kwargs, e.g. drop_path_rate) act in training.
+    frozen_backbone = False
+
+    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+        super().__init__(backbone.requires_grad_(True), num_classes)
+
+
+def build(backbone: nn.Module, num_classes: int, settings: SA2VPSettings) -> AdaptedModel:
+    return FullFineTuning(backbone, num_classes)
+
+
+# Pretrained weights move little: learning rates well below the prompt methods' (VPT's full baseline: ~1e-4).
+SEARCH_SPACE: dict[str, SearchDimension] = {"train.lr": FloatRange(low=1e-5, high=1e-3, log=True)}

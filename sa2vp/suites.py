@@ -1,0 +1,258 @@
+"""Benchmark suites: the paper's comparison tables (Tab. 1–5) as cells run by the same engine and tuning.
+
+A suite (the `suite:` section of a pipelines/<suite>/params.yaml) is datasets × variants. A cell is one dataset and
+one variant (a method, or an SA²VP ablation given by settings):
+
+    result = run_cell(settings, "vtab-svhn", "sa2vp")   # tune on val → train on train+val per seed → test
+    table = write_report(settings)                       # results.md + results.csv, logged to MLflow
+
+Each cell writes <suite.output>/<dataset>/<variant>/result.json; the report reads only those files, so a DVC
+`matrix` stage per cell and one `report` stage make the suite's DAG.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_args
+
+from sa2vp.atomic import write_atomic
+from sa2vp.data import NO_PROGRESS, Progress, lookup
+from sa2vp.engine import fit
+from sa2vp.settings import SA2VPSettings, Settings, SettingsError, flatten_settings, load_settings
+from sa2vp.tracking import start_run
+from sa2vp.tuning import space_of, tune
+
+log = logging.getLogger("sa2vp.suite")
+
+RESULT_FILE = "result.json"
+METHODS = frozenset(get_args(SA2VPSettings.model_fields["method"].annotation))
+
+
+def cell_dir(settings: Settings, dataset: str, variant: str) -> Path:
+    """Where a cell writes: one folder per dataset (a folder: dataset by its folder name) and variant."""
+    return Path(settings.suite.output) / _slug(dataset) / variant
+
+
+def cell_settings(settings: Settings, dataset: str, variant: str) -> Settings:
+    """The settings of one cell: the file's, then suite.overrides for the dataset's group, the dataset and the
+    variant (in that order), the variant's method, and the cell's own output folders and study name."""
+    suite = settings.suite
+    if variant not in suite.variants:
+        raise SettingsError(f"variant {variant!r}: not in suite.variants ({', '.join(suite.variants)})")
+    if dataset not in suite.datasets:
+        raise SettingsError(f"dataset {dataset!r}: not in suite.datasets ({', '.join(suite.datasets)})")
+    group = lookup(dataset).group
+    dotted = flatten_settings(settings)
+    dotted.update(suite.overrides.get(group, {}))
+    dotted.update(suite.overrides.get(dataset, {}))
+    if variant in METHODS:
+        dotted["model.method"] = variant
+    dotted.update(suite.overrides.get(variant, {}))
+    folder = cell_dir(settings, dataset, variant)
+    dotted.update({
+        "data.dataset": dataset,
+        "tune.output": str(folder / "tune"),
+        "tune.study_name": f"{suite.name}-{_slug(dataset)}-{variant}",
+        "train.output": str(folder / "train"),
+        "tracking.run_name": None,
+    })
+    if "://" not in settings.tune.storage:  # a journal file per cell; a database URL is shared, by study name
+        dotted["tune.storage"] = str(folder / "tune" / "optuna.journal")
+    return load_settings(None, dotted)
+
+
+@dataclass
+class CellResult:
+    dataset: str
+    group: str
+    variant: str
+    method: str
+    seeds: list[int]
+    test_top1: list[float]
+    test_mean_class: list[float]
+    trainable_parameters: int
+    trainable_percent: float
+    tuned: dict[str, Any]
+    val_top1: float | None
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.test_top1)
+
+    @property
+    def std(self) -> float:
+        return statistics.stdev(self.test_top1) if len(self.test_top1) > 1 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "test_top1_mean": self.mean, "test_top1_std": self.std}
+
+    @classmethod
+    def read(cls, path: Path) -> CellResult:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+
+
+def run_cell(settings: Settings, dataset: str, variant: str, progress: Progress = NO_PROGRESS) -> CellResult:
+    """Tune the cell on its validation split (suite.tune, if the method has anything to tune), then train on
+    train+val once per seed in suite.seeds and test; write the cell's result.json."""
+    cell = cell_settings(settings, dataset, variant)
+    folder = cell_dir(settings, dataset, variant)
+    tuned: dict[str, Any] = {}
+    val_top1 = None
+    # A variant's own settings are what it ablates: tuning must not search them away (global window, λ = 1).
+    pinned = settings.suite.overrides.get(variant, {})
+    space = {key: dim for key, dim in space_of(cell).items() if key not in pinned}
+    if settings.suite.tune and space:
+        result = tune(cell.model_copy(update={"tune": cell.tune.model_copy(update={"space": space})}), progress)
+        tuned, val_top1 = result.best_params, result.best_value
+    final = {**flatten_settings(cell), **tuned, "train.train_split": "trainval", "train.val_split": None,
+             "train.test_split": "test"}
+    top1, mean_class, record = [], [], {}
+    for seed in settings.suite.seeds:
+        output = folder / f"seed-{seed}"
+        run_settings = load_settings(None, {**final, "train.seed": seed, "train.output": str(output)})
+        trained = fit(run_settings, progress=progress,
+                      run_name=f"{settings.suite.name}/{_slug(dataset)}/{variant}/seed-{seed}")
+        assert trained.test is not None
+        top1.append(trained.test.top1)
+        mean_class.append(trained.test.mean_class)
+        record = json.loads((trained.artifact / "model.json").read_text(encoding="utf-8"))
+        (output / "checkpoint.pt").unlink(missing_ok=True)  # the artifact stays; resume state is not needed
+        log.info("%s / %s / seed %d: test top-1 %.2f %%", dataset, variant, seed, 100 * trained.test.top1)
+    shutil.rmtree(folder / "train", ignore_errors=True)  # tuning trials' leftovers (their runs are in MLflow)
+    result = CellResult(
+        dataset=dataset, group=lookup(dataset).group, variant=variant, method=cell.model.method,
+        seeds=list(settings.suite.seeds), test_top1=top1, test_mean_class=mean_class,
+        trainable_parameters=int(record["trainable"]["parameters"]),
+        trainable_percent=float(record["trainable"]["percent_of_backbone"]), tuned=tuned, val_top1=val_top1,
+    )
+    write_atomic(folder / RESULT_FILE, json.dumps(result.as_dict(), indent=2) + "\n")
+    return result
+
+
+@dataclass
+class Report:
+    markdown: Path
+    csv: Path
+    run_id: str
+
+
+def read_results(settings: Settings) -> list[CellResult]:
+    """Every cell's result, in suite order; a missing cell is an error naming its file."""
+    results = []
+    for variant in settings.suite.variants:
+        for dataset in settings.suite.datasets:
+            path = cell_dir(settings, dataset, variant) / RESULT_FILE
+            if not path.is_file():
+                raise SettingsError(f"{path}: no result for {dataset} / {variant}; run `sa2vp suite run {dataset} "
+                                    f"{variant}` (or `dvc repro`) first")
+            results.append(CellResult.read(path))
+    return results
+
+
+def write_report(settings: Settings) -> Report:
+    """The suite's table in the paper's layout — one row per variant; per-dataset test top-1 (mean ± std over
+    seeds), the mean of each registry group, the mean over all datasets, and the trainable-parameter % —
+    as Markdown and CSV, and an MLflow run with the table, per-group metrics and a bar chart."""
+    results = read_results(settings)
+    suite = settings.suite
+    groups = list(dict.fromkeys(r.group for r in results))
+    rows = [_row(settings, variant, [r for r in results if r.variant == variant], groups)
+            for variant in suite.variants]
+    folder = Path(suite.report)
+    markdown = write_atomic(folder / "results.md", _markdown(settings, rows, groups))
+    csv = write_atomic(folder / "results.csv", _csv(rows))
+    run = start_run(settings.tracking, f"suite-{suite.name}", {"suite": suite.name})
+    run.log_params({"suite.name": suite.name, "suite.datasets": suite.datasets, "suite.variants": suite.variants,
+                    "suite.seeds": suite.seeds, "suite.tune": suite.tune, "backbone.name": settings.backbone.name})
+    for row in rows:
+        run.log_metrics({f"{row['variant']}/{key}": value for key, value in row.items()
+                         if isinstance(value, float) and key != "params_percent"})
+    run.log_file(markdown)
+    run.log_file(csv)
+    run.log_figure(_figure(rows, groups), "suite/group_means.png")
+    run.finish()
+    return Report(markdown, csv, run.run_id)
+
+
+def _row(settings: Settings, variant: str, cells: list[CellResult], groups: list[str]) -> dict[str, Any]:
+    row: dict[str, Any] = {"variant": variant}
+    for cell in cells:
+        row[cell.dataset] = cell.mean
+        row[f"{cell.dataset} std"] = cell.std
+    for group in groups:
+        means = [c.mean for c in cells if c.group == group]
+        row[f"{group} mean"] = statistics.fmean(means)
+    row["mean"] = statistics.fmean(c.mean for c in cells)
+    row["params_percent"] = statistics.fmean(c.trainable_percent for c in cells)
+    return row
+
+
+def _markdown(settings: Settings, rows: list[dict[str, Any]], groups: list[str]) -> str:
+    suite = settings.suite
+    seeds = len(suite.seeds)
+    columns = [*suite.datasets, *(f"{g} mean" for g in groups), "mean"]
+    header = ["variant", "params %", *columns]
+    lines = [
+        f"# {suite.name}: test top-1 (%)",
+        "",
+        f"Backbone `{settings.backbone.name}`; {'tuned on each validation split, then ' if suite.tune else ''}"
+        f"trained on train+val; {'mean ± std over seeds ' + ', '.join(map(str, suite.seeds)) if seeds > 1 else 'seed ' + str(suite.seeds[0])}.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    for row in rows:
+        cells = [row["variant"], f"{row['params_percent']:.3f}"]
+        for column in columns:
+            value = f"{100 * row[column]:.2f}"
+            if seeds > 1 and column in suite.datasets:
+                value += f" ± {100 * row[f'{column} std']:.2f}"
+            cells.append(value)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _csv(rows: list[dict[str, Any]]) -> str:
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()})
+    return buffer.getvalue()
+
+
+def _figure(rows: list[dict[str, Any]], groups: list[str]) -> Any:
+    """Grouped bars: each variant's mean test top-1 per registry group."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [*groups, "mean"] if len(groups) > 1 else groups
+    figure, axes = plt.subplots(figsize=(max(6, 1.6 * len(labels) * len(rows) / 3), 4.5))
+    width = 0.8 / len(rows)
+    for index, row in enumerate(rows):
+        values = [100 * row[f"{g} mean" if g != "mean" else "mean"] for g in labels]
+        positions = [i + (index - (len(rows) - 1) / 2) * width for i in range(len(labels))]
+        axes.bar(positions, values, width, label=row["variant"])
+    axes.set_xticks(range(len(labels)), labels)
+    axes.set_ylabel("test top-1 (%)")
+    axes.legend(fontsize="small", ncols=min(len(rows), 4))
+    figure.tight_layout()
+    return figure
+
+
+def _slug(dataset: str) -> str:
+    """A dataset's folder name: the registry name, or folder-<name> for folder:<path>."""
+    if dataset.startswith("folder:"):
+        return "folder-" + Path(dataset.removeprefix("folder:")).resolve().name
+    return dataset

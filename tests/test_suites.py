@@ -1,0 +1,105 @@
+"""Benchmark suites in-process: which settings a cell gets, what tuning may search, and the results table
+(the suites' DVC pipelines themselves run in tests/test_pipeline.py)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from sa2vp.settings import SettingsError, load_settings
+from sa2vp.suites import CellResult, cell_dir, cell_settings, read_results, write_report
+
+REPO = Path(__file__).resolve().parents[1]
+SUITES = ("vtab1k", "fgvc", "hta", "ablation", "offline")
+
+
+def _suite(tmp_path: Path, **suite: object):  # noqa: ANN202
+    values = {"suite.name": "t", "suite.output": str(tmp_path / "results"), "suite.report": str(tmp_path / "report"),
+              "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment": "suites"}
+    return load_settings(None, {**values, **{f"suite.{k}": v for k, v in suite.items()}})
+
+
+def test_a_cell_applies_group_then_dataset_then_variant_settings(tmp_path: Path) -> None:
+    settings = _suite(
+        tmp_path, datasets=["vtab-svhn", "vtab-eurosat"], variants=["sa2vp", "lora", "global"],
+        overrides={"vtab-natural": {"model.gamma": 0.1, "train.lr": 0.002},
+                   "vtab-svhn": {"train.lr": 0.0005},
+                   "global": {"model.window": "global", "model.gamma": 0.7}},
+    )
+    svhn = cell_settings(settings, "vtab-svhn", "global")
+    assert (svhn.model.method, svhn.model.window, svhn.model.gamma, svhn.train.lr) == ("sa2vp", "global", 0.7, 0.0005)
+    assert svhn.data.dataset == "vtab-svhn" and svhn.tune.study_name == "t-vtab-svhn-global"
+    assert Path(svhn.tune.storage) == cell_dir(settings, "vtab-svhn", "global") / "tune" / "optuna.journal"
+    eurosat = cell_settings(settings, "vtab-eurosat", "lora")  # specialized: no natural-group values
+    assert (eurosat.model.method, eurosat.model.gamma, eurosat.train.lr) == ("lora", 0.1, 0.001)
+    with pytest.raises(SettingsError, match="variant 'vpt-deep': not in suite.variants"):
+        cell_settings(settings, "vtab-svhn", "vpt-deep")
+    with pytest.raises(SettingsError, match="dataset 'vtab-dtd': not in suite.datasets"):
+        cell_settings(settings, "vtab-dtd", "sa2vp")
+
+
+def test_variants_must_be_methods_or_have_settings() -> None:
+    with pytest.raises(SettingsError, match=r"suite: variants \['typo'\]: each must be a method"):
+        load_settings(None, {"suite.variants": ["sa2vp", "typo"]})
+    with pytest.raises(SettingsError, match="key 'gamma': expected a dotted setting"):
+        load_settings(None, {"suite.overrides": {"x": {"gamma": 1}}})
+
+
+@pytest.mark.parametrize("suite", SUITES)
+def test_each_committed_suite_is_valid_settings(suite: str) -> None:
+    settings = load_settings(REPO / "pipelines" / suite / "params.yaml")
+    assert settings.suite.name == suite and settings.suite.datasets and settings.suite.variants
+    for dataset in settings.suite.datasets:
+        for variant in settings.suite.variants:
+            cell_settings(settings, dataset, variant)  # every cell's settings validate
+
+
+def test_the_offline_suite_uses_the_main_pipelines_backbone() -> None:
+    root = yaml.safe_load((REPO / "params.yaml").read_text())["backbone"]
+    offline = yaml.safe_load((REPO / "pipelines/offline/params.yaml").read_text())["backbone"]
+    assert (REPO / "pipelines/offline" / offline["weights"]).resolve() == (REPO / root["weights"]).resolve()
+    for key in ("name", "img_size", "model_kwargs"):
+        assert offline[key] == root[key], key
+
+
+def _write_result(settings, dataset: str, variant: str, group: str, top1: list[float], percent: float) -> None:  # noqa: ANN001
+    result = CellResult(dataset=dataset, group=group, variant=variant, method=variant, seeds=[0, 1, 2][:len(top1)],
+                        test_top1=top1, test_mean_class=top1, trainable_parameters=100, trainable_percent=percent,
+                        tuned={}, val_top1=None)
+    folder = cell_dir(settings, dataset, variant)
+    folder.mkdir(parents=True)
+    (folder / "result.json").write_text(json.dumps(result.as_dict()))
+
+
+def test_the_report_has_the_papers_layout_and_lands_in_mlflow(tmp_path: Path) -> None:
+    settings = _suite(tmp_path, datasets=["vtab-svhn", "vtab-dtd", "vtab-eurosat"], variants=["linear", "sa2vp"],
+                      seeds=[0, 1])
+    with pytest.raises(SettingsError, match="no result for vtab-svhn / linear"):
+        read_results(settings)
+    for variant, shift, percent in (("linear", 0.0, 0.0), ("sa2vp", 0.1, 0.433)):
+        _write_result(settings, "vtab-svhn", variant, "vtab-natural", [0.5 + shift, 0.6 + shift], percent)
+        _write_result(settings, "vtab-dtd", variant, "vtab-natural", [0.3 + shift, 0.3 + shift], percent)
+        _write_result(settings, "vtab-eurosat", variant, "vtab-specialized", [0.8 + shift, 0.9 + shift], percent)
+    report = write_report(settings)
+
+    lines = report.markdown.read_text().splitlines()
+    header = [c.strip() for c in lines[4].strip("|").split("|")]
+    assert header == ["variant", "params %", "vtab-svhn", "vtab-dtd", "vtab-eurosat", "vtab-natural mean",
+                      "vtab-specialized mean", "mean"]
+    sa2vp = [c.strip() for c in lines[7].strip("|").split("|")]
+    # svhn 65 ± 7.07 (two seeds), natural mean (65 + 40) / 2, specialized 95, overall (65 + 40 + 95) / 3
+    assert sa2vp == ["sa2vp", "0.433", "65.00 ± 7.07", "40.00 ± 0.00", "95.00 ± 7.07", "52.50", "95.00", "66.67"]
+    rows = list(csv.DictReader(report.csv.open()))
+    assert [r["variant"] for r in rows] == ["linear", "sa2vp"]
+    assert float(rows[0]["vtab-natural mean"]) == pytest.approx(0.425)
+
+    client = MlflowClient(settings.tracking.uri)
+    run = client.get_run(report.run_id)
+    assert run.info.run_name == "suite-t"
+    assert run.data.metrics["sa2vp/mean"] == pytest.approx(2 / 3, abs=1e-4)
+    assert {"results.md", "results.csv", "suite"} <= {a.path for a in client.list_artifacts(report.run_id)}
