@@ -94,7 +94,7 @@ def test_dvc_metrics_and_a_second_repro_that_does_nothing(reproduced: Path) -> N
     assert "metrics/sa2vp.json" in shown.stdout
     again = _dvc(reproduced, "repro")
     assert "Running stage" not in again.stdout, again.stdout
-    status = _dvc(reproduced, "status")
+    status = _dvc(reproduced, "status", "dvc.yaml")  # the main pipeline (the suites have never run here)
     assert "up to date" in status.stdout.lower()
 
 
@@ -132,7 +132,8 @@ def suites(reproduced: Path) -> Path:
         params = yaml.safe_load((folder / "params.yaml").read_text())
         params["backbone"] = {**TINY_BACKBONE, "weights": params["backbone"]["weights"]} if suite == "offline" \
             else dict(TINY_BACKBONE)
-        params["data"] = {**params["data"], "render_size": 16}
+        # fabricated CIFAR batches cannot match the publisher's checksums
+        params["data"] = {**params["data"], "render_size": 16, "verify_checksums": suite != "hta"}
         params["train"] = {**params.get("train", {}), "epochs": 1, "batch_size": 16, "warmup_epochs": 0,
                            "num_workers": 0}
         params["tune"] = {**params.get("tune", {}), "n_trials": 1, "epochs": 1}
@@ -158,7 +159,7 @@ def test_each_suite_runs_its_cells_and_writes_its_table(suites: Path, suite: str
         for variant in variants:
             result = json.loads((folder / "results" / dataset / variant / "result.json").read_text())
             assert result["seeds"] == seeds and len(result["test_top1"]) == len(seeds)
-            assert 0 < result["trainable_percent"] < 100
+            assert (result["trainable_percent"] > 0) == (variant != "linear") and result["trainable_percent"] < 100
     client = MlflowClient(f"sqlite:///{suites / 'mlflow.db'}")  # every suite logs to the repository's store
     experiment = client.get_experiment_by_name(suite)
     (report,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = 'suite-{suite}'")
