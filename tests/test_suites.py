@@ -56,6 +56,12 @@ def test_each_committed_suite_is_valid_settings(suite: str) -> None:
     written = yaml.safe_load((REPO / "pipelines" / suite / "params.yaml").read_text())["suite"]
     # DVC interpolates and tracks these from the file itself (it never sees the schema's defaults)
     assert {"datasets", "variants", "seeds", "tune", "overrides", "output", "report"} <= set(written)
+    file = yaml.safe_load((REPO / "pipelines" / suite / "params.yaml").read_text())
+    stages = yaml.safe_load((REPO / "pipelines" / suite / "dvc.yaml").read_text())["stages"]
+    for stage in stages.values():
+        for key in stage.get("params", []):
+            section, *rest = key.split(".")
+            assert section in file and (not rest or rest[0] in file[section]), f"{suite}: {key} not in params.yaml"
     assert settings.suite.name == suite and settings.suite.datasets and settings.suite.variants
     for dataset in settings.suite.datasets:
         for variant in settings.suite.variants:

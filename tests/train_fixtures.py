@@ -68,3 +68,22 @@ def tiny_settings(project: Path, **overrides: Any):  # noqa: ANN201
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def invoke_sa2vp(project: Path, *args: str, check: bool = True) -> Any:
+    """The same Typer app the `sa2vp` script runs, in this process (no interpreter start-up, no re-import of
+    torch and timm): for tests about what a command does rather than about the installed script. Library log
+    lines go to pytest's log capture here, not to the result's stderr."""
+    from typer.testing import CliRunner
+
+    from sa2vp_cli.main import app
+
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        result = CliRunner().invoke(app, list(args))
+    finally:
+        os.chdir(cwd)
+    if check and result.exit_code != 0:
+        raise AssertionError(f"sa2vp {' '.join(args)} exited {result.exit_code}:\n{result.output}\n{result.exception!r}")
+    return result
