@@ -61,7 +61,7 @@ def model_summary(
         table.add_row(group, f"{count:,}")
     table.add_row("total (head excluded)", f"{summary.trainable:,}", style="bold")
     table.add_row(f"head ({num_classes} classes)", f"{summary.head:,}")
-    table.add_row("frozen backbone", f"{summary.backbone:,}")
+    table.add_row("backbone" if settings.model.method == "full" else "frozen backbone", f"{summary.backbone:,}")
     table.add_row("trainable / backbone", f"{summary.percent_of_backbone:.3f} %", style="bold")
     Console().print(table)
     if settings.model.method != "sa2vp":

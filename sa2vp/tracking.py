@@ -119,11 +119,12 @@ def start_run(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    client = MlflowClient(tracking_uri=settings.uri)
+    uri = absolute_uri(settings.uri)
+    client = MlflowClient(tracking_uri=uri)
     try:
         if resume_run_id is not None:
             client.update_run(resume_run_id, status="RUNNING")
-            return Run(client, resume_run_id, settings.uri)
+            return Run(client, resume_run_id, uri)
         experiment = client.get_experiment_by_name(settings.experiment)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(settings.experiment)
         all_tags = {**git_tags(), **{k: str(v) for k, v in (tags or {}).items() if v is not None}}
@@ -133,7 +134,17 @@ def start_run(
     except (MlflowException, OSError) as exc:
         raise TrackingError(f"tracking.uri={settings.uri!r}: cannot log to MLflow ({exc}); check the URI or the "
                             "server, or set tracking.enabled=false") from exc
-    return Run(client, run.info.run_id, settings.uri)
+    return Run(client, run.info.run_id, uri)
+
+
+def absolute_uri(uri: str) -> str:
+    """A local store's URI with its path made absolute against the current folder. MLflow caches stores by
+    URI for the life of the process, so a relative `sqlite:///mlflow.db` would keep pointing at the folder
+    of its first use after a chdir (notebooks, tests running commands in-process)."""
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/") and uri != f"{prefix}:memory:":
+        return prefix + str(Path.cwd() / uri[len(prefix):])
+    return uri
 
 
 def git_tags(cwd: Path | None = None) -> dict[str, str]:

@@ -162,3 +162,13 @@ def test_gradient_accumulation_steps_once_per_group_of_batches(project: Path) ->
     batches = -(-1257 // 64)  # digits holdout train split: 1257 images
     assert checkpoint["scheduler"]["last_epoch"] == -(-batches // 4)
     assert result.test is None and result.run_id == ""
+
+
+def test_a_relative_sqlite_store_follows_the_current_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # MLflow caches stores by URI for the process: a relative one must be made absolute where it is used.
+    from sa2vp.tracking import absolute_uri
+
+    monkeypatch.chdir(tmp_path)
+    assert absolute_uri("sqlite:///mlflow.db") == f"sqlite:///{tmp_path}/mlflow.db"
+    assert absolute_uri("sqlite:////abs/m.db") == "sqlite:////abs/m.db"
+    assert absolute_uri("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
