@@ -386,5 +386,19 @@ def _save(model: nn.Module, out: Path, metadata: dict[str, str]) -> None:
     try:
         with atomic_path(out) as tmp:
             save_file(tensors, str(tmp), metadata={"format": "pt", **metadata})
+            _sort_header(tmp)
     except OSError as exc:
         raise BackboneError(f"could not write the backbone weights to {out}: {exc}") from exc
+
+
+def _sort_header(path: Path) -> None:
+    """Rewrite the safetensors JSON header with sorted keys, in place and at the same length. safetensors
+    writes the metadata in hash-map order, which changes from process to process: the same weights would
+    hash differently, and DVC would see a new backbone on every run."""
+    with path.open("r+b") as handle:
+        length = int.from_bytes(handle.read(8), "little")
+        header = json.loads(handle.read(length))
+        text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(text) <= length:  # safetensors pads its header with spaces to an 8-byte boundary
+            handle.seek(8)
+            handle.write(text.ljust(length, b" "))

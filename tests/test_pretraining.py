@@ -153,3 +153,25 @@ def test_hub_origin_offline_is_a_clear_error(tmp_path, monkeypatch):
 def test_pretraining_settings_are_validated(key, value, expected):
     with pytest.raises(SettingsError, match=expected):
         load_settings(None, {key: value})
+
+
+def test_the_weights_file_header_is_in_sorted_order(tmp_path: Path) -> None:
+    # safetensors writes metadata in hash-map order, which varies between processes; the file DVC hashes must
+    # not: the header is rewritten in sorted order.
+    import json
+
+    from safetensors import safe_open
+    from torch import nn
+
+    from sa2vp.pretraining import _save
+
+    model = nn.Linear(3, 2)
+    metadata = {f"key{i}": str(i) for i in (5, 3, 8, 1, 7, 2)}
+    _save(model, tmp_path / "w.safetensors", metadata)
+    raw = (tmp_path / "w.safetensors").read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")], object_pairs_hook=list)
+    keys = [key for key, _ in dict(header)["__metadata__"]]
+    assert keys == sorted(keys) and [key for key, _ in header] == sorted(key for key, _ in header)
+    with safe_open(str(tmp_path / "w.safetensors"), "pt") as handle:
+        assert handle.metadata() == {"format": "pt", **metadata}
+        assert torch.equal(handle.get_tensor("weight"), model.weight.detach())
