@@ -193,3 +193,13 @@ def test_tune_records_failed_trials_goes_on_and_resumes_its_study(project: Path)
     assert len(parents) == 2 and len(runs) == 2 + 3  # two tuning runs, three nested trial runs
     failed = sum(state == "FAIL" for _, state in states)
     assert sum(r.info.status == "FAILED" for r in runs) == failed
+
+
+@pytest.mark.parametrize("method", ["linear", "full", "vpt-shallow", "vpt-deep", "lora", "adaptformer"])
+def test_every_method_trains_and_evaluates_through_the_commands(project: Path, method: str) -> None:  # noqa: F811
+    invoke_sa2vp(project, "train", "--epochs", "1", "--set", f"model.method={method}", "--set", "tracking.enabled=false")
+    record = json.loads((project / "runs/train/model/model.json").read_text())
+    assert record["trainable"]["parameters"] > 0 or method == "linear"
+    evaluated = invoke_sa2vp(project, "evaluate", "runs/train/model", "--metrics-file", "m.json")
+    assert json.loads((project / "m.json").read_text())["test"] == record["training"]["test"]
+    assert f"top-1 {100 * record['training']['test']['top1']:.2f} %" in evaluated.stdout
