@@ -18,19 +18,19 @@ import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 
 from sa2vp.atomic import write_atomic
 from sa2vp.data import NO_PROGRESS, Progress, lookup
 from sa2vp.engine import fit
-from sa2vp.settings import SA2VPSettings, Settings, SettingsError, flatten_settings, load_settings
+from sa2vp.models import METHODS
+from sa2vp.settings import Settings, SettingsError, flatten_settings, load_settings
 from sa2vp.tracking import start_run
 from sa2vp.tuning import space_of, tune
 
 log = logging.getLogger("sa2vp.suite")
 
 RESULT_FILE = "result.json"
-METHODS = frozenset(get_args(SA2VPSettings.model_fields["method"].annotation))
 
 
 def cell_dir(settings: Settings, dataset: str, variant: str) -> Path:
@@ -112,7 +112,7 @@ def run_cell(settings: Settings, dataset: str, variant: str, progress: Progress 
         tuned, val_top1 = result.best_params, result.best_value
     final = {**flatten_settings(cell), **tuned, "train.train_split": "trainval", "train.val_split": None,
              "train.test_split": "test"}
-    top1, mean_class, record = [], [], {}
+    top1, mean_class, artifact = [], [], None
     for seed in settings.suite.seeds:
         output = folder / f"seed-{seed}"
         run_settings = load_settings(None, {**final, "train.seed": seed, "train.output": str(output)})
@@ -121,10 +121,12 @@ def run_cell(settings: Settings, dataset: str, variant: str, progress: Progress 
         assert trained.test is not None
         top1.append(trained.test.top1)
         mean_class.append(trained.test.mean_class)
-        record = json.loads((trained.artifact / "model.json").read_text(encoding="utf-8"))
+        artifact = trained.artifact
         (output / "checkpoint.pt").unlink(missing_ok=True)  # the artifact stays; resume state is not needed
         log.info("%s / %s / seed %d: test top-1 %.2f %%", dataset, variant, seed, 100 * trained.test.top1)
     shutil.rmtree(folder / "train", ignore_errors=True)  # tuning trials' leftovers (their runs are in MLflow)
+    # The trained parameters are the same for every seed: the last artifact's record says how many.
+    record = json.loads((artifact / "model.json").read_text(encoding="utf-8"))
     result = CellResult(
         dataset=dataset, group=lookup(dataset).group, variant=variant, method=cell.model.method,
         seeds=list(settings.suite.seeds), test_top1=top1, test_mean_class=mean_class,
@@ -162,7 +164,7 @@ def write_report(settings: Settings) -> Report:
     results = read_results(settings)
     suite = settings.suite
     groups = list(dict.fromkeys(r.group for r in results))
-    rows = [_row(settings, variant, [r for r in results if r.variant == variant], groups)
+    rows = [_row(variant, [r for r in results if r.variant == variant], groups)
             for variant in suite.variants]
     folder = Path(suite.report)
     markdown = write_atomic(folder / "results.md", _markdown(settings, rows, groups))
@@ -180,7 +182,7 @@ def write_report(settings: Settings) -> Report:
     return Report(markdown, csv, run.run_id)
 
 
-def _row(settings: Settings, variant: str, cells: list[CellResult], groups: list[str]) -> dict[str, Any]:
+def _row(variant: str, cells: list[CellResult], groups: list[str]) -> dict[str, Any]:
     row: dict[str, Any] = {"variant": variant}
     for cell in cells:
         row[cell.dataset] = cell.mean
