@@ -100,6 +100,30 @@ class BackboneSettings(_Section):
         default_factory=lambda: PretrainSettings(),
         description="The generated source task and its training (origin: synthetic).",
     )
+    sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of the weights file (lower-case hex): a file that hashes otherwise is refused. "
+        "Pins the exact weights an experiment was run on (the offline default pins its committed backbone).",
+    )
+    dropout: float | None = Field(
+        None, ge=0.0, lt=1.0,
+        description="Dropout of the backbone's own layers, active only while the backbone is in training mode "
+        "(model.backbone_dropout): ViT — on the embeddings of every pathway and after both layers of every MLP "
+        "(attention dropout stays 0). Default: the release's, 0.1 for ViT, 0 for Swin.",
+    )
+    drop_path: float | None = Field(
+        None, ge=0.0, lt=1.0,
+        description="Stochastic depth of the backbone's blocks, rising linearly to this rate over the blocks, "
+        "active only while the backbone is in training mode (model.backbone_dropout). Default: the release's, "
+        "0.2 for Swin, 0 for ViT.",
+    )
+
+    @model_validator(mode="after")
+    def _hash_of_a_file(self) -> BackboneSettings:
+        if self.sha256 is not None and self.weights in ("hub", "random"):
+            raise ValueError(f"sha256 pins a weights file; backbone.weights is {self.weights!r} (set sha256: null)")
+        return self
 
 
 class VPTSettings(_Section):
@@ -183,7 +207,19 @@ class SA2VPSettings(_Section):
     border: Literal["clip", "zero"] = Field(
         "clip", description="Window positions outside the grid: `clip` (dropped) or `zero` (zero keys)."
     )
-    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the cross attention and adapters.")
+    dropout: float = Field(
+        0.1, ge=0.0, lt=1.0,
+        description="Dropout of SA²VP's own layers in training: on the cross attention's output, and inside every "
+        "adapter after the activation and after W_up (release: 0.1).",
+    )
+    backbone_dropout: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="The backbone's own dropout and drop-path (rates: backbone.dropout, backbone.drop_path) while "
+        "training, for every method; frozen means no gradient, not no dropout. `on`: active in training (the "
+        "SA²VP release trains its whole model in train mode); `off`: the backbone always in eval mode; `auto`: "
+        "each method's reference code — on for sa2vp, vpt-* and full, off for linear, lora and adaptformer (VPT's "
+        "code freezes the encoder in eval mode for linear probing and adapters).",
+    )
     prompt_adapter: bool = Field(
         True,
         description="Pass what one pathway reads from the other through the prompt adapter (§2, Cross_i). false: "

@@ -132,7 +132,10 @@ def _naive_swin_cross(cross, block, query, other):
     batch, height, width, dim = query.shape
 
     def heads(x, which):
-        qkv = F.linear(block.norm1(x.reshape(batch, height * width, dim)), attn.qkv.weight, attn.qkv.bias)
+        # The release normalises with a separate LayerNorm(ε = 1e-6) loaded from norm1 (timm's norm1: 1e-5).
+        norm = torch.nn.LayerNorm(dim, eps=1e-6)
+        norm.load_state_dict(block.norm1.state_dict())
+        qkv = F.linear(norm(x.reshape(batch, height * width, dim)), attn.qkv.weight, attn.qkv.bias)
         part = qkv.chunk(3, dim=-1)[which]
         return part.reshape(batch, height * width, attn.num_heads, -1).transpose(1, 2)
 

@@ -225,12 +225,29 @@ def test_eval_is_deterministic_and_dropout_acts_in_training_only(method):
         model.eval()
         assert torch.equal(model(images), model(images))
         model.train()
-        assert model.backbone.training == (method == "full")  # frozen backbones stay in eval mode
+        # model.backbone_dropout: auto — each method's reference code (method file §2)
+        assert model.backbone.training == (method in ("sa2vp", "vpt-shallow", "vpt-deep", "full"))
         if method in ("linear", "full"):
             return  # no dropout of their own (the tiny ViT's drop rates are 0)
         first, second = model(images), model(images)
         first, second = (getattr(out, "base", out) for out in (first, second))
         assert not torch.equal(first, second), "dropout does not act in training mode"
+
+
+@pytest.mark.parametrize("method", ALL)
+@pytest.mark.parametrize("setting", ["on", "off"])
+def test_every_method_honours_backbone_dropout(method, setting):
+    model = build(method, **{"model.backbone_dropout": setting, "model.to_prompt_layers": [0]})
+    assert model.train().backbone.training == (setting == "on")
+    assert not model.eval().backbone.training
+    images, _ = batch()
+    model.train()
+    with torch.no_grad():  # the backbone's own dropout (0.1 on a ViT by default) alone makes training stochastic
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout) and not any(module is m for m in model.backbone.modules()):
+                module.p = 0.0
+        first, second = (getattr(out, "base", out) for out in (model(images), model(images)))
+    assert torch.equal(first, second) == (setting == "off")
 
 
 # --- method specifics ----------------------------------------------------------------------------------------

@@ -101,7 +101,9 @@ def test_train_mode_returns_both_pathways_and_eval_mode_the_base_logits():
     images = torch.randn(2, 3, 32, 48)
     out = model.train()(images)
     assert isinstance(out, SA2VPOutput) and out.base.shape == out.prompt.shape == (2, 5)
-    assert not model.backbone.training, "the frozen backbone must stay in eval mode"
+    assert model.backbone.training, "the release trains its frozen backbone in train mode (its dropout acts)"
+    model.backbone_dropout = False
+    assert not model.train().backbone.training, "backbone_dropout off: the backbone stays in eval mode"
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(images), model.train()(images).base)
 

@@ -33,9 +33,12 @@ def build_model(settings: Settings, num_classes: int) -> AdaptedModel:
     method = _method(settings.model.method)
     backbone = create_backbone(settings.backbone)
     try:
-        return method.build(backbone, num_classes, settings.model)
+        model = method.build(backbone, num_classes, settings.model)
     except BackboneError as exc:  # the method knows the module, not the name it was built from
         raise BackboneError(f"backbone.name={settings.backbone.name!r}: {exc}") from None
+    if settings.model.backbone_dropout != "auto":  # auto: the method's class default (its reference code)
+        model.backbone_dropout = settings.model.backbone_dropout == "on"
+    return model.train(model.training)
 
 
 @dataclass(frozen=True)

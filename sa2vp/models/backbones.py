@@ -15,6 +15,9 @@ from typing import Any
 
 import timm
 import torch
+from timm.layers import DropPath
+from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
 from sa2vp.errors import BackboneError
@@ -39,8 +42,67 @@ def create_backbone(settings: BackboneSettings) -> nn.Module:
     elif settings.weights == "hub":
         model = _from_hub(settings.name, kwargs)
     else:
-        model = _from_file(settings.name, Path(settings.weights), kwargs)
+        path = Path(settings.weights)
+        if settings.sha256 is not None:
+            verify_file(path, settings.sha256)
+        model = _from_file(settings.name, path, kwargs)
+    dropout, drop_path = release_stochastic_rates(model)
+    set_stochastic_layers(
+        model,
+        dropout=dropout if settings.dropout is None else settings.dropout,
+        drop_path=drop_path if settings.drop_path is None else settings.drop_path,
+    )
     return freeze(model)
+
+
+def release_stochastic_rates(model: nn.Module) -> tuple[float, float]:
+    """(dropout, drop-path) the SA²VP release trains its backbone with (method file §2, §3): ViT dropout 0.1
+    (its config's dropout_rate), Swin drop-path 0.2; none for other families."""
+    if isinstance(model, VisionTransformer):
+        return 0.1, 0.0
+    if isinstance(model, SwinTransformer):
+        return 0.0, 0.2
+    return 0.0, 0.0
+
+
+def set_stochastic_layers(model: nn.Module, dropout: float, drop_path: float) -> None:
+    """Set the backbone's own dropout and stochastic depth, in place. They act only in training mode, which
+    the method decides (model.backbone_dropout); the weights are untouched.
+
+    dropout: the embedding dropout (`pos_drop`, applied to every pathway's tokens) and both dropouts of every
+    MLP (after the activation and after fc2), as the release's ViT config (`dropout_rate`); the attention and
+    its output projection keep theirs (the release's `attention_dropout_rate` is 0). drop_path: per block,
+    rising linearly from 0 at the first block to `drop_path` at the last, as timm and the Swin release do.
+    """
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Dropout) and (name == "pos_drop" or name.endswith((".mlp.drop1", ".mlp.drop2"))):
+            module.p = dropout
+    blocks = [m for m in model.modules() if hasattr(m, "drop_path1") and hasattr(m, "drop_path2")]
+    rates = torch.linspace(0, drop_path, len(blocks)).tolist() if blocks else []
+    for block, rate in zip(blocks, rates):
+        block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
+        block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
+
+
+def verify_file(path: Path, expected: str) -> None:
+    """Refuse a weights file whose SHA-256 is not `expected` (backbone.sha256)."""
+    if not path.is_file():
+        raise SettingsError(f"backbone.weights: file not found: {path}")
+    actual = file_sha256(path)
+    if actual != expected:
+        raise BackboneError(
+            f"backbone.weights: {path} has SHA-256 {actual}, but backbone.sha256 pins {expected}: these are not the "
+            "weights the settings name (restore the file, or set backbone.sha256 to the new file's hash)"
+        )
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _from_hub(name: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -72,7 +134,7 @@ def _from_file(name: str, path: Path, kwargs: dict[str, Any]) -> nn.Module:
 
 
 def freeze(model: nn.Module) -> nn.Module:
-    """No gradients and eval mode (no backbone dropout or drop-path) for every backbone parameter."""
+    """No gradients, and eval mode until a method puts it in training mode (model.backbone_dropout)."""
     model.requires_grad_(False)
     return model.eval()
 

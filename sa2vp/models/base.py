@@ -32,14 +32,16 @@ class AdaptedModel(nn.Module):
 
     backbone: nn.Module
     head: nn.Module
-    frozen_backbone: bool = True
+    # Whether the backbone's own dropout and drop-path act while training. Frozen means no gradient, not no
+    # dropout: each method's class default is its reference code's (model.backbone_dropout: auto), and
+    # `build_model` overrides it on the instance for `on` / `off`.
+    backbone_dropout: bool = False
     # Group name, in the parameter summary, of trainable tensors a method injected into the backbone (LoRA).
     injected_group: str = "injected"
 
     def train(self, mode: bool = True) -> AdaptedModel:
         super().train(mode)
-        if self.frozen_backbone:
-            self.backbone.eval()  # frozen: no dropout or drop-path in the backbone, ever
+        self.backbone.train(mode and self.backbone_dropout)
         return self
 
     def backbone_name(self, name: str) -> str | None:

@@ -34,23 +34,39 @@ class LowRankPromptMap(nn.Module):
         return self.proj(self.tokens)
 
 
+# The release's LayerNorm ε (its ViT's and its adapters'); PyTorch's default 1e-5 shifts outputs by ~1e-4.
+RELEASE_NORM_EPS = 1e-6
+
+
 class PromptAdapter(nn.Module):
-    """Adapts what one pathway reads from the other: W_up · act(W_down · LN(x))."""
+    """Adapts what one pathway reads from the other: drop(W_up · drop(act(W_down · LN'(x)))).
+
+    As released: LN' with ε = 1e-6, dropout after the activation and again after W_up, W_down and W_up
+    Xavier-uniform with biases N(0, 1e-6) (the Swin model re-initialises them: `reinit_linear_layers`).
+    """
 
     def __init__(self, dim: int, hidden: int, activation: Literal["gelu", "relu"], dropout: float) -> None:
         super().__init__()
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=RELEASE_NORM_EPS)
         self.down = nn.Linear(dim, hidden)
         self.act = nn.GELU() if activation == "gelu" else nn.ReLU()
         self.drop = nn.Dropout(dropout)
         self.up = nn.Linear(hidden, dim)
         for linear in (self.down, self.up):
-            # Non-zero up-projection so every adapter weight gets a gradient from the first step.
-            nn.init.trunc_normal_(linear.weight, std=0.02)
-            nn.init.zeros_(linear.bias)
+            nn.init.xavier_uniform_(linear.weight)
+            nn.init.normal_(linear.bias, std=1e-6)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.drop(self.act(self.down(self.norm(x)))))
+        return self.drop(self.up(self.drop(self.act(self.down(self.norm(x))))))
+
+
+def reinit_linear_layers(module: nn.Module) -> None:
+    """Every nn.Linear in `module` to truncated N(0, 0.02) weights and zero biases — what the Swin release's
+    model-wide initialisation does to the prompt projection and the adapters after building them."""
+    for layer in module.modules():
+        if isinstance(layer, nn.Linear):
+            nn.init.trunc_normal_(layer.weight, std=0.02)
+            nn.init.zeros_(layer.bias)
 
 
 class SpatialCrossBlock(nn.Module):

@@ -8,7 +8,12 @@ of the ViT version on the full stage grid:
     i in TO_PROMPT:  P ← Block_i(P) + γ·Cross_i(query=P, kv=B)      B ← Block_i(B)
     otherwise:       B ← Block_i(B) + γ·Cross_i(query=B, kv=P)      P ← Block_i(P)
 
-Cross_i uses the block's own norm1, qkv and proj, no relative-position bias and no CLS token. Unlike the ViT
+Cross_i uses the block's own qkv and proj, no relative-position bias and no CLS token; it normalises with
+norm1's parameters at the release's ε = 1e-6 (the release loads a separate LayerNorm(ε=1e-6) from norm1,
+whose own ε is timm's 1e-5). As released, the prompt projection and the adapters are re-initialised like
+every Linear of the release's Swin (truncated N(0, 0.02), zero bias), and the backbone trains with its
+drop-path (rising to 0.2) active, a mask per image: the prompt map is then broadcast to the batch from the
+start, as the release does. Unlike the ViT
 version it projects q, k, v again instead of reusing the block's: the block computes them inside timm's
 shifted, padded window partition, and reusing them would mean re-implementing that attention (shift masks,
 bias-valued padding tokens, relative-position bias). The price is 3·d² per token of the cross stage, about a
@@ -24,8 +29,8 @@ from torch import nn
 
 from sa2vp.models.backbones import BackboneError
 from sa2vp.models.base import AdaptedModel, LossTerms
-from sa2vp.models.cross_block import LowRankPromptMap, SpatialCrossBlock
-from sa2vp.models.sa2vp_vit import SA2VPOutput, sa2vp_loss
+from sa2vp.models.cross_block import RELEASE_NORM_EPS, LowRankPromptMap, SpatialCrossBlock, reinit_linear_layers
+from sa2vp.models.sa2vp_vit import SA2VPOutput, is_stochastic, sa2vp_loss
 from sa2vp.settings import SA2VPSettings, SettingsError
 
 # The release: cross attention in the third stage of Swin-B (18 blocks); the prompt queries at 0, 6 and 12.
@@ -80,6 +85,8 @@ class SA2VPSwin(AdaptedModel):
     In training mode `forward` returns `SA2VPOutput(base, prompt)`; in eval mode the base logits.
     """
 
+    backbone_dropout = True  # the release trains the whole model in train mode (drop-path up to 0.2)
+
     def __init__(self, backbone: SwinTransformer, num_classes: int, settings: SA2VPSettings) -> None:
         super().__init__()
         _check_backbone(backbone)
@@ -97,11 +104,15 @@ class SA2VPSwin(AdaptedModel):
         self.head = nn.Linear(backbone.num_features, num_classes)
         nn.init.trunc_normal_(self.head.weight, std=0.02)
         nn.init.zeros_(self.head.bias)
+        reinit_linear_layers(self.prompt_map)
+        reinit_linear_layers(self.cross)
 
     def forward(self, images: torch.Tensor) -> SA2VPOutput | torch.Tensor:
         base = self.backbone.patch_embed(images)  # (B, H, W, C), after the patch-embedding norm
-        # The prompt pathway is the same for every image until it first reads the base: it stays batch 1.
         prompt = self._embed_prompt()
+        if is_stochastic(self.backbone):  # drop-path draws per image: every image needs its own prompt pathway
+            prompt = prompt.expand(base.shape[0], -1, -1, -1)
+        # Otherwise the prompt pathway is the same for every image until it first reads the base: batch 1.
         last_cross = max(self.to_prompt)
         for s, stage in enumerate(self.backbone.layers):
             if s in self.to_prompt:
@@ -188,7 +199,8 @@ def _project(block: SwinTransformerBlock, x: torch.Tensor, part: str) -> torch.T
     width = attn.qkv.out_features // 3
     rows = slice(0, width) if part == "q" else slice(width, 3 * width)
     bias = None if attn.qkv.bias is None else attn.qkv.bias[rows]
-    tokens = block.norm1(x).flatten(1, 2)
+    norm = block.norm1
+    tokens = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, eps=RELEASE_NORM_EPS).flatten(1, 2)
     out = F.linear(tokens, attn.qkv.weight[rows], bias)
     batch, length = tokens.shape[:2]
     # Same channel layout as WindowAttention: (q|k|v) × heads × head_dim.

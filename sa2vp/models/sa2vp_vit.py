@@ -11,6 +11,10 @@ reads the other through the spatially-aligned cross attention of `SpatialCrossBl
 Cross_i is computed from the states entering layer i, normalised by the block's norm1 — exactly what the
 block's own attention projects to q, k, v. Both pathways therefore run each block once, as one batch, and
 the cross attention reuses those q, k, v instead of projecting them again (§2, "Cost").
+
+In training the backbone's own dropout acts as in the release (model.backbone_dropout): on the embeddings of
+both pathways and inside every MLP, with a mask of its own for every image — the prompt map and the deep maps
+are broadcast to the batch *before* they meet a dropout, as the release expands them.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention
+from timm.layers import Attention, DropPath
 from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
@@ -72,6 +76,8 @@ class SA2VPViT(AdaptedModel):
     what SA²VP predicts with.
     """
 
+    backbone_dropout = True  # the release calls model.train() on the whole model
+
     def __init__(self, backbone: VisionTransformer, num_classes: int, settings: SA2VPSettings) -> None:
         super().__init__()
         _check_backbone(backbone)
@@ -110,7 +116,7 @@ class SA2VPViT(AdaptedModel):
 
     def forward(self, images: torch.Tensor) -> SA2VPOutput | torch.Tensor:
         base = self._embed_images(images)
-        prompt = self._embed_prompt().expand(base.shape[0], -1, -1)
+        prompt = self._embed_prompt(base.shape[0])
         base, prompt = self._run_blocks(base, prompt)
         base_logits = self.head(self._pooled(base))
         if not self.training:
@@ -121,13 +127,14 @@ class SA2VPViT(AdaptedModel):
         vit = self.backbone
         return vit.norm_pre(vit.patch_drop(vit._pos_embed(vit.patch_embed(images))))
 
-    def _embed_prompt(self) -> torch.Tensor:
-        """P_0 = U_0·W_0 + b_0 + pos_embed; slot 0 is the prompt pathway's own CLS (gets pos_embed[0])."""
+    def _embed_prompt(self, batch: int) -> torch.Tensor:
+        """P_0 = U_0·W_0 + b_0 + pos_embed for each image, through the embedding dropout as the image tokens
+        are; slot 0 is the prompt pathway's own CLS (gets pos_embed[0])."""
         vit = self.backbone
         pos = vit.pos_embed
         if vit.no_embed_class:  # position table covers the patches only
             pos = F.pad(pos, (0, 0, self.num_prefix, 0))
-        return vit.norm_pre(self.prompt_map() + pos)
+        return vit.norm_pre(vit.pos_drop((self.prompt_map() + pos).expand(batch, -1, -1)))
 
     def _run_blocks(self, base: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = base.shape[0]
@@ -144,8 +151,11 @@ class SA2VPViT(AdaptedModel):
                 fused = self.cross[i](qb, kp, vp, base, out_proj)
                 base_out = base_out + self.gamma * fused
             if i in self.deep:
-                # The deep map is the same for every image: run it through the block once, broadcast.
-                prompt_out = prompt_out + self.deep_scales[str(i)] * block(self.deep_maps[str(i)]())
+                deep_map = self.deep_maps[str(i)]()
+                if is_stochastic(block):  # a dropout mask per image, as the release expands the map first
+                    deep_map = deep_map.expand(batch, -1, -1)
+                # Otherwise the map is the same for every image: run it through the block once, broadcast.
+                prompt_out = prompt_out + self.deep_scales[str(i)] * block(deep_map)
             base, prompt = base_out, prompt_out
         return base, prompt
 
@@ -188,11 +198,20 @@ def _attention_inputs(block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torc
     return attn.q_norm(q), attn.k_norm(k), v
 
 
+def is_stochastic(module: nn.Module) -> bool:
+    """Whether any dropout or drop-path inside `module` is active (training mode with a rate > 0)."""
+    return any(
+        m.training and ((isinstance(m, nn.Dropout) and m.p > 0) or (isinstance(m, DropPath) and m.drop_prob > 0))
+        for m in module.modules()
+    )
+
+
 def _block_from_qkv(block: Block, x: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """timm's Block.forward given precomputed q, k, v (the frozen backbone is always in eval mode)."""
+    """timm's Block.forward given precomputed q, k, v, its dropouts and drop-paths included."""
     attn = block.attn
     batch, length, _ = x.shape
-    attended = F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+    dropout_p = attn.attn_drop.p if attn.training else 0.0
+    attended = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, scale=attn.scale)
     attended = attended.transpose(1, 2).reshape(batch, length, attn.attn_dim)
     x = x + block.drop_path1(block.ls1(attn.proj_drop(attn.proj(attn.norm(attended)))))
     return x + block.drop_path2(block.ls2(block.mlp(block.norm2(x))))

@@ -10,9 +10,8 @@ from sa2vp.settings import FloatRange, SA2VPSettings, SearchDimension
 
 
 class FullFineTuning(BackboneClassifier):
-    # The backbone is trained, so it follows the model's train/eval mode: its dropout and drop-path (as
-    # configured by backbone.model_kwargs, e.g. drop_path_rate) act in training.
-    frozen_backbone = False
+    # VPT's end-to-end baseline trains the encoder in train mode: its dropout and drop-path act.
+    backbone_dropout = True
 
     def __init__(self, backbone: nn.Module, num_classes: int) -> None:
         super().__init__(backbone.requires_grad_(True), num_classes)

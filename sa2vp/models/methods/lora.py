@@ -38,7 +38,8 @@ class LoRA(BackboneClassifier):
         )
         inject_adapter_in_model(config, backbone)
         super().__init__(backbone, num_classes)
-        # The dropouts live inside the backbone, which AdaptedModel keeps in eval mode; `train` re-enables them.
+        # The dropouts live inside the backbone, which stays in eval mode unless model.backbone_dropout is on;
+        # they are LoRA's own, so `train` switches them with the model.
         self._lora_dropouts = [m for name, m in backbone.named_modules() if name.endswith(".lora_dropout")]
 
     def train(self, mode: bool = True) -> LoRA:

@@ -27,6 +27,9 @@ from sa2vp.settings import Choice, FloatRange, SA2VPSettings, SearchDimension, V
 class VisualPromptTuning(AdaptedModel):
     """VPT over a frozen timm VisionTransformer; `deep` selects VPT-deep. Forward returns logits."""
 
+    # VPT's code keeps the frozen encoder in train mode for its prompt transfer types.
+    backbone_dropout = True
+
     def __init__(self, backbone: VisionTransformer, num_classes: int, settings: VPTSettings, deep: bool) -> None:
         super().__init__()
         self.backbone = backbone.requires_grad_(False)
