@@ -68,6 +68,8 @@ def evaluate(
     metrics_file: Annotated[Path | None, typer.Option(help="Also write the metrics as JSON here.")] = None,
     plots_dir: Annotated[Path | None, typer.Option(help="Also write confusion.csv and per_class_accuracy.csv "
                                                    "here (DVC plots).")] = None,
+    pathway: Annotated[str | None, typer.Option(help="Score an auxiliary pathway alone instead of the model's "
+                                                "prediction: `prompt` (SA²VP's prompt pathway).")] = None,
 ) -> None:
     """Recompute an artifact's metrics on a split of the dataset it was trained on."""
     import json
@@ -80,8 +82,9 @@ def evaluate(
     if split not in SPLITS:
         fail(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
     loaded = load_artifact(artifact, backbone_weights)
-    metrics = run_evaluation(loaded, split, device, progress())
-    typer.echo(f"{split}: top-1 {100 * metrics.top1:.2f} %  mean per-class {100 * metrics.mean_class:.2f} %  "
+    metrics = run_evaluation(loaded, split, device, progress(), pathway)
+    label = split if pathway is None else f"{split}, {pathway} pathway"
+    typer.echo(f"{label}: top-1 {100 * metrics.top1:.2f} %  mean per-class {100 * metrics.mean_class:.2f} %  "
                f"({metrics.count:,} images)")
     if metrics_file is not None:
         write_atomic(metrics_file, json.dumps({split: metrics.as_dict()}, indent=2) + "\n")

@@ -16,7 +16,7 @@ import json
 import logging
 import shutil
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,8 @@ class CellResult:
     trainable_percent: float
     tuned: dict[str, Any]
     val_top1: float | None
+    # Test top-1 per seed of each auxiliary pathway alone (SA²VP: {"prompt": […]}): is it learning?
+    test_pathways_top1: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def mean(self) -> float:
@@ -94,7 +96,7 @@ class CellResult:
     @classmethod
     def read(cls, path: Path) -> CellResult:
         data = json.loads(path.read_text(encoding="utf-8"))
-        return cls(**{name: data[name] for name in cls.__dataclass_fields__})
+        return cls(**{name: data[name] for name in cls.__dataclass_fields__ if name in data})
 
 
 def run_cell(settings: Settings, dataset: str, variant: str, progress: Progress = NO_PROGRESS) -> CellResult:
@@ -113,6 +115,7 @@ def run_cell(settings: Settings, dataset: str, variant: str, progress: Progress 
     final = {**flatten_settings(cell), **tuned, "train.train_split": "trainval", "train.val_split": None,
              "train.test_split": "test"}
     top1, mean_class, artifact = [], [], None
+    pathways: dict[str, list[float]] = {}
     for seed in settings.suite.seeds:
         output = folder / f"seed-{seed}"
         run_settings = load_settings(None, {**final, "train.seed": seed, "train.output": str(output)})
@@ -121,6 +124,8 @@ def run_cell(settings: Settings, dataset: str, variant: str, progress: Progress 
         assert trained.test is not None
         top1.append(trained.test.top1)
         mean_class.append(trained.test.mean_class)
+        for name, metrics in trained.test_pathways.items():
+            pathways.setdefault(name, []).append(metrics.top1)
         artifact = trained.artifact
         (output / "checkpoint.pt").unlink(missing_ok=True)  # the artifact stays; resume state is not needed
         log.info("%s / %s / seed %d: test top-1 %.2f %%", dataset, variant, seed, 100 * trained.test.top1)
@@ -132,6 +137,7 @@ def run_cell(settings: Settings, dataset: str, variant: str, progress: Progress 
         seeds=list(settings.suite.seeds), test_top1=top1, test_mean_class=mean_class,
         trainable_parameters=int(record["trainable"]["parameters"]),
         trainable_percent=float(record["trainable"]["percent_of_backbone"]), tuned=tuned, val_top1=val_top1,
+        test_pathways_top1=pathways,
     )
     write_atomic(folder / RESULT_FILE, json.dumps(result.as_dict(), indent=2) + "\n")
     return result

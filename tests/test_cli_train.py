@@ -66,6 +66,13 @@ def test_train_evaluate_predict_round_trip(project: Path, digits_root: Path) -> 
     evaluated = invoke_sa2vp(project, "evaluate", "runs/train/model", "--split", "test", "--metrics-file", "m.json")
     assert json.loads((project / "m.json").read_text())["test"] == metrics["test"]
     assert f"top-1 {100 * metrics['test']['top1']:.2f} %" in evaluated.stdout
+    # The prompt pathway's own accuracy (is it learning?): recorded at the end of training, reproduced alone.
+    record = json.loads((project / "runs/train/model/model.json").read_text())
+    prompt = record["training"]["test_pathways"]["prompt"]
+    assert "test, prompt pathway alone: top1" in done.stderr
+    alone = invoke_sa2vp(project, "evaluate", "runs/train/model", "--pathway", "prompt", "--metrics-file", "p.json")
+    assert json.loads((project / "p.json").read_text())["test"] == prompt
+    assert f"test, prompt pathway: top-1 {100 * prompt['top1']:.2f} %" in alone.stdout
     image = next((digits_root / "digits/images/4").glob("*.png"))
     predicted = invoke_sa2vp(project, "predict", "runs/train/model", str(image), "-k", "3")
     assert image.name in predicted.stdout and predicted.stdout.count("│") >= 3 * 4
@@ -203,3 +210,6 @@ def test_every_method_trains_and_evaluates_through_the_commands(project: Path, m
     evaluated = invoke_sa2vp(project, "evaluate", "runs/train/model", "--metrics-file", "m.json")
     assert json.loads((project / "m.json").read_text())["test"] == record["training"]["test"]
     assert f"top-1 {100 * record['training']['test']['top1']:.2f} %" in evaluated.stdout
+    assert record["training"]["test_pathways"] == {}
+    other = invoke_sa2vp(project, "evaluate", "runs/train/model", "--pathway", "prompt", check=False)
+    assert other.exit_code == 2 and f"a {method} model's auxiliary pathways are: none" in other.stderr

@@ -66,7 +66,13 @@ def perturb(model: torch.nn.Module, seed: int = 1) -> None:
 
 def test_the_registry_and_the_settings_schema_list_the_same_methods():
     assert set(METHODS) == set(get_args(SA2VPSettings.model_fields["method"].annotation)) == set(ALL)
-    assert set(search_space("sa2vp")) == {"model.gamma", "model.lam", "model.window"}
+    assert set(search_space("sa2vp")) == {"model.gamma", "model.lam", "model.window", "train.lr"}
+
+
+@pytest.mark.parametrize("method", ALL)
+def test_every_method_tunes_its_learning_rate(method):
+    # A fair comparison tunes every method's step size, each over its own space.
+    assert "train.lr" in search_space(method)
 
 
 @pytest.mark.parametrize("method", ALL)

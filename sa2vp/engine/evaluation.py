@@ -14,15 +14,21 @@ from sa2vp.engine.artifact import LoadedArtifact
 from sa2vp.engine.metrics import Metrics, evaluate_model
 from sa2vp.engine.runtime import resolve_device, resolve_precision
 from sa2vp.errors import ArtifactError
+from sa2vp.models import PathwayClassifier
 
 
 def evaluate(loaded: LoadedArtifact, split: str = "test", device: str | None = None,
-             progress: Progress = NO_PROGRESS) -> Metrics:
+             progress: Progress = NO_PROGRESS, pathway: str | None = None) -> Metrics:
     """Metrics of the artifact's model on a split of the dataset it was trained on.
 
     Same split files, eval transform, batch size and precision as at the end of training, so the test
-    accuracy is reproduced exactly on the same device.
+    accuracy is reproduced exactly on the same device. `pathway` names an auxiliary pathway to score instead
+    of the model's prediction (SA²VP: "prompt").
     """
+    if pathway is not None and pathway not in loaded.model.auxiliary_pathways:
+        have = ", ".join(loaded.model.auxiliary_pathways) or "none"
+        raise ArtifactError(f"--pathway {pathway!r}: a {loaded.settings.model.method} model's auxiliary pathways "
+                            f"are: {have}")
     settings = loaded.settings
     folder = split_dir(settings.data)
     dataset = load_split(folder, split, loaded.data_config, train=False)
@@ -35,6 +41,8 @@ def evaluate(loaded: LoadedArtifact, split: str = "test", device: str | None = N
     loader = DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=settings.train.num_workers,
                         pin_memory=target.type == "cuda")
     model = loaded.model.to(target)
+    if pathway is not None:
+        model = PathwayClassifier(model, pathway)
     return evaluate_model(model, loader, len(loaded.classes), target, precision, progress, f"evaluating {split}")
 
 

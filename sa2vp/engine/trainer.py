@@ -13,7 +13,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ from sa2vp.engine.optim import build_optimizer, build_scheduler
 from sa2vp.engine.report import write_report
 from sa2vp.engine.runtime import Precision, resolve_device, resolve_precision
 from sa2vp.errors import ArtifactError, TrainingDiverged
-from sa2vp.models import AdaptedModel, parameter_summary
+from sa2vp.models import AdaptedModel, PathwayClassifier, parameter_summary
 from sa2vp.models.backbones import data_config, weights_digest
 from sa2vp.settings import Settings, flatten_settings
 from sa2vp.tracking import Run, start_run
@@ -75,6 +75,7 @@ class TrainResult:
     val: Metrics | None
     test: Metrics | None
     stopped_early: bool = False
+    test_pathways: dict[str, Metrics] = field(default_factory=dict)  # auxiliary pathways' own test metrics
 
 
 # Called after every epoch; returning True stops training there (tuning's pruner uses it).
@@ -241,8 +242,14 @@ def _finish(model: AdaptedModel, state: _TrainingState, settings: Settings, mani
         model.load_trainable_state_dict(state.best_weights)
     classes = list(manifest.classes)
     test = None
+    pathways: dict[str, Metrics] = {}
     if "test" in loaders:
         test = evaluate_model(model, loaders["test"], len(classes), device, precision, progress, "testing")
+        # Is the other pathway learning? (SA²VP: the prompt pathway's own accuracy through the shared head.)
+        for name in model.auxiliary_pathways:
+            pathways[name] = evaluate_model(PathwayClassifier(model, name), loaders["test"], len(classes), device,
+                                            precision, progress, f"testing the {name} pathway")
+            run.log_metrics(pathways[name].as_dict(f"test/{name}_"))
     val = None if state.best_val is None else Metrics(state.best_val.numpy())
     output = Path(settings.train.output)
     record = {
@@ -257,6 +264,7 @@ def _finish(model: AdaptedModel, state: _TrainingState, settings: Settings, mani
                       "head": summary.head, "groups": summary.groups},
         "training": {"epochs": state.epoch, "best_epoch": state.best_epoch, "stopped_early": stopped,
                      "val": None if val is None else val.as_dict(), "test": None if test is None else test.as_dict(),
+                     "test_pathways": {name: metrics.as_dict() for name, metrics in pathways.items()},
                      "eval_batch_size": settings.train.eval_batch_size, "mlflow_run_id": run.run_id or None},
         "versions": _versions(),
     }
@@ -266,7 +274,10 @@ def _finish(model: AdaptedModel, state: _TrainingState, settings: Settings, mani
     if test is not None:
         log.info("test: top1 %.2f%%  mean-class %.2f%% (best epoch %d)", 100 * test.top1, 100 * test.mean_class,
                  state.best_epoch)
-    return TrainResult(output, artifact.parent, run.run_id, state.epoch, state.best_epoch, val, test, stopped)
+        for name, metrics in pathways.items():
+            log.info("test, %s pathway alone: top1 %.2f%%", name, 100 * metrics.top1)
+    return TrainResult(output, artifact.parent, run.run_id, state.epoch, state.best_epoch, val, test, stopped,
+                       pathways)
 
 
 def _prepared(settings: Settings, progress: Progress) -> Path:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from sa2vp.models.backbones import BackboneError, create_backbone
-from sa2vp.models.base import AdaptedModel, LossTerms
+from sa2vp.models.base import AdaptedModel, LossTerms, PathwayClassifier
 from sa2vp.models.methods import METHODS, Method
 from sa2vp.models.sa2vp_swin import SA2VPSwin
 from sa2vp.models.sa2vp_vit import SA2VPOutput, SA2VPViT, sa2vp_loss
@@ -17,6 +17,7 @@ __all__ = [
     "BackboneError",
     "METHODS",
     "ParameterSummary",
+    "PathwayClassifier",
     "SA2VPOutput",
     "SA2VPSwin",
     "SA2VPViT",

@@ -38,6 +38,9 @@ class AdaptedModel(nn.Module):
     backbone_dropout: bool = False
     # Group name, in the parameter summary, of trainable tensors a method injected into the backbone (LoRA).
     injected_group: str = "injected"
+    # Pathways besides the one the model predicts with, each with logits of its own (SA²VP: "prompt"). A model
+    # that has any implements `pathways(images)`, returning a named tuple of logits by pathway in either mode.
+    auxiliary_pathways: tuple[str, ...] = ()
 
     def train(self, mode: bool = True) -> AdaptedModel:
         super().train(mode)
@@ -99,3 +102,17 @@ class BackboneClassifier(AdaptedModel):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(images))
+
+
+class PathwayClassifier(nn.Module):
+    """One pathway of a multi-pathway model as a classifier of its own (SA²VP's prompt pathway through the
+    shared head): what that pathway alone would predict. For evaluation, in eval mode."""
+
+    def __init__(self, model: AdaptedModel, pathway: str) -> None:
+        super().__init__()
+        if pathway not in model.auxiliary_pathways:
+            raise ValueError(f"pathway {pathway!r}: this model has {', '.join(model.auxiliary_pathways) or 'none'}")
+        self.model, self.pathway = model, pathway
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return getattr(self.model.pathways(images), self.pathway)

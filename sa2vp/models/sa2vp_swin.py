@@ -86,6 +86,7 @@ class SA2VPSwin(AdaptedModel):
     """
 
     backbone_dropout = True  # the release trains the whole model in train mode (drop-path up to 0.2)
+    auxiliary_pathways = ("prompt",)
 
     def __init__(self, backbone: SwinTransformer, num_classes: int, settings: SA2VPSettings) -> None:
         super().__init__()
@@ -108,6 +109,16 @@ class SA2VPSwin(AdaptedModel):
         reinit_linear_layers(self.cross)
 
     def forward(self, images: torch.Tensor) -> SA2VPOutput | torch.Tensor:
+        output = self._run(images, prompt_logits=self.training)
+        return output if self.training else output.base
+
+    def pathways(self, images: torch.Tensor) -> SA2VPOutput:
+        """Both pathways' logits, in either mode (in eval mode: what the prompt pathway alone predicts)."""
+        return self._run(images, prompt_logits=True)
+
+    def _run(self, images: torch.Tensor, prompt_logits: bool) -> SA2VPOutput:
+        """Both pathways; without `prompt_logits` the prompt pathway stops after the last cross stage (what it
+        does afterwards never reaches the base logits), and its logits are those of the base."""
         base = self.backbone.patch_embed(images)  # (B, H, W, C), after the patch-embedding norm
         prompt = self._embed_prompt()
         if is_stochastic(self.backbone):  # drop-path draws per image: every image needs its own prompt pathway
@@ -117,14 +128,15 @@ class SA2VPSwin(AdaptedModel):
         for s, stage in enumerate(self.backbone.layers):
             if s in self.to_prompt:
                 base, prompt = self._cross_stage(s, base, prompt)
-            elif self.training or s < last_cross:
+            elif prompt_logits or s < last_cross:
                 base, prompt = stage(base), stage(prompt)
-            else:  # eval: what the prompt does after the last cross stage never reaches the base logits
+            else:
                 base = stage(base)
         base_logits = self.head(self._pooled(base))
-        if not self.training:
-            return base_logits
-        return SA2VPOutput(base_logits, self.head(self._pooled(prompt)))
+        if not prompt_logits:
+            return SA2VPOutput(base_logits, base_logits)
+        # A prompt that never read the base is still one for the whole batch.
+        return SA2VPOutput(base_logits, self.head(self._pooled(prompt)).expand_as(base_logits))
 
     def _embed_prompt(self) -> torch.Tensor:
         """P_0 = LN_pe(U·W + b) on the patch grid, (1, H, W, C); timm's Swin has no absolute position embedding."""

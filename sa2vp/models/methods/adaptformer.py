@@ -98,4 +98,5 @@ def build(backbone: nn.Module, num_classes: int, settings: SA2VPSettings) -> Ada
 SEARCH_SPACE: dict[str, SearchDimension] = {
     "model.adaptformer.dim": Choice(choices=[8, 16, 32, 64]),
     "model.adaptformer.scale": FloatRange(low=0.01, high=1.0, log=True),
+    "train.lr": FloatRange(low=1e-4, high=2e-2, log=True),
 }

@@ -74,5 +74,5 @@ def build(backbone: nn.Module, num_classes: int, settings: SA2VPSettings) -> Ada
 
 SEARCH_SPACE: dict[str, SearchDimension] = {
     "model.lora.rank": Choice(choices=[4, 8, 16]),
-    "train.lr": FloatRange(low=1e-4, high=1e-2, log=True),
+    "train.lr": FloatRange(low=1e-4, high=2e-2, log=True),
 }

@@ -89,5 +89,5 @@ def build(backbone: nn.Module, num_classes: int, settings: SA2VPSettings) -> Ada
 # VPT tunes the prompt length per task (its Tab. 13: 1 … 200) and the learning rate.
 SEARCH_SPACE: dict[str, SearchDimension] = {
     "model.vpt.tokens": Choice(choices=[1, 5, 10, 50]),
-    "train.lr": FloatRange(low=1e-4, high=1e-2, log=True),
+    "train.lr": FloatRange(low=1e-4, high=2e-2, log=True),
 }
