@@ -1,12 +1,15 @@
 """Pretrain the offline default backbone on the generated glyph task and check how useful it is for digits.
 
-Runs `materialise_backbone` (origin: synthetic) with the default pretraining settings, loads the written file
-the way the pipeline does (`create_backbone(weights=<file>)`), and fits a quick frozen-feature linear probe
+Runs `materialise_backbone` (origin: synthetic) with the offline backbone's pretraining settings (those of
+pipelines/backbone/params.yaml; --set changes them), or takes a weights file already made (--weights, e.g. the
+committed backbones/offline-vit12.safetensors), loads it the way the pipeline does
+(`create_backbone(weights=<file>)`), and fits a quick frozen-feature linear probe
 (standardised CLS features → scikit-learn LogisticRegression) on scikit-learn's 8×8 digits, rendered like
 `sa2vp/data/sources/digits.py` renders them and transformed like `sa2vp.data.dataset` does (stratified
 train/test split). The same architecture with random weights is the baseline: pretraining must clearly beat
 it, yet leave a linear probe short of perfect so that SA²VP has something to improve on.
 
+    python benchmarks/pretrain_offline_backbone.py --weights backbones/offline-vit12.safetensors
     python benchmarks/pretrain_offline_backbone.py
     python benchmarks/pretrain_offline_backbone.py --set pretrain.epochs=3 pretrain.classes=300 --threads 2
 """
@@ -14,6 +17,7 @@ it, yet leave a linear probe short of perfect so that SA²VP has something to im
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -34,13 +38,14 @@ from sa2vp.data.dataset import build_transform
 from sa2vp.data.progress import LineProgress
 from sa2vp.models.backbones import create_backbone
 from sa2vp.pretraining import materialise_backbone, read_metadata
-from sa2vp.settings import BackboneSettings
+from sa2vp.settings import BackboneSettings, PretrainSettings, load_settings
 
-# The planned offline default backbone (params.yaml's backbone section for the digits pipeline).
+REPO = Path(__file__).resolve().parents[1]
+# The offline default backbone (params.yaml's backbone section), pretrained as its own pipeline does.
 DEFAULT_BACKBONE: dict[str, Any] = {
     "name": "vit_tiny_patch16_224",
     "img_size": 16,
-    "model_kwargs": {"patch_size": 2, "embed_dim": 128, "depth": 4, "num_heads": 4},
+    "model_kwargs": {"patch_size": 2, "embed_dim": 64, "depth": 12, "num_heads": 4},
     "origin": "synthetic",
 }
 
@@ -48,14 +53,22 @@ DEFAULT_BACKBONE: dict[str, Any] = {
 def main() -> None:
     args = _parse()
     torch.set_num_threads(args.threads)
-    settings = _settings(args.set)
-    with tempfile.TemporaryDirectory() as folder:
-        out = Path(args.out) if args.out else Path(folder) / "backbone.safetensors"
-        started = time.perf_counter()
-        materialise_backbone(settings, out, progress=LineProgress())
-        wall = time.perf_counter() - started
-        metadata = read_metadata(out)
-        pretrained = create_backbone(settings.model_copy(update={"weights": str(out)}))
+    wall = None
+    if args.weights:  # a file already made: its architecture and pretraining settings are in its metadata
+        metadata = read_metadata(Path(args.weights))
+        settings = BackboneSettings(name=metadata["timm_name"], img_size=json.loads(metadata["img_size"]),
+                                    model_kwargs=json.loads(metadata["model_kwargs"]), origin=metadata["origin"],
+                                    pretrain=PretrainSettings.model_validate_json(metadata["pretrain"]))
+        pretrained = create_backbone(settings.model_copy(update={"weights": args.weights}))
+    else:
+        settings = _settings(args.set)
+        with tempfile.TemporaryDirectory() as folder:
+            out = Path(args.out) if args.out else Path(folder) / "backbone.safetensors"
+            started = time.perf_counter()
+            materialise_backbone(settings, out, progress=LineProgress(every=30))
+            wall = time.perf_counter() - started
+            metadata = read_metadata(out)
+            pretrained = create_backbone(settings.model_copy(update={"weights": str(out)}))
     torch.manual_seed(args.seed)
     random = create_backbone(settings.model_copy(update={"weights": "random"}))
     images, labels = _digits(pretrained)
@@ -67,7 +80,9 @@ def main() -> None:
     print(f"backbone               {settings.name} img_size={settings.img_size} {settings.model_kwargs}")
     print(f"parameters             {sum(p.numel() for p in pretrained.parameters()) / 1e6:.2f} M")
     print(f"pretraining settings   {settings.pretrain.model_dump()}")
-    print(f"pretraining wall time  {wall:.1f} s ({torch.get_num_threads()} torch threads)")
+    if wall is not None:
+        print(f"pretraining wall time  {wall:.1f} s ({settings.pretrain.threads or torch.get_num_threads()} torch "
+              "threads)")
     print(f"source-task accuracy   {float(metadata['source_accuracy']):.1%} (held out, "
           f"{settings.pretrain.classes} classes)")
     print(f"digits probe           pretrained {pre:.1%} | random weights {rnd:.1%} | raw pixels {pixels:.1%} "
@@ -78,7 +93,10 @@ def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="backbone settings over the default, e.g. pretrain.epochs=3 img_size=16")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads (the pipeline's CPU has 2 cores)")
+    parser.add_argument("--weights", default=None, help="probe this weights file (made by materialise) instead "
+                        "of pretraining; --set is then ignored")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the probe's feature extraction "
+                        "(the pipeline's CPU has 2 cores; pretraining uses pretrain.threads)")
     parser.add_argument("--test-size", type=float, default=0.3, help="fraction of the digits held out for the probe")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probe split and of the random baseline")
     parser.add_argument("--out", default=None, help="keep the weights file here (default: a temporary folder)")
@@ -86,7 +104,9 @@ def _parse() -> argparse.Namespace:
 
 
 def _settings(overrides: list[str]) -> BackboneSettings:
-    values: dict[str, Any] = {**DEFAULT_BACKBONE, "model_kwargs": dict(DEFAULT_BACKBONE["model_kwargs"])}
+    recipe = load_settings(REPO / "pipelines/backbone/params.yaml").backbone.pretrain
+    values: dict[str, Any] = {**DEFAULT_BACKBONE, "model_kwargs": dict(DEFAULT_BACKBONE["model_kwargs"]),
+                              "pretrain": recipe.model_dump()}
     for item in overrides:
         key, _, raw = item.partition("=")
         *parents, leaf = key.split(".")

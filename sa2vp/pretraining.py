@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -225,16 +226,17 @@ def pretrain(settings: BackboneSettings, progress: Progress = NO_PROGRESS) -> Pr
     measure its accuracy on held-out renderings."""
     config = settings.pretrain
     task = make_task(config)
-    # Seeded initialisation and patch dropout, without resetting the caller's global random state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = _build(settings, num_classes=task.num_classes, patch_drop=config.patch_drop)
-        size, mean, std = input_geometry(model)
-        _train(model, task, config, lambda ink: normalise(ink, mean, std), size, progress)
-    if config.patch_drop > 0:
-        model.patch_drop = nn.Identity()  # as built without patch dropout: the backbone sees every token
-    held_out, labels = generate(task, config.eval_images_per_class, size, config.seed, _HELD_OUT)
-    accuracy = accuracy_on(model, normalise(held_out, mean, std), labels)
+    with _torch_threads(config.threads):
+        # Seeded initialisation and patch dropout, without resetting the caller's global random state.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.seed)
+            model = _build(settings, num_classes=task.num_classes, patch_drop=config.patch_drop)
+            size, mean, std = input_geometry(model)
+            _train(model, task, config, lambda ink: normalise(ink, mean, std), size, progress)
+        if config.patch_drop > 0:
+            model.patch_drop = nn.Identity()  # as built without patch dropout: the backbone sees every token
+        held_out, labels = generate(task, config.eval_images_per_class, size, config.seed, _HELD_OUT)
+        accuracy = accuracy_on(model, normalise(held_out, mean, std), labels)
     model.reset_classifier(0)
     return Pretrained(model.eval(), accuracy)
 
@@ -253,6 +255,20 @@ def accuracy_on(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ba
             logits = model(images[start : start + batch_size])
             correct += int((logits.argmax(-1) == labels[start : start + batch_size]).sum())
     return correct / max(len(labels), 1)
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op thread count set to `threads` (None: left as it is) for the block, then restored."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _build(settings: BackboneSettings, num_classes: int, patch_drop: float) -> nn.Module:

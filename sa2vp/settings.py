@@ -63,6 +63,13 @@ class PretrainSettings(_Section):
         "patch_drop_rate; ViTs only, 0 for other architectures): about halves a step's cost for as much learnt "
         "per step. The materialised backbone keeps every token.",
     )
+    threads: int | None = Field(
+        None, ge=1,
+        description="CPU threads of torch while pretraining (restored afterwards); default: torch's own (the core "
+        "count). A fixed count makes the weights independent of the machine's cores (float sums depend on how "
+        "work is split), and 1 keeps a long run on a small shared machine from stalling: two multi-threaded "
+        "processes on 2 cores slow each other down many times over.",
+    )
 
     @model_validator(mode="after")
     def _warmup_within_training(self) -> PretrainSettings:
@@ -490,7 +497,9 @@ class SuiteSettings(_Section):
     overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="Dotted settings by registry group (vtab-natural, fgvc, …), dataset or variant, applied in "
-        "that order on top of the file's settings — the release's per-group values live here.",
+        "that order on top of the file's settings — the release's per-group values live here. A named ablation's "
+        "settings are pinned (tuning leaves them out of its search); a method's (e.g. `full: {train.lr: 2e-4}`) "
+        "are where its search starts, the first trial.",
     )
     output: Path = Field(Path("results"), description="Folder of the cells: <output>/<dataset>/<variant>/.")
     report: Path = Field(Path("report"), description="Folder of the results table (results.md, results.csv).")

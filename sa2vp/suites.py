@@ -24,7 +24,7 @@ from sa2vp.atomic import write_atomic
 from sa2vp.data import NO_PROGRESS, Progress, lookup
 from sa2vp.engine import fit
 from sa2vp.models import METHODS
-from sa2vp.settings import Settings, SettingsError, flatten_settings, load_settings
+from sa2vp.settings import SearchDimension, Settings, SettingsError, flatten_settings, load_settings
 from sa2vp.tracking import start_run
 from sa2vp.tuning import space_of, tune
 
@@ -64,6 +64,17 @@ def cell_settings(settings: Settings, dataset: str, variant: str) -> Settings:
     if "://" not in settings.tune.storage:  # a journal file per cell; a database URL is shared, by study name
         dotted["tune.storage"] = str(folder / "tune" / "optuna.journal")
     return load_settings(None, dotted)
+
+
+def cell_search_space(settings: Settings, cell: Settings, variant: str) -> dict[str, SearchDimension]:
+    """What tuning searches in a cell: the method's space (or tune.space), less what an ablation pins.
+
+    An ablation's own settings are what it ablates: tuning must not search them away (global window, λ = 1).
+    A method variant's settings (`full: {train.lr: 2e-4}`) are where its search starts — the first trial —
+    like the file's settings, so that every method is tuned over its whole space.
+    """
+    pinned = {} if variant in METHODS else settings.suite.overrides.get(variant, {})
+    return {key: dim for key, dim in space_of(cell).items() if key not in pinned}
 
 
 @dataclass
@@ -106,9 +117,7 @@ def run_cell(settings: Settings, dataset: str, variant: str, progress: Progress 
     folder = cell_dir(settings, dataset, variant)
     tuned: dict[str, Any] = {}
     val_top1 = None
-    # A variant's own settings are what it ablates: tuning must not search them away (global window, λ = 1).
-    pinned = settings.suite.overrides.get(variant, {})
-    space = {key: dim for key, dim in space_of(cell).items() if key not in pinned}
+    space = cell_search_space(settings, cell, variant)
     if settings.suite.tune and space:
         result = tune(cell.model_copy(update={"tune": cell.tune.model_copy(update={"space": space})}), progress)
         tuned, val_top1 = result.best_params, result.best_value
@@ -193,6 +202,8 @@ def _row(variant: str, cells: list[CellResult], groups: list[str]) -> dict[str, 
     for cell in cells:
         row[cell.dataset] = cell.mean
         row[f"{cell.dataset} std"] = cell.std
+        for pathway, values in cell.test_pathways_top1.items():
+            row[f"{cell.dataset} {pathway} pathway"] = statistics.fmean(values)
     for group in groups:
         means = [c.mean for c in cells if c.group == group]
         row[f"{group} mean"] = statistics.fmean(means)
@@ -223,6 +234,16 @@ def _markdown(settings: Settings, rows: list[dict[str, Any]], groups: list[str])
                 value += f" ± {100 * row[f'{column} std']:.2f}"
             cells.append(value)
         lines.append("| " + " | ".join(cells) + " |")
+    pathways = [row for row in rows if any(key.endswith(" pathway") for key in row)]
+    if pathways:  # SA²VP's prompt pathway through the shared head: is it learning?
+        lines += ["", "Auxiliary pathways alone, test top-1 (%), mean over seeds (the prediction uses the base pathway):",
+                  "", "| variant | " + " | ".join(suite.datasets) + " |",
+                  "|---|" + "---:|" * len(suite.datasets)]
+        for row in pathways:
+            names = sorted({key.split(" ", 1)[1] for key in row if key.endswith(" pathway")})
+            for name in names:
+                values = [f"{100 * row[f'{d} {name}']:.2f}" if f"{d} {name}" in row else "—" for d in suite.datasets]
+                lines.append(f"| {row['variant']} ({name}) | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -231,7 +252,8 @@ def _csv(rows: list[dict[str, Any]]) -> str:
     import io
 
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    fieldnames = list(dict.fromkeys(key for row in rows for key in row))  # pathway columns: SA²VP rows only
+    writer = csv.DictWriter(buffer, fieldnames=fieldnames, restval="", lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: f"{v:.6f}" if isinstance(v, float) else v for k, v in row.items()})

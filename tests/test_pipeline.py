@@ -1,9 +1,11 @@
-"""The declarative pipelines for real: `dvc repro` in a temporary copy of the repository (tiny budget), then
-the MLflow store it filled, DVC's metrics, and a second `dvc repro` that has nothing to do; then every benchmark
+"""The declarative pipelines for real: in a temporary copy of the repository (tiny budget), the offline
+backbone's own pipeline (pipelines/backbone), then `dvc repro` of the main pipeline on the file it made, the
+MLflow store it filled, DVC's metrics, and a second `dvc repro` that has nothing to do; then every benchmark
 suite under pipelines/ on fabricated tiny data in the real on-disk formats."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,11 +24,14 @@ BIN = Path(sys.executable).parent
 
 TINY = {
     "backbone.model_kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},
-    "backbone.pretrain": {"images_per_class": 20, "eval_images_per_class": 5, "epochs": 1, "classes": 8},
     "train.epochs": 1,
     "tune.n_trials": 2,
     "tune.epochs": 1,
 }
+# The offline backbone's pretraining (pipelines/backbone/params.yaml), cut to seconds.
+TINY_PRETRAIN = {"images_per_class": 20, "eval_images_per_class": 5, "epochs": 1, "classes": 8}
+# What each `dvc repro` of the main copy printed (the fixtures' runs, read by the tests).
+LOGS: dict[str, str] = {}
 
 
 def _copy_repository(dest: Path) -> Path:
@@ -78,12 +83,31 @@ def side_repository(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
 @pytest.fixture(scope="module")
 def reproduced(side_repository: tuple[Path, subprocess.Popen[str]], tmp_path_factory: pytest.TempPathFactory) -> Path:
     project = _copy_repository(tmp_path_factory.mktemp("repo"))
+    # The committed offline backbone's pipeline, on the tiny architecture: it writes the file the main one uses.
+    made = yaml.safe_load((project / "pipelines/backbone/params.yaml").read_text())
+    made["backbone"]["model_kwargs"] = TINY["backbone.model_kwargs"]
+    made["backbone"]["pretrain"].update(TINY_PRETRAIN)
+    (project / "pipelines/backbone/params.yaml").write_text(yaml.safe_dump(made, sort_keys=False))
+    LOGS["backbone"] = _dvc(project, "repro", "pipelines/backbone/dvc.yaml").stdout
     params = yaml.safe_load((project / "params.yaml").read_text())
     for key, value in TINY.items():
         _set(params, key, value)
+    # the main pipeline pins the file that pipeline wrote
+    _set(params, "backbone.sha256", hashlib.sha256((project / params["backbone"]["weights"]).read_bytes()).hexdigest())
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _dvc(project, "repro")
+    LOGS["main"] = _dvc(project, "repro").stdout
     return project
+
+
+def test_the_backbone_pipeline_makes_the_file_and_the_main_pipeline_uses_it_without_pretraining(
+        reproduced: Path) -> None:
+    assert "Running stage 'pipelines/backbone/dvc.yaml:pretrain'" in LOGS["backbone"]
+    assert "source-task accuracy" in LOGS["backbone"]
+    # upstream of the main pipeline (its stages depend on the file) and up to date: not rerun
+    assert "Running stage 'tune'" in LOGS["main"]
+    assert not any(line.startswith("Running stage 'pipelines/backbone") for line in LOGS["main"].splitlines())
+    status = _dvc(reproduced, "status", "pipelines/backbone/dvc.yaml")
+    assert "up to date" in status.stdout.lower()
 
 
 def test_dvc_repro_fills_mlflow_with_the_tuning_study_its_trials_and_the_final_run(reproduced: Path) -> None:
@@ -120,7 +144,7 @@ def test_dvc_metrics_and_a_second_repro_that_does_nothing(reproduced: Path) -> N
 # --- the benchmark suites ---------------------------------------------------------------------------------
 
 TINY_BACKBONE = {"name": "vit_tiny_patch16_224", "img_size": 16, "model_kwargs": TINY["backbone.model_kwargs"],
-                 "origin": "synthetic", "pretrain": TINY["backbone.pretrain"], "weights": "models/backbone.safetensors"}
+                 "origin": "synthetic", "pretrain": TINY_PRETRAIN, "weights": "models/backbone.safetensors"}
 
 
 def _fabricate_vtab(data: Path) -> None:
@@ -140,6 +164,7 @@ SUITE_CELLS = {
             lambda data: make_cifar10(data / "torchvision" / "cifar10", per_batch=10)),
     "ablation": (["vtab-svhn"], ["no-adapter"], [42], False, _fabricate_vtab),
     "offline": (["shapes-count"], ["vpt-deep"], [0, 1], False, None),
+    "offline-explain": (["digits"], ["no-backbone-dropout"], [0], False, None),
 }
 
 
@@ -151,8 +176,11 @@ def _tiny_suite(project: Path, suite: str) -> None:
     datasets, variants, seeds, tune, fabricate = SUITE_CELLS[suite]
     folder = project / "pipelines" / suite
     params = yaml.safe_load((folder / "params.yaml").read_text())
-    params["backbone"] = {**TINY_BACKBONE, "weights": params["backbone"]["weights"]} if suite == "offline" \
-        else dict(TINY_BACKBONE)
+    if suite.startswith("offline"):  # the main pipeline's backbone section, as in the repository (the file it pins)
+        main = yaml.safe_load((project / "params.yaml").read_text())["backbone"]
+        params["backbone"] = {**main, "weights": params["backbone"]["weights"]}
+    else:
+        params["backbone"] = dict(TINY_BACKBONE)
     # fabricated CIFAR batches cannot match the publisher's checksums
     params["data"] = {**params["data"], "render_size": 16, "verify_checksums": suite != "hta"}
     params["train"] = {**params.get("train", {}), "epochs": 1, "batch_size": 16, "warmup_epochs": 0, "num_workers": 0}
@@ -206,7 +234,8 @@ def test_suite_cells_get_the_groups_settings_and_are_tuned(suites: dict[str, Pat
     (final,) = client.search_runs([experiment.experiment_id], "attributes.run_name = 'vtab1k/vtab-svhn/sa2vp/seed-42'")
     assert final.data.params["model.prompt_rank"] == "8"  # vtab-natural's release value, from suite.overrides
     result = json.loads((suites["vtab1k"] / "pipelines/vtab1k/results/vtab-svhn/sa2vp/result.json").read_text())
-    assert set(result["tuned"]) == {"model.gamma", "model.lam", "model.window"} and result["val_top1"] is not None
+    assert set(result["tuned"]) == {"model.gamma", "model.lam", "model.window", "train.lr"}
+    assert result["val_top1"] is not None
     assert final.data.params["model.gamma"] == str(result["tuned"]["model.gamma"])
     ablation = json.loads((suites["ablation"] / "pipelines/ablation/results/vtab-svhn/no-adapter/result.json").read_text())
     assert ablation["method"] == "sa2vp" and ablation["trainable_percent"] < result["trainable_percent"]

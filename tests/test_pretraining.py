@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
 import huggingface_hub.constants
 import pytest
 import timm
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from sa2vp import pretraining
@@ -22,6 +27,9 @@ from sa2vp.pretraining import (
     read_metadata,
 )
 from sa2vp.settings import BackboneSettings, PretrainSettings, SettingsError, load_settings
+from tests.train_fixtures import invoke_sa2vp
+
+REPO = Path(__file__).resolve().parents[1]
 
 NAME = "vit_tiny_patch16_224"
 # A 4×4-token ViT small enough to pretrain in a second or two.
@@ -175,3 +183,53 @@ def test_the_weights_file_header_is_in_sorted_order(tmp_path: Path) -> None:
     with safe_open(str(tmp_path / "w.safetensors"), "pt") as handle:
         assert handle.metadata() == {"format": "pt", **metadata}
         assert torch.equal(handle.get_tensor("weight"), model.weight.detach())
+
+
+def test_materialise_in_a_log_prints_progress_while_pretraining(tmp_path: Path, monkeypatch) -> None:
+    # Not a terminal (DVC, CI): plain lines with the step count, at most every LOG_EVERY seconds — here every step.
+    from sa2vp_cli import backbone as cli_backbone
+
+    monkeypatch.setattr(cli_backbone, "LOG_EVERY", 0.0)
+    task = {"classes": 4, "max_strokes": 2, "images_per_class": 16, "eval_images_per_class": 2, "epochs": 2,
+            "batch_size": 16, "threads": 1}
+    backbone = {"name": NAME, "img_size": 16, "model_kwargs": TINY, "origin": "synthetic",
+                "weights": "backbone.safetensors", "pretrain": task}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"backbone": backbone}))
+    threads = torch.get_num_threads()
+    result = invoke_sa2vp(tmp_path, "backbone", "materialise")
+    assert torch.get_num_threads() == threads  # pretrain.threads holds only while pretraining
+    counts = [line for line in result.stderr.splitlines() if " / 8 steps" in line]
+    assert [line.split(": ")[1].split(" /")[0] for line in counts] == [str(step) for step in range(1, 9)]
+    assert "source-task accuracy" in result.stdout and (tmp_path / "backbone.safetensors").is_file()
+
+
+# --- the committed offline backbone (pipelines/backbone) -----------------------------------------------------
+
+
+def test_the_committed_offline_backbone_is_the_file_params_yaml_pins() -> None:
+    root = load_settings(REPO / "params.yaml").backbone
+    made = load_settings(REPO / "pipelines/backbone/params.yaml").backbone
+    path = REPO / root.weights
+    assert (REPO / "pipelines/backbone" / made.weights).resolve() == path.resolve()
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == root.sha256
+    # the file is the backbone pipeline's product: its dvc.lock records this very file
+    (stage,) = yaml.safe_load((REPO / "pipelines/backbone/dvc.lock").read_text())["stages"].values()
+    (out,) = stage["outs"]
+    assert (REPO / "pipelines/backbone" / out["path"]).resolve() == path.resolve()
+    assert out["md5"] == hashlib.md5(path.read_bytes()).hexdigest()
+    # it carries its architecture and how it was made, and that is what both params files say
+    metadata = read_metadata(path)
+    assert metadata["timm_name"] == root.name == made.name and metadata["origin"] == root.origin == "synthetic"
+    assert json.loads(metadata["img_size"]) == root.img_size == made.img_size
+    assert json.loads(metadata["model_kwargs"]) == root.model_kwargs == made.model_kwargs
+    assert PretrainSettings.model_validate_json(metadata["pretrain"]) == made.pretrain
+    assert float(metadata["source_accuracy"]) > 0.6  # 200 glyph classes: chance is 0.5 %
+    # the paper backbone's depth, so that SA²VP's layer schedule applies unchanged, on a square token grid
+    assert root.model_kwargs["depth"] == 12 and root.img_size % root.model_kwargs["patch_size"] == 0
+
+
+def test_the_main_pipeline_uses_the_committed_backbone_and_does_not_pretrain() -> None:
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert not any("backbone materialise" in stage["cmd"] for stage in stages.values())
+    for name in ("tune", "train", "evaluate", "linear-probe"):
+        assert "${backbone.weights}" in stages[name]["deps"], name

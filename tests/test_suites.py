@@ -12,10 +12,10 @@ import yaml
 from mlflow import MlflowClient
 
 from sa2vp.settings import SettingsError, load_settings
-from sa2vp.suites import CellResult, cell_dir, cell_settings, read_results, write_report
+from sa2vp.suites import CellResult, cell_dir, cell_search_space, cell_settings, read_results, write_report
 
 REPO = Path(__file__).resolve().parents[1]
-SUITES = ("vtab1k", "fgvc", "hta", "ablation", "offline")
+SUITES = ("vtab1k", "fgvc", "hta", "ablation", "offline", "offline-explain")
 
 
 def _suite(tmp_path: Path, **suite: object):  # noqa: ANN202
@@ -68,18 +68,40 @@ def test_each_committed_suite_is_valid_settings(suite: str) -> None:
             cell_settings(settings, dataset, variant)  # every cell's settings validate
 
 
-def test_the_offline_suite_uses_the_main_pipelines_backbone() -> None:
+@pytest.mark.parametrize("suite", ["offline", "offline-explain"])
+def test_the_offline_suites_use_the_main_pipelines_backbone(suite: str) -> None:
     root = yaml.safe_load((REPO / "params.yaml").read_text())["backbone"]
-    offline = yaml.safe_load((REPO / "pipelines/offline/params.yaml").read_text())["backbone"]
-    assert (REPO / "pipelines/offline" / offline["weights"]).resolve() == (REPO / root["weights"]).resolve()
-    for key in ("name", "img_size", "model_kwargs"):
+    offline = yaml.safe_load((REPO / "pipelines" / suite / "params.yaml").read_text())["backbone"]
+    assert (REPO / "pipelines" / suite / offline["weights"]).resolve() == (REPO / root["weights"]).resolve()
+    assert set(offline) == set(root)
+    for key in set(root) - {"weights"}:
         assert offline[key] == root[key], key
 
 
-def _write_result(settings, dataset: str, variant: str, group: str, top1: list[float], percent: float) -> None:  # noqa: ANN001
+def test_the_offline_comparison_tunes_every_method_with_the_same_budget_over_its_learning_rate() -> None:
+    settings = load_settings(REPO / "pipelines/offline/params.yaml")
+    assert settings.suite.tune and settings.tune.pruner == "none" and len(settings.suite.seeds) == 3
+    for variant in settings.suite.variants:
+        cell = cell_settings(settings, "digits", variant)
+        assert "train.lr" in cell_search_space(settings, cell, variant), variant
+        assert (cell.tune.n_trials, cell.tune.epochs) == (settings.tune.n_trials, settings.tune.epochs)
+
+
+def test_an_ablation_pins_its_settings_and_a_method_variant_only_starts_from_them(tmp_path: Path) -> None:
+    settings = _suite(tmp_path, datasets=["digits"], variants=["full", "global"],
+                      overrides={"full": {"train.lr": 0.0002}, "global": {"model.window": "global"}})
+    full = cell_settings(settings, "digits", "full")
+    assert full.train.lr == 0.0002 and set(cell_search_space(settings, full, "full")) == {"train.lr"}
+    ablation = cell_settings(settings, "digits", "global")
+    assert ablation.model.window == "global"
+    assert set(cell_search_space(settings, ablation, "global")) == {"model.gamma", "model.lam", "train.lr"}
+
+
+def _write_result(settings, dataset: str, variant: str, group: str, top1: list[float], percent: float,  # noqa: ANN001
+                  pathways: dict[str, list[float]] | None = None) -> None:
     result = CellResult(dataset=dataset, group=group, variant=variant, method=variant, seeds=[0, 1, 2][:len(top1)],
                         test_top1=top1, test_mean_class=top1, trainable_parameters=100, trainable_percent=percent,
-                        tuned={}, val_top1=None)
+                        tuned={}, val_top1=None, test_pathways_top1=pathways or {})
     folder = cell_dir(settings, dataset, variant)
     folder.mkdir(parents=True)
     (folder / "result.json").write_text(json.dumps(result.as_dict()))
@@ -91,7 +113,8 @@ def test_the_report_has_the_papers_layout_and_lands_in_mlflow(tmp_path: Path) ->
     with pytest.raises(SettingsError, match="no result for vtab-svhn / linear"):
         read_results(settings)
     for variant, shift, percent in (("linear", 0.0, 0.0), ("sa2vp", 0.1, 0.433)):
-        _write_result(settings, "vtab-svhn", variant, "vtab-natural", [0.5 + shift, 0.6 + shift], percent)
+        prompt = {"prompt": [0.2, 0.3]} if variant == "sa2vp" else None
+        _write_result(settings, "vtab-svhn", variant, "vtab-natural", [0.5 + shift, 0.6 + shift], percent, prompt)
         _write_result(settings, "vtab-dtd", variant, "vtab-natural", [0.3 + shift, 0.3 + shift], percent)
         _write_result(settings, "vtab-eurosat", variant, "vtab-specialized", [0.8 + shift, 0.9 + shift], percent)
     report = write_report(settings)
@@ -103,8 +126,11 @@ def test_the_report_has_the_papers_layout_and_lands_in_mlflow(tmp_path: Path) ->
     sa2vp = [c.strip() for c in lines[7].strip("|").split("|")]
     # svhn 65 ± 7.07 (two seeds), natural mean (65 + 40) / 2, specialized 95, overall (65 + 40 + 95) / 3
     assert sa2vp == ["sa2vp", "0.433", "65.00 ± 7.07", "40.00 ± 0.00", "95.00 ± 7.07", "52.50", "95.00", "66.67"]
+    # The prompt pathway alone, where a cell measured it (svhn's SA²VP only): mean 25 %.
+    assert "| sa2vp (prompt pathway) | 25.00 | — | — |" in lines
     rows = list(csv.DictReader(report.csv.open()))
     assert [r["variant"] for r in rows] == ["linear", "sa2vp"]
+    assert float(rows[1]["vtab-svhn prompt pathway"]) == pytest.approx(0.25) and rows[0]["vtab-svhn prompt pathway"] == ""
     assert float(rows[0]["vtab-natural mean"]) == pytest.approx(0.425)
 
     client = MlflowClient(settings.tracking.uri)

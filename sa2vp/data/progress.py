@@ -8,6 +8,7 @@ otherwise (logs, CI); library callers get `NO_PROGRESS` unless they ask.
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol, TextIO
@@ -43,19 +44,30 @@ class BarProgress:
 
 
 class LineProgress:
-    """One plain line when a step starts and one when it ends (for logs and pipes)."""
+    """One plain line when a step starts and one when it ends (for logs and pipes); with `every` (seconds),
+    also a line with the count so far at most that often while it runs, so that a long step is never silent."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, every: float | None = None) -> None:
         self._stream = stream
+        self._every = every
 
     @contextmanager
     def __call__(self, description: str, total: int | None = None, unit: str = "it") -> Iterator[Advance]:
         stream = self._stream or sys.stderr
         done = 0
+        started = last = time.monotonic()
 
         def advance(n: int = 1) -> None:
-            nonlocal done
+            nonlocal done, last
             done += n
+            if self._every is None:
+                return
+            now = time.monotonic()
+            if now - last >= self._every:
+                last = now
+                share = f" ({done / total:.0%})" if total else ""
+                print(f"{description}: {done:,}{f' / {total:,}' if total else ''} {unit}{share}, "
+                      f"{now - started:.0f} s", file=stream, flush=True)
 
         size = f" ({total:,} {unit})" if total else ""
         print(f"{description}{size} …", file=stream, flush=True)
