@@ -27,8 +27,23 @@ EXPECTED_ERRORS: tuple[type[Exception], ...] = (
 )
 RUN_FAILED = 1  # a run that started and failed for a reason the message explains (e.g. a diverging loss)
 
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+def _params_given_or_present(ctx: typer.Context, param: typer.CallbackParam, value: Path | None) -> Path | None:
+    """The params file to read: one named with -p must exist (settings_from says so if not); only the
+    implicit default params.yaml may be absent — None then, the built-in defaults."""
+    source = ctx.get_parameter_source(param.name or "")
+    # (typer vendors its own click: take the enum from the value instead of importing one)
+    if value is None or source is None or source is not type(source).DEFAULT:
+        return value
+    return value if value.is_file() else None
+
+
 ParamsOption = Annotated[
-    Path, typer.Option("--params", "-p", help="Settings file (the schema is sa2vp.settings.Settings).")
+    Path | None,
+    typer.Option("--params", "-p", callback=_params_given_or_present,
+                 help="Settings file (the schema is sa2vp.settings.Settings); default: params.yaml if present."),
 ]
 SetOption = Annotated[
     list[str] | None,
@@ -65,17 +80,39 @@ def expected_errors_exit_2(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def settings_from(params: Path, overrides: list[str] | None, files: list[Path] | None = None) -> Settings:
-    """params.yaml (if present) < SA2VP_* environment < --set-file files < --set overrides."""
+class CommandLineOption(str):
+    """A `key=value` override that a command made from one of its own options or arguments (`--epochs 3`),
+    so that an error in it is not blamed on --set."""
+
+
+def settings_from(params: Path | None, overrides: list[str] | None, files: list[Path] | None = None) -> Settings:
+    """The params file < SA2VP_* environment < --set-file files < --set overrides (and command options).
+
+    `params` is the file ParamsOption gives: one that was named must exist (a typo is an error, not the
+    built-in defaults); None: no params file. Errors name the source of the bad value."""
+    if params is not None and not params.is_file():
+        problem = "is not a file" if params.exists() else "settings file not found"
+        raise SettingsError(f"{params}: {problem} (-p/--params names a YAML file; without -p, "
+                            f"{DEFAULT_PARAMS} is read if present)")
     parsed: dict[str, Any] = {}
+    origins: dict[str, str | Path] = {}
     for path in files or []:
-        parsed.update(read_overrides(path))
+        if not path.is_file():
+            raise SettingsError(f"--set-file {path}: " + ("is not a file" if path.exists() else "file not found"))
+        for key, value in read_overrides(path).items():
+            parsed[key], origins[key] = value, path
     for item in overrides or []:
         key, sep, raw = item.partition("=")
-        if not sep or not key:
+        if not sep or not key.strip():
             raise SettingsError(f"--set {item!r}: expected KEY=VALUE, e.g. --set model.gamma=0.5")
-        parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
-    return load_settings(params if params.is_file() else None, parsed)
+        key = key.strip()
+        try:
+            parsed[key] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise SettingsError(f"--set {key}: the value {raw!r} is not valid YAML ({problem})") from None
+        origins[key] = "command line" if isinstance(item, CommandLineOption) else "--set"
+    return load_settings(params, parsed, origins)
 
 
 def is_terminal() -> bool:
@@ -84,7 +121,7 @@ def is_terminal() -> bool:
 
 def with_options(overrides: list[str] | None, options: dict[str, Any]) -> list[str]:
     """--set overrides plus a command's own options (which win; None = not given); JSON keeps values exact."""
-    given = [f"{key}={json.dumps(str(value) if isinstance(value, Path) else value)}"
+    given = [CommandLineOption(f"{key}={json.dumps(str(value) if isinstance(value, Path) else value)}")
              for key, value in options.items() if value is not None]
     return [*(overrides or []), *given]
 

@@ -3,15 +3,20 @@
 Every setting is defined here, once, with its default and its validation. params.yaml is an instance of
 `Settings`; `SA2VP_…` environment variables (nested keys joined by `__`, e.g. `SA2VP_MODEL__GAMMA=0.5`) and
 command-line overrides (`model.gamma=0.5`) are applied on top by `load_settings`. No other module keeps a
-second list of defaults.
+second list of defaults. An invalid value is refused with its source named: `--set model.gamma: …`,
+`environment SA2VP_MODEL__GAMMA: …`, `params.yaml: model.gamma: …`.
 """
 
 from __future__ import annotations
 
+import difflib
+import functools
 import json
+import os
 import re
 from collections.abc import Mapping
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -460,6 +465,9 @@ class TuneSettings(_Section):
             section = key.split(".", 1)[0]
             if "." not in key or section not in {"model", "train", "backbone"}:
                 raise ValueError(f"key {key!r}: expected a dotted setting under model., train. or backbone.")
+            # A typo would fail every trial, after the study is already written.
+            if key not in setting_keys(sections=False):
+                raise ValueError(f"key {key!r} is not a setting{did_you_mean(key)}")
         return value
 
 
@@ -523,10 +531,14 @@ class SuiteSettings(_Section):
         return self
 
 
+ENV_PREFIX = "SA2VP_"
+ENV_DELIMITER = "__"
+
+
 class Settings(BaseSettings):
     """params.yaml: one section per concern."""
 
-    model_config = SettingsConfigDict(env_prefix="SA2VP_", env_nested_delimiter="__", extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER, extra="forbid")
 
     backbone: BackboneSettings = BackboneSettings()
     model: SA2VPSettings = SA2VPSettings()
@@ -546,6 +558,8 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Precedence: explicit overrides > SA2VP_* environment > params.yaml > defaults above.
+        if not _use_environment.get():
+            return init_settings, _ParamsFileSource(settings_cls)
         return init_settings, env_settings, _ParamsFileSource(settings_cls)
 
 
@@ -553,6 +567,8 @@ _params_file: ContextVar[Path | None] = ContextVar("sa2vp_params_file", default=
 # Dotted keys given as overrides: they replace the file's value outright. (pydantic-settings deep-merges its
 # sources, which would otherwise merge an overriding mapping such as backbone.model_kwargs into the file's.)
 _overridden: ContextVar[frozenset[str]] = ContextVar("sa2vp_overridden", default=frozenset())
+# Off for settings that must not change with the shell they are read in (an artifact's saved settings).
+_use_environment: ContextVar[bool] = ContextVar("sa2vp_use_environment", default=True)
 
 
 class _ParamsFileSource(PydanticBaseSettingsSource):
@@ -598,35 +614,112 @@ def read_overrides(path: Path) -> dict[str, Any]:
     return dict(overrides)
 
 
-def load_settings(params: Path | str | None = None, overrides: Mapping[str, Any] | None = None) -> Settings:
+Origin = str | Path
+"""Where an override came from, as an error names it: a command-line label (`--set`) or a file's path."""
+
+
+def load_settings(
+    params: Path | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    origins: Mapping[str, Origin] | None = None,
+) -> Settings:
     """Settings from a params file, the environment and dotted overrides (`{"model.gamma": 0.5}`).
 
-    Raises SettingsError with one line per invalid key (`model.window: …`).
+    `origins` says where each override came from (`--set`, a --set-file's path), for the error message.
+    Raises SettingsError with one part per invalid key, each naming its source: `--set model.window: …`,
+    `environment SA2VP_MODEL__GAMMA: …`, `params.yaml: model.lam: …` (an override without an origin: the key).
     """
+    environment = environment_settings()
+    _check_environment(environment)
     token = _params_file.set(Path(params) if params is not None else None)
     keys = _overridden.set(frozenset(overrides or {}))
     try:
         return Settings(**_nest(overrides or {}))
     except ValidationError as exc:
-        raise SettingsError(describe_validation_error(exc, source=params)) from None
+        given = {key: (origins or {}).get(key) for key in overrides or {}}
+        raise SettingsError(describe_validation_error(exc, _Sources(params, given, environment))) from None
     finally:
         _params_file.reset(token)
         _overridden.reset(keys)
 
 
-def describe_validation_error(exc: ValidationError, source: Path | str | None = None) -> str:
-    """pydantic's error as `key: message (got value)` lines, prefixed by the file when there is one."""
+def environment_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The SA2VP_* variables as dotted key → variable name (`model.gamma` → `SA2VP_MODEL__GAMMA`).
+
+    Matched without regard to case, as pydantic-settings reads them."""
+    environ = os.environ if environ is None else environ
+    return {name[len(ENV_PREFIX):].lower().replace(ENV_DELIMITER, "."): name
+            for name in environ if name.upper().startswith(ENV_PREFIX)}
+
+
+@functools.cache
+def setting_keys(sections: bool = True) -> tuple[str, ...]:
+    """Every valid dotted key (`model.gamma`), with the sections themselves (`model`, `model.vpt`) unless
+    `sections` is false."""
+    flat = flatten_settings(Settings.model_construct())
+    parents = {".".join(key.split(".")[:depth]) for key in flat for depth in range(1, key.count(".") + 1)}
+    return tuple(sorted({*flat, *parents})) if sections else tuple(sorted(flat))
+
+
+def did_you_mean(key: str) -> str:
+    """`; did you mean model.gamma?` for a mistyped key, or nothing when no setting is close."""
+    close = difflib.get_close_matches(key, setting_keys(), n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _check_environment(environment: Mapping[str, str]) -> None:
+    # pydantic-settings reads only the variables of known sections; a typo in the section would be ignored.
+    for key, name in environment.items():
+        if key.split(".", 1)[0] not in Settings.model_fields:
+            raise SettingsError(f"environment {name}: unknown setting {key}{did_you_mean(key)} "
+                                f"(SA2VP_* variables are settings: SA2VP_<SECTION>__<KEY>)")
+
+
+@dataclass(frozen=True)
+class _Sources:
+    """Where the given settings came from; an error is blamed on the first that gave its key (or a key
+    above or below it), in the order of precedence: overrides, environment, params file."""
+
+    params: Path | str | None = None
+    overrides: Mapping[str, Origin | None] = field(default_factory=dict)
+    environment: Mapping[str, str] = field(default_factory=dict)
+
+    def line(self, key: str, message: str, unknown: bool) -> str:
+        """`<source> key: message`; for an unknown key, the key as it was given, with a suggestion."""
+        for given, origin in self.overrides.items():
+            if _related(given, key):
+                shown = given if unknown and given.startswith(key + ".") else key
+                text = f"{shown}: {message}{did_you_mean(shown) if unknown else ''}"
+                if origin is None:
+                    return text
+                return f"{origin}: {text}" if isinstance(origin, Path) else f"{origin} {text}"
+        for given, name in self.environment.items():
+            if _related(given, key):
+                shown = given if unknown and given.startswith(key + ".") else key
+                hint = did_you_mean(shown) if unknown else ""
+                return f"environment {name}: {message}{hint}" if shown == given else \
+                    f"environment {name}: {shown}: {message}{hint}"
+        text = f"{key}: {message}{did_you_mean(key) if unknown else ''}"
+        return f"{self.params}: {text}" if self.params is not None else text
+
+
+def _related(given: str, key: str) -> bool:
+    return given == key or given.startswith(key + ".") or key.startswith(given + ".")
+
+
+def describe_validation_error(exc: ValidationError, sources: _Sources | None = None) -> str:
+    """pydantic's errors as `<source> key: message (got value)` parts on one line, `; `-separated."""
     lines = []
     for error in exc.errors():
         key = ".".join(str(part) for part in error["loc"]) or "(root)"
         message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
+        unknown = error["type"] == "extra_forbidden"
+        if unknown:
             message = "unknown setting"
         got = error.get("input")
-        suffix = f" (got {got!r})" if error["type"] != "missing" and not isinstance(got, dict) else ""
-        lines.append(f"{key}: {message}{suffix}")
-    prefix = f"{source}: " if source is not None else ""
-    return prefix + ("; ".join(lines) if len(lines) > 1 else lines[0])
+        suffix = f" (got {got!r})" if error["type"] != "missing" and not unknown and not isinstance(got, dict) else ""
+        lines.append((sources or _Sources()).line(key, message + suffix, unknown))
+    return "; ".join(lines)
 
 
 def flatten_settings(settings: BaseModel, prefix: str = "") -> dict[str, Any]:
@@ -652,10 +745,13 @@ def settings_from_dump(dump: Mapping[str, Any], overrides: Mapping[str, Any] | N
         for part in parents:
             node = node.setdefault(part, {})
         node[leaf] = value
+    environment = _use_environment.set(False)  # model_validate runs the settings sources too
     try:
         return Settings.model_validate(tree)
     except ValidationError as exc:
         raise SettingsError(describe_validation_error(exc)) from None
+    finally:
+        _use_environment.reset(environment)
 
 
 def _nest(dotted: Mapping[str, Any]) -> dict[str, Any]:

@@ -12,8 +12,10 @@ a diverging loss) is recorded as failed and the study goes on.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,8 @@ from sa2vp.engine import EpochReport, fit
 from sa2vp.errors import TrainingDiverged
 from sa2vp.models import search_space
 from sa2vp.settings import (
-    Choice, FloatRange, IntRange, SearchDimension, Settings, SettingsError, flatten_settings, load_settings,
+    Choice, FloatRange, IntRange, SearchDimension, Settings, SettingsError, did_you_mean, flatten_settings,
+    load_settings, settings_from_dump,
 )
 from sa2vp.tracking import Run, start_run
 
@@ -54,6 +57,42 @@ def space_of(settings: Settings) -> dict[str, SearchDimension]:
     return dict(settings.tune.space) if settings.tune.space is not None else search_space(settings.model.method)
 
 
+# Settings every trial sets itself (`_objective`): searching them would be silently undone.
+FIXED_BY_TUNING = {"train.epochs": "tune.epochs sets a trial's epochs", "train.train_split": "trials train on train",
+                   "train.val_split": "trials are scored on val", "train.test_split": "trials skip the test split",
+                   "train.output": "trials write to tune.output"}
+# An integer range with more values than this is checked at its ends only.
+MAX_CHECKED_INTS = 256
+
+
+def check_space(settings: Settings, space: Mapping[str, SearchDimension]) -> None:
+    """Refuse a search space that names something other than a setting, a setting the trials fix, or a value
+    the settings refuse (each choice, each integer of a range, a float range's ends) — with one line."""
+    known = flatten_settings(settings)
+    dump = settings.model_dump(mode="json")
+    for key, dimension in space.items():
+        if key not in known:
+            raise SettingsError(f"tune.space: {key} is not a setting{did_you_mean(key)}")
+        if key in FIXED_BY_TUNING:
+            raise SettingsError(f"tune.space: {key} cannot be searched ({FIXED_BY_TUNING[key]})")
+        for value in _values_to_check(dimension):
+            try:
+                settings_from_dump(dump, {key: value})
+            except SettingsError as exc:
+                raise SettingsError(f"tune.space: {key}: the value {value!r} is not allowed: {exc}") from None
+
+
+def _values_to_check(dimension: SearchDimension) -> list[Any]:
+    if isinstance(dimension, Choice):
+        return list(dimension.choices)
+    if isinstance(dimension, IntRange):
+        values = range(dimension.low, dimension.high + 1, dimension.step)
+        return list(values) if len(values) <= MAX_CHECKED_INTS else [dimension.low, values[-1]]
+    # The settings' float limits are intervals, so the ends decide; a point inside that is no integer
+    # catches a float range over an integer setting, whose every sample but the ends would be refused.
+    return [dimension.low, dimension.high, dimension.low + (dimension.high - dimension.low) / math.pi]
+
+
 def open_study(settings: Settings) -> optuna.Study:
     """The study in tune.storage (created if new): seeded TPE, the configured pruner, maximising val top-1."""
     tune = settings.tune
@@ -76,6 +115,7 @@ def tune(settings: Settings, progress: Progress = NO_PROGRESS, n_trials: int | N
     space = space_of(settings)
     if not space:
         raise SettingsError(f"tune.space: method {settings.model.method!r} has nothing to tune; give tune.space")
+    check_space(settings, space)  # before the study exists: a bad space would fail every trial, journal written
     folder = split_dir(settings.data)
     if not (folder / "manifest.json").is_file():
         prepare(settings.data, progress)

@@ -28,7 +28,7 @@ def test_bad_setting_is_one_line_exit_2_no_traceback(tmp_path):
     result = run("model", "summary", "--set", "model.window=4", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: model.window: must be an odd integer >= 1 (3, 5, 7, …) or 'global' (got 4)"
+        "error: --set model.window: must be an odd integer >= 1 (3, 5, 7, …) or 'global' (got 4)"
     )
     assert "Traceback" not in result.stderr + result.stdout
 

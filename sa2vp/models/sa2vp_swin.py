@@ -30,7 +30,7 @@ from torch import nn
 from sa2vp.models.backbones import BackboneError
 from sa2vp.models.base import AdaptedModel, LossTerms
 from sa2vp.models.cross_block import RELEASE_NORM_EPS, LowRankPromptMap, SpatialCrossBlock, reinit_linear_layers
-from sa2vp.models.sa2vp_vit import SA2VPOutput, is_stochastic, sa2vp_loss
+from sa2vp.models.sa2vp_vit import SA2VPOutput, backbone_label, check_window, is_stochastic, sa2vp_loss
 from sa2vp.settings import SA2VPSettings, SettingsError
 
 # The release: cross attention in the third stage of Swin-B (18 blocks); the prompt queries at 0, 6 and 12.
@@ -95,6 +95,9 @@ class SA2VPSwin(AdaptedModel):
         self.backbone = backbone
         self.backbone.requires_grad_(False)
         self.to_prompt = resolve_cross_blocks(settings, [len(stage.blocks) for stage in backbone.layers])
+        for s in self.to_prompt:  # the cross blocks attend over their stage's whole grid (not Swin's windows)
+            check_window(settings, tuple(backbone.layers[s].output_resolution),
+                         f"cross stage {s} of {backbone_label(backbone)}")
         self.gamma = settings.gamma
         self.grid = tuple(backbone.patch_embed.grid_size)
 

@@ -69,6 +69,29 @@ def resolve_layers(settings: SA2VPSettings, depth: int) -> tuple[frozenset[int],
     return frozenset(to_prompt), frozenset(deep)
 
 
+def check_window(settings: SA2VPSettings, grid: tuple[int, int], where: str) -> None:
+    """Refuse a window c that is larger than the token grid allows.
+
+    Centred on any token of an h×w grid, a window of 2·max(h, w)−1 already reaches every token, so a larger
+    one adds nothing but positions outside the grid: the same attention under `clip`, only extra zero keys
+    under `zero`. Windows between max(h, w) and that bound stay allowed: they still differ near the border.
+    """
+    window = settings.window_size
+    side = max(grid)
+    largest = 2 * side - 1
+    if window is not None and window > largest:
+        raise SettingsError(
+            f"model.window: {window} is larger than the {grid[0]}×{grid[1]} token grid of {where}; allowed: odd "
+            f"1…{largest} (2·{side}−1, which already covers the whole grid) or 'global'"
+        )
+
+
+def backbone_label(backbone: nn.Module) -> str:
+    """The timm architecture name of a backbone (for messages), or its class name."""
+    config = getattr(backbone, "pretrained_cfg", None) or {}
+    return str(config.get("architecture") or type(backbone).__name__)
+
+
 class SA2VPViT(AdaptedModel):
     """SA²VP over a frozen timm VisionTransformer.
 
@@ -87,6 +110,7 @@ class SA2VPViT(AdaptedModel):
         self.backbone.requires_grad_(False)
         depth, dim = len(backbone.blocks), backbone.embed_dim
         self.grid = token_grid(backbone)
+        check_window(settings, self.grid, backbone_label(backbone))
         self.num_prefix = backbone.num_prefix_tokens
         self.to_prompt, self.deep = resolve_layers(settings, depth)
         self.gamma = settings.gamma
