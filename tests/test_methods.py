@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from sa2vp.engine import evaluate, fit, load_artifact
 from sa2vp.engine.artifact import build_seeded, save_artifact
 from sa2vp.models import METHODS, BackboneError, build_model, parameter_summary, search_space
-from sa2vp.models.backbones import freeze, weights_digest
+from sa2vp.models.backbones import data_config, freeze, weights_digest
 from sa2vp.models.cross_block import SpatialCrossBlock
 from sa2vp.models.methods.linear import LinearProbe
 from sa2vp.settings import Choice, SA2VPSettings, Settings, SettingsError, flatten_settings, load_settings
@@ -379,7 +379,10 @@ def test_the_artifact_round_trip_restores_identical_logits(method, tmp_path):
     model = build_seeded(settings, NUM_CLASSES)
     digest = weights_digest(model.backbone, model.backbone_name)  # before training, as the trainer takes it
     perturb(model)  # "trained": every saved tensor differs from what a fresh build starts with
-    record = {"classes": [str(c) for c in range(NUM_CLASSES)], "backbone": {"sha256": digest}}
+    record = {"classes": [str(c) for c in range(NUM_CLASSES)], "transform": "vtab",
+              "backbone": {"name": settings.backbone.name, "sha256": digest},
+              "data_config": data_config(model.backbone),
+              "dataset": {"manifest_hash": "sha256:" + "0" * 64}}  # the record's required fields (ArtifactRecord)
     save_artifact(tmp_path, model, settings, record)
     assert set(load_file(str(tmp_path / "model.safetensors"))) == trainable_names(model)
     loaded = load_artifact(tmp_path).model

@@ -4,28 +4,168 @@ the input transform. A few MB for ViT-B, never the frozen backbone.
 
     folder/model.safetensors   trainable tensors by parameter name
     folder/model.json          {"format": "sa2vp-artifact/1", "settings": …, "backbone": {…, "sha256"}, "classes": …}
+
+model.json is validated against `ArtifactRecord` when written and when read; every field that rebuilding or
+using the model depends on is required (a record without its backbone hash is refused, never trusted), and
+the trained tensors must be exactly the model's trainable parameters (names, shapes, dtypes, finite values).
+Any mismatch is an ArtifactError naming the file and the field.
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator
+from pydantic import model_validator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torchvision.transforms import InterpolationMode
 
 from sa2vp.atomic import atomic_path, write_atomic
-from sa2vp.errors import ArtifactError
+from sa2vp.data.registry import TransformStyle
+from sa2vp.errors import ArtifactError, BackboneError, one_line
 from sa2vp.models import AdaptedModel, build_model
-from sa2vp.models.backbones import weights_digest
-from sa2vp.settings import Settings, SettingsError, flatten_settings, settings_from_dump
+from sa2vp.models.backbones import data_config, safetensors_problem, weights_digest
+from sa2vp.settings import Settings, SettingsError, settings_from_dump
 
 FORMAT = "sa2vp-artifact/1"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "model.json"
 
+SHA256 = r"^[0-9a-f]{64}$"
+INTERPOLATIONS = tuple(mode.value for mode in InterpolationMode)  # what build_transform can resize with
+
+
+# --- the record (model.json) --------------------------------------------------------------------------------
+
+class _Part(BaseModel):
+    # An unknown key is a typo or another version's record: refused, like an unknown setting.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BackboneRecord(_Part):
+    name: str = Field(min_length=1, description="timm name; must be settings.backbone.name")
+    sha256: str = Field(pattern=SHA256, description="weights_digest of the backbone training started from")
+    weights: str | None = Field(None, description="backbone.weights at training time (for the reader)")
+    parameters: NonNegativeInt | None = None
+
+
+class DataConfigRecord(BaseModel):
+    """timm's data configuration of the backbone as built (`backbones.data_config`): the input transform."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)  # timm's dict; a newer timm may add keys
+
+    input_size: tuple[PositiveInt, PositiveInt, PositiveInt]
+    interpolation: Literal[INTERPOLATIONS]  # type: ignore[valid-type]
+    mean: tuple[float, float, float]
+    std: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]]
+    crop_pct: float | None = None
+    crop_mode: str | None = None
+
+
+class DatasetRecord(_Part):
+    name: str | None = None
+    protocol: str | None = None
+    split_dir: str | None = None
+    manifest_hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$",
+                               description="content_hash of the split manifest the model was trained and tested on")
+
+
+class MetricsRecord(_Part):
+    top1: float
+    mean_class: float
+
+
+class TrainableRecord(_Part):
+    parameters: NonNegativeInt
+    percent_of_backbone: float
+    head: NonNegativeInt
+    groups: dict[str, NonNegativeInt]
+
+
+class TrainingRecord(_Part):
+    epochs: NonNegativeInt
+    best_epoch: NonNegativeInt
+    stopped_early: bool
+    val: MetricsRecord | None
+    test: MetricsRecord | None
+    test_pathways: dict[str, MetricsRecord]
+    eval_batch_size: PositiveInt
+    mlflow_run_id: str | None
+
+
+class ArtifactRecord(_Part):
+    """model.json. Required: what rebuilding the model, checking it and feeding it depend on. Optional: what
+    only reports on the run (sizes, metrics, versions), typed when present."""
+
+    format: Literal["sa2vp-artifact/1"]
+    settings: Settings
+    backbone: BackboneRecord
+    classes: list[str] = Field(min_length=2)
+    data_config: DataConfigRecord
+    transform: TransformStyle
+    dataset: DatasetRecord
+    trainable: TrainableRecord | None = None
+    training: TrainingRecord | None = None
+    versions: dict[str, str] | None = None
+
+    @field_validator("settings", mode="before")
+    @classmethod
+    def _settings(cls, value: Any) -> Any:
+        # The same validation (and messages) as any settings; never the environment or a params file.
+        return settings_from_dump(value) if isinstance(value, dict) else value
+
+    @field_validator("classes")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        repeated = sorted(name for name, count in Counter(value).items() if count > 1)
+        if repeated:
+            raise ValueError(f"class names must be unique; repeated: {', '.join(map(repr, repeated[:5]))}")
+        return value
+
+    @model_validator(mode="after")
+    def _same_backbone(self) -> ArtifactRecord:
+        if self.backbone.name != self.settings.backbone.name:
+            raise ValueError(f"backbone.name {self.backbone.name!r} is not settings.backbone.name "
+                             f"{self.settings.backbone.name!r}")
+        return self
+
+
+def validate_record(document: Any, source: Path) -> ArtifactRecord:
+    """`document` (model.json's contents) as an ArtifactRecord, or an ArtifactError naming `source` and every
+    field that is missing or wrong."""
+    if not isinstance(document, dict):
+        raise ArtifactError(f"{source}: expected a JSON object, got {type(document).__name__}")
+    if document.get("format") != FORMAT:  # another version's record: its other fields would only be noise
+        raise ArtifactError(f"{source}: format {document.get('format')!r} is not {FORMAT!r}")
+    try:
+        return ArtifactRecord.model_validate(document)
+    except ValidationError as exc:
+        raise ArtifactError(f"{source}: {_describe(exc)}") from None
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for error in exc.errors():
+        key = ".".join(str(part) for part in error["loc"]) or "(root)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "missing":
+            message = "missing (required)"
+        elif error["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif not isinstance(error.get("input"), (dict, list)) and key != "(root)":
+            got = repr(error["input"])
+            message += f" (got {got if len(got) <= 80 else got[:79] + '…'})"
+        parts.append(f"{key}: {message}")
+    return "; ".join(parts[:6]) + (f"; … {len(parts) - 6} more" if len(parts) > 6 else "")
+
+
+# --- writing and reading --------------------------------------------------------------------------------------
 
 def build_seeded(settings: Settings, num_classes: int) -> AdaptedModel:
     """The model, initialised from `train.seed`: a randomly initialised backbone is the same every time,
@@ -37,13 +177,16 @@ def build_seeded(settings: Settings, num_classes: int) -> AdaptedModel:
 def save_artifact(folder: Path, model: AdaptedModel, settings: Settings, record: dict[str, Any]) -> Path:
     """Write model.safetensors + model.json into `folder` (each atomically); returns the JSON's path.
 
-    `record` holds what the run knows beyond the settings: classes, data_config, backbone sha256, metrics.
+    `record` holds what the run knows beyond the settings: backbone (name, sha256, …), classes, data_config,
+    transform, dataset (manifest_hash, …), and the report sections (trainable, training, versions). It is
+    validated first: an artifact that could not be loaded is never written.
     """
+    document = {"format": FORMAT, "settings": settings.model_dump(mode="json"), **record}
+    validate_record(json.loads(json.dumps(document)), folder / CONFIG_NAME)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.trainable_state_dict().items()}
     with atomic_path(folder / WEIGHTS_NAME) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT})
-    document = {"format": FORMAT, "settings": settings.model_dump(mode="json"), **record}
     text = json.dumps(document, indent=2, sort_keys=False) + "\n"
     return write_atomic(folder / CONFIG_NAME, text)
 
@@ -51,61 +194,101 @@ def save_artifact(folder: Path, model: AdaptedModel, settings: Settings, record:
 @dataclass
 class LoadedArtifact:
     model: AdaptedModel
-    settings: Settings
-    record: dict[str, Any]
+    settings: Settings  # the record's, with any override (backbone weights) applied
+    record: ArtifactRecord
 
     @property
     def classes(self) -> list[str]:
-        return list(self.record["classes"])
+        return list(self.record.classes)
 
     @property
     def data_config(self) -> dict[str, Any]:
-        return dict(self.record["data_config"])
+        return self.record.data_config.model_dump(mode="json")
 
 
-def read_record(path: Path) -> tuple[Path, dict[str, Any]]:
-    """(folder, model.json contents) of an artifact given its folder or its model.json."""
+def read_record(path: Path) -> tuple[Path, ArtifactRecord]:
+    """(folder, validated model.json) of an artifact given its folder or its model.json."""
     folder = path if path.is_dir() else path.parent
     config = folder / CONFIG_NAME
     if not config.is_file():
         raise ArtifactError(f"{path}: not an sa2vp artifact (no {CONFIG_NAME}; expected the folder `sa2vp train` "
                             "wrote, e.g. runs/train/model)")
     try:
-        record = json.loads(config.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
+        document = json.loads(config.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{config}: not valid JSON ({exc})") from None
-    if record.get("format") != FORMAT:
-        raise ArtifactError(f"{config}: format {record.get('format')!r} is not {FORMAT!r}")
-    return folder, record
+    except OSError as exc:
+        raise ArtifactError(f"{config}: cannot be read ({one_line(exc)})") from None
+    return folder, validate_record(document, config)
 
 
-def load_artifact(path: Path, backbone_weights: str | None = None, check_backbone: bool = True) -> LoadedArtifact:
+def load_artifact(path: Path, backbone_weights: str | None = None) -> LoadedArtifact:
     """Rebuild the trained model: backbone from its settings (or `backbone_weights`), trained tensors on top.
 
-    The backbone's weights must hash to what the model was trained on; otherwise the predictions would be
-    quietly wrong, so this is an error naming both hashes.
+    Refused with an ArtifactError naming the file: a record that does not validate (`read_record`), a backbone
+    whose weights do not hash to what the model was trained on (the predictions would be quietly wrong; the
+    error names both hashes), a data_config for another input size, trained tensors that are not exactly the
+    model's trainable parameters (`read_tensors`).
     """
     folder, record = read_record(path)
+    config = folder / CONFIG_NAME
+    source = f"{config}" if backbone_weights is None else f"{config} with --backbone-weights {backbone_weights}"
     overrides = {"backbone.weights": backbone_weights} if backbone_weights is not None else {}
     try:
-        settings = settings_from_dump(record["settings"], overrides)
-    except SettingsError as exc:
-        raise ArtifactError(f"{folder / CONFIG_NAME}: its settings are not valid here: {exc}") from None
-    model = build_seeded(settings, len(record["classes"]))
-    expected = record.get("backbone", {}).get("sha256")
-    if check_backbone and expected:
-        actual = weights_digest(model.backbone, model.backbone_name)
-        if actual != expected:
-            raise ArtifactError(
-                f"{folder}: backbone {settings.backbone.name} with weights={settings.backbone.weights!r} has "
-                f"sha256 {actual[:12]}…, but the model was trained on {expected[:12]}…; pass the weights it was "
-                "trained on (--backbone-weights)"
-            )
-    weights = folder / WEIGHTS_NAME
+        settings = settings_from_dump(record.settings.model_dump(mode="json"), overrides)
+        model = build_seeded(settings, len(record.classes))
+    except (SettingsError, BackboneError) as exc:
+        raise type(exc)(f"{source}: {exc}") from None
+    _check_backbone(model, settings, record, folder)
+    _check_input_size(model, record, config)
+    model.load_trainable_state_dict(read_tensors(folder / WEIGHTS_NAME, model))
+    return LoadedArtifact(model.eval(), settings, record)
+
+
+def _check_backbone(model: AdaptedModel, settings: Settings, record: ArtifactRecord, folder: Path) -> None:
+    actual, expected = weights_digest(model.backbone, model.backbone_name), record.backbone.sha256
+    if actual != expected:
+        raise ArtifactError(
+            f"{folder}: backbone {settings.backbone.name} with weights={settings.backbone.weights!r} has "
+            f"sha256 {actual[:12]}…, but the model was trained on {expected[:12]}…; pass the weights it was "
+            "trained on (--backbone-weights)"
+        )
+
+
+def _check_input_size(model: AdaptedModel, record: ArtifactRecord, config: Path) -> None:
+    # The size the backbone is built for is fixed by the settings; a record that says otherwise would feed
+    # it images it cannot take.
+    built = tuple(data_config(model.backbone)["input_size"])
+    if record.data_config.input_size != built:
+        raise ArtifactError(f"{config}: data_config.input_size {list(record.data_config.input_size)} is not the "
+                            f"input size of the backbone its settings build, {list(built)}")
+
+
+def read_tensors(weights: Path, model: AdaptedModel) -> dict[str, torch.Tensor]:
+    """The artifact's trained tensors, which must be exactly `model`'s trainable parameters: same names,
+    shapes and dtypes, finite values (ArtifactError naming the file and the tensors otherwise)."""
     if not weights.is_file():
         raise ArtifactError(f"{weights}: missing (the artifact's trained weights)")
+    problem = safetensors_problem(weights)
+    if problem is not None:
+        raise ArtifactError(f"{weights} {problem}; an artifact's weights are read only as safetensors, the format "
+                            "`sa2vp train` writes")
     try:
-        model.load_trainable_state_dict(load_file(str(weights)))
-    except (ValueError, OSError) as exc:
-        raise ArtifactError(f"{weights}: {exc}") from None
-    return LoadedArtifact(model.eval(), settings, record)
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{weights}: not a readable safetensors file ({one_line(exc)})") from None
+    expected = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    problems = [f"missing {name}" for name in sorted(expected.keys() - tensors.keys())]
+    problems += [f"unexpected {name}" for name in sorted(tensors.keys() - expected.keys())]
+    for name in sorted(expected.keys() & tensors.keys()):
+        have, want = tensors[name], expected[name]
+        if have.shape != want.shape or have.dtype != want.dtype:
+            problems.append(f"{name} is {have.dtype} {list(have.shape)}, the model's is {want.dtype} "
+                            f"{list(want.shape)}")
+        elif have.is_floating_point() and not bool(torch.isfinite(have).all()):
+            problems.append(f"{name} holds NaN or infinite values")
+    if problems:
+        shown = "; ".join(problems[:4]) + (f"; … {len(problems) - 4} more" if len(problems) > 4 else "")
+        raise ArtifactError(f"{weights}: the trained tensors do not fit the model its {CONFIG_NAME} describes "
+                            f"({shown})")
+    return tensors

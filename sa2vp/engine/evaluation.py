@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from sa2vp.data import NO_PROGRESS, Progress, build_transform, load_image, load_split
-from sa2vp.data.splits import split_dir
+from sa2vp.data.splits import read_manifest, split_dir
 from sa2vp.engine.artifact import LoadedArtifact
 from sa2vp.engine.metrics import Metrics, evaluate_model
 from sa2vp.engine.runtime import resolve_device, resolve_precision
@@ -31,19 +31,33 @@ def evaluate(loaded: LoadedArtifact, split: str = "test", device: str | None = N
                             f"are: {have}")
     settings = loaded.settings
     folder = split_dir(settings.data)
-    dataset = load_split(folder, split, loaded.data_config, train=False)
-    if list(dataset.classes) != loaded.classes:
-        raise ArtifactError(f"{folder}: its classes differ from the artifact's; was the dataset prepared again "
-                            "with other settings?")
+    _check_same_data(folder, loaded)
+    dataset = load_split(folder, split, loaded.data_config, train=False, style=loaded.record.transform)
     target = resolve_device(device or settings.train.device)
     precision = resolve_precision(settings.train.precision, target)
-    batch = loaded.record.get("training", {}).get("eval_batch_size", settings.train.eval_batch_size)
-    loader = DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=settings.train.num_workers,
+    # The batch size the run evaluated with (its settings, as recorded): batch composition can move the last
+    # bits of the logits, and evaluate reproduces the recorded test accuracy exactly.
+    loader = DataLoader(dataset, batch_size=settings.train.eval_batch_size, shuffle=False,
+                        num_workers=settings.train.num_workers,
                         pin_memory=target.type == "cuda")
     model = loaded.model.to(target)
     if pathway is not None:
         model = PathwayClassifier(model, pathway)
     return evaluate_model(model, loader, len(loaded.classes), target, precision, progress, f"evaluating {split}")
+
+
+def _check_same_data(folder: Path, loaded: LoadedArtifact) -> None:
+    """The split folder must be the one the model was trained and tested on: same classes in the same order
+    (else every label is misread), same split lists (else "test" may hold training images)."""
+    manifest = read_manifest(folder)
+    if list(manifest.classes) != loaded.classes:
+        raise ArtifactError(f"{folder}: its classes differ from the artifact's; was the dataset prepared again "
+                            "with other settings?")
+    recorded, now = loaded.record.dataset.manifest_hash, manifest.data.get("content_hash")
+    if now != recorded:
+        raise ArtifactError(f"{folder}: its split lists (manifest content_hash {str(now)[:19]}…) are not the ones "
+                            f"the model was trained and tested on ({recorded[:19]}…); evaluate on that data or "
+                            "train again")
 
 
 @dataclass(frozen=True)
@@ -59,7 +73,7 @@ def predict(loaded: LoadedArtifact, images: list[Path], top_k: int = 5, device: 
     for path in images:
         if not path.is_file():
             raise ArtifactError(f"{path}: no such image file")
-    transform = build_transform(loaded.data_config, str(loaded.record["transform"]), train=False)
+    transform = build_transform(loaded.data_config, loaded.record.transform, train=False)
     target = resolve_device(device or loaded.settings.train.device)
     precision = resolve_precision(loaded.settings.train.precision, target)
     model = loaded.model.to(target).eval()

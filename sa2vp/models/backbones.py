@@ -2,28 +2,34 @@
 
 Weights are never unpickled: local files must be safetensors or Google's original `.npz` (read with
 numpy's `allow_pickle=False`); hub downloads go through timm, which prefers safetensors and otherwise
-loads with `torch.load(weights_only=True)`.
+loads with `torch.load(weights_only=True)`. A local file that is not what its suffix says (a renamed pickle,
+a cut-off download, random bytes) is a BackboneError naming it before timm reads it.
 """
 
 from __future__ import annotations
 
 import difflib
 import hashlib
+import zipfile
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
+from safetensors import SafetensorError, safe_open
 from timm.layers import DropPath
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-from sa2vp.errors import BackboneError
+from sa2vp.errors import BackboneError, one_line
 from sa2vp.settings import BackboneSettings, SettingsError
 
 WEIGHT_SUFFIXES = (".safetensors", ".npz")
+ACCEPTED_WEIGHTS = ("only safetensors files (.safetensors) and Google's original NumPy checkpoints (.npz) are loaded; "
+                    "convert a pickled one with safetensors.torch.save_file")
 
 
 def create_backbone(settings: BackboneSettings) -> nn.Module:
@@ -124,13 +130,60 @@ def _from_file(name: str, path: Path, kwargs: dict[str, Any]) -> nn.Module:
         )
     if not path.is_file():
         raise SettingsError(f"backbone.weights: file not found: {path}")
+    npz = path.suffix == ".npz"
+    problem = npz_problem(path) if npz else safetensors_problem(path)
+    if problem is not None:
+        raise BackboneError(f"backbone.weights: {path} {problem}; {ACCEPTED_WEIGHTS}")
     # timm's own loader adapts the file to the model (position-embedding resampling, classifier removal);
     # `custom_load` routes .npz files to the architecture's Google-checkpoint reader.
-    overlay = {"file": str(path), "custom_load": path.suffix == ".npz"}
+    overlay = {"file": str(path), "custom_load": npz}
     try:
         return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    except (KeyError, RuntimeError, ValueError, OSError) as exc:
-        raise BackboneError(f"backbone.weights: {path} does not fit {name!r}: {exc}") from exc
+    except (KeyError, RuntimeError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error,
+            SafetensorError) as exc:  # what a damaged or foreign file makes timm's readers raise
+        hint = "; an .npz must be Google's original (JAX/Flax) checkpoint of this architecture" if npz else ""
+        raise BackboneError(f"backbone.weights: {path} does not fit {name!r}: {one_line(exc)}{hint}") from exc
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why `path` is not a readable safetensors file (header, and data as long as the header says), or None.
+
+    Checked before anything reads the tensors, so that a pickle or a cut-off download is named as such rather
+    than surfacing as a parser's error."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError) as exc:
+        return f"is not a safetensors file ({_pickle_hint(path, (_PICKLE, _TORCH_ZIP)) or one_line(exc)})"
+    return None
+
+
+def npz_problem(path: Path) -> str | None:
+    """Why `path` is not a NumPy .npz archive of plain arrays (Google's checkpoint format), or None."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = archive.namelist()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        return f"is not an .npz archive ({_pickle_hint(path, (_PICKLE,)) or one_line(exc)})"
+    others = [member for member in members if not member.endswith(".npy")]
+    if not members or others:
+        pickled = any(member.endswith(".pkl") for member in others)  # torch.save's zip holds data.pkl
+        hint = " — a torch.save checkpoint, which is never unpickled" if pickled else ""
+        return f"is a zip archive but not of NumPy arrays ({others[:3] or 'no members'}{hint})"
+    return None
+
+
+_PICKLE = b"\x80"  # how pickle (protocol 2+) output starts: legacy torch.save, .pkl
+_TORCH_ZIP = b"PK\x03\x04"  # torch.save's zip container (a zip: also how a valid .npz starts)
+
+
+def _pickle_hint(path: Path, signatures: tuple[bytes, ...]) -> str | None:
+    """'it looks like a pickled checkpoint …' when the file starts with one of `signatures`."""
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if head.startswith(signatures):
+        return "it looks like a pickled checkpoint (torch.save / .pth / .bin), which is never unpickled"
+    return None
 
 
 def freeze(model: nn.Module) -> nn.Module:
