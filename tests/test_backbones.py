@@ -71,6 +71,15 @@ def test_a_file_for_another_architecture_is_a_clear_error(tmp_path, source_vit):
         create_backbone(BackboneSettings(name="vit_small_patch16_224", weights=str(path), img_size=64))
 
 
+@pytest.mark.parametrize("rename", [lambda key: f"model.{key}", lambda key: key.replace("blocks.11.", "blocks.x.")])
+def test_a_file_whose_names_do_not_match_is_refused_not_loaded_as_partly_random(tmp_path, source_vit, rename):
+    # timm loads non-strictly once the classifier is dropped: without the check, these gave a random backbone
+    path = tmp_path / "vit.safetensors"
+    save_file({rename(k): v.contiguous() for k, v in source_vit.state_dict().items()}, str(path))
+    with pytest.raises(BackboneError, match=r"does not hold \d+ of the \d+ weights .*partly random"):
+        create_backbone(BackboneSettings(name=NAME, weights=str(path), img_size=64))
+
+
 def test_unknown_model_name_suggests_close_ones():
     with pytest.raises(SettingsError, match="did you mean vit_base_patch16_224"):
         create_backbone(BackboneSettings(name="vit_bse_patch16_224", weights="random"))

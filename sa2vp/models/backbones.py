@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import sys
 import zipfile
 import zlib
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from typing import Any
 import timm
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file
 from timm.layers import DropPath
 from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
@@ -138,11 +140,33 @@ def _from_file(name: str, path: Path, kwargs: dict[str, Any]) -> nn.Module:
     # `custom_load` routes .npz files to the architecture's Google-checkpoint reader.
     overlay = {"file": str(path), "custom_load": npz}
     try:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except (KeyError, RuntimeError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error,
             SafetensorError) as exc:  # what a damaged or foreign file makes timm's readers raise
         hint = "; an .npz must be Google's original (JAX/Flax) checkpoint of this architecture" if npz else ""
         raise BackboneError(f"backbone.weights: {path} does not fit {name!r}: {one_line(exc)}{hint}") from exc
+    if not npz:
+        _require_every_weight(model, name, path)
+    return model
+
+
+def _require_every_weight(model: nn.Module, name: str, path: Path) -> None:
+    """Refuse a file that leaves backbone weights at their random init.
+
+    timm loads a file non-strictly once the classifier is dropped (num_classes=0), so a file whose names do not
+    match (a `model.` prefix, another architecture's layout) would otherwise give a silently random backbone."""
+    state = load_file(str(path))
+    adapt = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if adapt is not None:  # the architecture's own renaming of older layouts, as timm applies it when loading
+        state = adapt(state, model)
+    missing = [key for key in model.state_dict() if key not in state]
+    if missing:
+        unexpected = sorted(set(state) - set(model.state_dict()))
+        raise BackboneError(
+            f"backbone.weights: {path} does not hold {len(missing)} of the {len(model.state_dict())} weights of "
+            f"{name!r} (e.g. {missing[:3]}; the file has e.g. {unexpected[:3]}): a model built from it would be "
+            "partly random. Use a file written for this architecture, e.g. by `sa2vp backbone materialise`"
+        )
 
 
 def safetensors_problem(path: Path) -> str | None:
