@@ -53,7 +53,8 @@ def test_folder_entries(tmp_path: Path) -> None:
     info = lookup(f"folder:{tmp_path}")
     assert info.source == "folder" and info.protocol == "holdout" and info.folder == str(tmp_path)
     settings = DataSettings(dataset=f"folder:{tmp_path}", root=tmp_path / "data")
-    assert split_dir(settings) == tmp_path / "data" / "splits" / f"folder-{tmp_path.name}" / "holdout-seed42"
+    assert split_dir(settings) == tmp_path / "data" / "splits" / info.slug / "holdout-seed42"
+    assert info.slug.startswith(f"folder-{tmp_path.name}-")  # and a hash of the absolute path
     with pytest.raises(UnknownDatasetError):
         lookup("folder:")
 

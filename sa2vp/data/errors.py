@@ -32,4 +32,13 @@ class CorruptImageError(DataError):
 
 
 class SplitError(DataError):
-    """Split lists that are malformed, inconsistent or leak images between train, val and test."""
+    """Split lists that are malformed, inconsistent or leak images between train, val and test, or that cannot
+    train and test a classifier (fewer than two classes, a class missing from a split the protocol fills)."""
+
+
+class SplitMismatchError(DataError):
+    """A prepared split folder that was made from other data or settings than the ones asked for."""
+
+
+class UnsafePickleError(DataError):
+    """A pickle file that asks for more than the data it should hold (it could run code when loaded)."""

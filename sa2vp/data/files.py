@@ -30,6 +30,8 @@ from sa2vp.data.errors import ChecksumError, DataError, MissingDataError, Unsafe
 from sa2vp.data.progress import NO_PROGRESS, Progress
 
 MARKER = ".sa2vp-complete"
+SOURCE_NOTE = ".sa2vp-source"  # what a dataset folder was made from (see record_source)
+_DOWNLOADED = "a download"
 _CHUNK = 1 << 20
 
 
@@ -39,16 +41,21 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
         return hashlib.file_digest(handle, algorithm).hexdigest()
 
 
-def verify_checksum(path: Path, expected: str) -> None:
-    """Check a file against `md5:<hex>` or `sha256:<hex>`; ChecksumError names the file and both values."""
+def verify_checksum(path: Path, expected: str, *, can_skip: bool = True) -> None:
+    """Check a file against `md5:<hex>` or `sha256:<hex>`; ChecksumError names the file and both values.
+
+    `can_skip=False` for files whose content is executable in effect (pickles): the error then does not suggest
+    data.verify_checksums=false, only replacing the file."""
     algorithm, _, want = expected.partition(":")
     if algorithm not in ("md5", "sha256") or not want:
         raise ValueError(f"checksum {expected!r}: expected 'md5:<hex>' or 'sha256:<hex>'")
     got = file_digest(path, algorithm)
     if got != want.lower():
+        advice = " (or set data.verify_checksums=false to accept it)" if can_skip else (
+            " to fetch the publisher's file (it is a pickle: a changed one is not to be trusted)")
         raise ChecksumError(
-            f"{path}: {algorithm} is {got}, the publisher's is {want} — the file is corrupt or incomplete; "
-            f"delete it and run again (or set data.verify_checksums=false to accept it)"
+            f"{path}: {algorithm} is {got}, the publisher's is {want} — the file is corrupt, incomplete or not the "
+            f"publisher's; delete it and run again{advice}"
         )
 
 
@@ -114,16 +121,65 @@ def mark_complete(folder: Path, details: Mapping[str, Any]) -> None:
     write_atomic(Path(folder) / MARKER, json.dumps(dict(details), indent=2, sort_keys=True) + "\n")
 
 
-def link_or_copy_tree(src: Path, dst: Path) -> None:
-    """Copy a folder, hard-linking files where the file system allows (no second copy of the bytes)."""
+def record_source(folder: Path, source: Path | None) -> None:
+    """Note in `folder` what it was made from: data.source's absolute path, or a download. Kept beside the
+    completion marker, not in it: the marker goes into split manifests, which must not depend on local paths."""
+    made_from = Path(source).resolve().as_posix() if source is not None else _DOWNLOADED
+    write_atomic(Path(folder) / SOURCE_NOTE, made_from + "\n")
 
-    def link_or_copy(a: str, b: str) -> None:
+
+def check_source(folder: Path, source: Path | None) -> None:
+    """DataError when data.source names a copy other than the one the existing `folder` was made from: a
+    folder extracted from one archive is never silently kept for a `--from` of another. (A complete folder
+    without a note, made by an earlier version, is accepted.)"""
+    if source is None or not Path(folder).exists():
+        return
+    try:
+        made_from = (Path(folder) / SOURCE_NOTE).read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        if read_marker(folder) is not None:
+            return
+        made_from = ""
+    if made_from == Path(source).resolve().as_posix():
+        return
+    made = f"was made from {made_from}" if made_from else "was put there by hand"
+    raise DataError(f"{folder} {made}, not from data.source={source}; remove {folder} to rebuild it from "
+                    f"{source}, or leave data.source unset to use it as it is")
+
+
+def copy_tree(src: Path, dst: Path, progress: Progress = NO_PROGRESS) -> None:
+    """Copy a folder (a user's `--from` folder into data/): each file is cloned where the file system can
+    (btrfs, XFS, …: no second copy of the bytes until one side is written) and copied byte for byte otherwise.
+
+    Never hard-linked: a hard link is the user's own file under a second name, so anything that later writes
+    into data/ in place would write into the user's copy."""
+    with progress(f"copying {Path(src).name}", None, "files") as advance:
+
+        def clone_or_copy(a: str, b: str) -> None:
+            _clone_or_copy(a, b)
+            advance(1)
+
         try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
+            shutil.copytree(src, dst, copy_function=clone_or_copy, dirs_exist_ok=True)
+        except shutil.Error as exc:  # copytree gathers the files it could not copy: (source, target, reason)
+            first = exc.args[0][0] if exc.args and exc.args[0] else ("?", "?", str(exc))
+            raise DataError(f"could not copy {first[0]} into {dst}: {first[2]}") from None
+        except OSError as exc:
+            raise DataError(f"could not copy {src} into {dst}: {exc}") from None
 
-    shutil.copytree(src, dst, copy_function=link_or_copy, dirs_exist_ok=True)
+
+_FICLONE = 0x40049409  # linux/fs.h: ioctl(dest, FICLONE, src) shares the source's blocks copy-on-write
+
+
+def _clone_or_copy(src: str, dst: str) -> None:
+    try:
+        import fcntl
+
+        with open(src, "rb") as source, open(dst, "wb") as dest:
+            fcntl.ioctl(dest.fileno(), _FICLONE, source.fileno())
+        shutil.copystat(src, dst)
+    except (ImportError, OSError):  # no fcntl (Windows), or no clones here (ext4, tmpfs, across file systems)
+        shutil.copy2(src, dst)
 
 
 # --- archives ---------------------------------------------------------------------------------------------

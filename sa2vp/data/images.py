@@ -27,6 +27,18 @@ def load_image(path: Path) -> Image.Image:
         raise CorruptImageError(f"{path}: unreadable or truncated image ({exc})") from None
 
 
+def check_image(path: Path) -> str | None:
+    """Why the image at `path` cannot be decoded, or None when it decodes (fully: a truncated file is caught)."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except FileNotFoundError:
+        return "image file not found"
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        return f"unreadable or truncated image ({exc})"
+    return None
+
+
 def _to_rgb(image: Image.Image) -> Image.Image:
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")  # PIL's advice for palettes with transparency; alpha is dropped below

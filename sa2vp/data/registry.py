@@ -18,6 +18,8 @@ differ in their default protocol and transforms.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -58,6 +60,22 @@ class DatasetInfo:
     def protocol(self) -> Protocol:
         """The default protocol."""
         return self.protocols[0]
+
+    @property
+    def slug(self) -> str:
+        """The dataset's folder name (under `<root>/splits/`): the registry name, or for an image folder
+        `folder-<base name>-<first 8 hex digits of the sha256 of its absolute path>`, so that two folders with
+        one base name (`/a/small`, `/b/small`) never share a split folder."""
+        if self.source != "folder":
+            return self.name
+        path = Path(self.folder).resolve()
+        return f"folder-{path.name}-{hashlib.sha256(os.fsencode(path)).hexdigest()[:8]}"
+
+    @property
+    def origin(self) -> str | None:
+        """What an image folder entry was made from (its absolute path); None for registry datasets, whose
+        name says it."""
+        return Path(self.folder).resolve().as_posix() if self.source == "folder" else None
 
 
 _VTAB_ARCHIVE = "Hugging Face dataset XiN0919/VTAB-1k, file vtab-1k.zip (NOAH's pre-split VTAB-1k)"

@@ -3,11 +3,22 @@
 `prepare` writes `<root>/splits/<dataset>/<protocol>[-seed<seed>]/` with `train.txt`, `val.txt`, `trainval.txt`,
 `test.txt` (one `relative/path label` line per image, sorted by path) and `manifest.json`, written last:
 
-    {"format": "sa2vp-splits/1", "dataset", "protocol", "seed", "fractions", "transform",
+    {"format": "sa2vp-splits/1", "dataset", "source", "protocol", "seed", "fractions", "transform",
      "images": folder the paths are relative to (relative to this folder when under data.root),
      "classes": [name of label 0, …], "prepared": the dataset's completion details,
      "splits": {split: {"file", "count", "sha256", "per_class": {class: count}}},
      "skipped": [{"path", "reason"}], "content_hash": "sha256:…" of the classes and the split files}
+
+`<dataset>` is the registry name, or for `folder:<path>` `folder-<base name>-<8 hex digits of the sha256 of the
+absolute path>` (`source` in the manifest is that path), so two folders with one base name never share split
+files. A split folder is only ever used for what it was made from: `split_dir` refuses (SplitMismatchError)
+a manifest whose dataset, source folder, protocol, seed, fractions or transform differ from the settings, or
+whose images were rendered for other settings or rebuilt since (the completion marker it recorded).
+
+Before anything is written, every listed image is decoded (an unreadable one is a CorruptImageError naming
+it, or with data.skip_corrupt is left out and listed under "skipped"), and the splits must be able to train
+and test a classifier: at least two classes, each in the train split and in every part a seeded protocol holds
+out of it (SplitError naming the dataset, class and split).
 
 Protocols: `vtab1k` (the archive's train800 / val200 / train800val200 / test), `fgvc` (VPT's train / val /
 test; trainval = train ∪ val), `hta` (a seeded, stratified hold-out of `data.val_fraction` of the official
@@ -26,23 +37,28 @@ import math
 import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from sa2vp.data.catalogue import Catalogue, Item, format_list, read_list
-from sa2vp.data.errors import CorruptImageError, DataError, MissingDataError, SplitError
+from sa2vp.data.errors import CorruptImageError, DataError, MissingDataError, SplitError, SplitMismatchError
 from sa2vp.data.files import read_marker, write_atomic
-from sa2vp.data.images import load_image
+from sa2vp.data.images import check_image
 from sa2vp.data.progress import NO_PROGRESS, Progress
 from sa2vp.data.registry import DatasetInfo, lookup
-from sa2vp.data.sources import dataset_dir, fetch, read_catalogue
+from sa2vp.data.sources import dataset_dir, fetch, read_catalogue, wanted_marker
 from sa2vp.settings import DataSettings
 
 SPLITS = ("train", "val", "trainval", "test")
 MANIFEST = "manifest.json"
 FORMAT = "sa2vp-splits/1"
 _SEEDED = ("hta", "holdout")
+# The splits each protocol fills by a stratified hold-out: every class must get images in each (with the
+# remainder, "train"); the official lists of vtab1k and fgvc are used as published.
+_STRATIFIED = {"hta": ("train", "val"), "holdout": ("train", "val", "test")}
+_DECODE_THREADS = 8  # PIL releases the GIL while decoding
 
 Splits = dict[str, list[Item]]
 
@@ -144,13 +160,62 @@ def resolve_protocol(info: DatasetInfo, settings: DataSettings) -> str:
     return protocol
 
 
-def split_dir(settings: DataSettings) -> Path:
-    """Where `prepare` writes (and the loader reads) the split files of the configured dataset."""
+def split_path(settings: DataSettings) -> Path:
+    """Where `prepare` writes the split files of the configured dataset (nothing is read)."""
     info = lookup(settings.dataset)
     protocol = resolve_protocol(info, settings)
-    name = f"folder-{Path(info.folder).resolve().name}" if info.source == "folder" else info.name
     suffix = f"-seed{settings.seed}" if protocol in _SEEDED else ""
-    return Path(settings.root) / "splits" / name / f"{protocol}{suffix}"
+    return Path(settings.root) / "splits" / info.slug / f"{protocol}{suffix}"
+
+
+def split_dir(settings: DataSettings) -> Path:
+    """The split folder of the configured dataset, for reading: when it holds a manifest, that manifest must
+    have been prepared from these settings (SplitMismatchError otherwise; see `check_prepared`)."""
+    folder = split_path(settings)
+    if (folder / MANIFEST).is_file():
+        check_prepared(folder, settings)
+    return folder
+
+
+def check_prepared(folder: Path, settings: DataSettings) -> Manifest:
+    """The manifest of a prepared split folder, refused unless it was made from what `settings` ask for: the
+    same dataset (for an image folder, the same absolute path), protocol, seed, fractions and transform, from
+    images rendered for these settings and not rebuilt since. One line names the folder, the setting, both
+    values and the fix."""
+    manifest = read_manifest(folder)
+    info = lookup(settings.dataset)
+    protocol = resolve_protocol(info, settings)
+    data = manifest.data
+    rewrite = "run `sa2vp data prepare` with these settings to rewrite it"
+    identity = ("source", info.origin) if info.origin is not None else ("dataset", info.name)
+    for key, wanted, setting in (
+        (*identity, "data.dataset"),
+        ("protocol", protocol, "data.protocol"),
+        ("seed", settings.seed if protocol in _SEEDED else None, "data.seed"),
+        ("fractions", _fractions(protocol, settings), "data.val_fraction / data.test_fraction"),
+        ("transform", settings.transform or info.transform, "data.transform"),
+    ):
+        if data.get(key) != wanted:
+            raise SplitMismatchError(f"{folder} was prepared with {key} {data.get(key)!r}, but these settings "
+                                     f"({setting}) ask for {wanted!r}; {rewrite}")
+    recorded = data.get("prepared") or {}
+    wanted_files = wanted_marker(info, settings)
+    if wanted_files is not None and recorded != dict(wanted_files):
+        differ = ", ".join(f"{k}={recorded.get(k)!r} (asked: {v!r})" for k, v in wanted_files.items()
+                           if recorded.get(k) != v) or f"{recorded} (asked: {dict(wanted_files)})"
+        raise SplitMismatchError(f"{folder} was prepared from {info.name} files made with {differ}; {rewrite}")
+    # A folder prepared before prepare refused them (one class, a class missing from a split) is refused too.
+    try:
+        per_class = {name: dict(data["splits"][name]["per_class"]) for name in ("train", "val", "test")}
+    except (KeyError, TypeError, ValueError):
+        raise DataError(f"{folder / MANIFEST}: no per-class counts of train, val and test; {rewrite}") from None
+    check_classes(manifest.classes, protocol, per_class, settings, f"{folder} ({info.name}, {protocol})")
+    images = dataset_dir(info, settings)
+    current = read_marker(images) or {}
+    if recorded != current:
+        raise SplitMismatchError(f"{folder} was prepared from {images} as completed then ({recorded}), which has "
+                                 f"been rebuilt or removed since (now {current or 'not complete'}); {rewrite}")
+    return manifest
 
 
 def download(settings: DataSettings, progress: Progress = NO_PROGRESS) -> Path:
@@ -163,20 +228,63 @@ def prepare(settings: DataSettings, progress: Progress = NO_PROGRESS) -> Path:
     info = lookup(settings.dataset)
     protocol = resolve_protocol(info, settings)
     catalogue = read_catalogue(info, settings, progress)
-    splits = PROTOCOLS[protocol](catalogue, settings)
     where = f"{info.name} ({protocol})"
+    if len(catalogue.classes) < 2:  # before any protocol runs: a one-class folder is the usual case
+        check_classes(catalogue.classes, protocol, {}, settings, where)
+    splits = PROTOCOLS[protocol](catalogue, settings)
     check_disjoint(splits, where)
     _check_files_exist(catalogue.root, splits, where)
-    skipped = _scan_images(catalogue.root, splits, progress) if settings.skip_corrupt else []
+    skipped = _scan_images(catalogue.root, splits, progress)
+    if skipped and not settings.skip_corrupt:
+        first = skipped[0]
+        more = f" ({len(skipped) - 1} more unreadable images)" if len(skipped) > 1 else ""
+        raise CorruptImageError(f"{where}: {catalogue.root / first['path']}: {first['reason']}{more}; replace or "
+                                f"remove it, or set data.skip_corrupt=true to leave unreadable images out")
     if skipped:
         bad = {entry["path"] for entry in skipped}
         splits = {name: [item for item in items if item[0] not in bad] for name, items in splits.items()}
     for name in ("train", "val", "test"):
         if not splits[name]:
             raise SplitError(f"{where}: the {name} split is empty (too few images per class for the fractions?)")
-    out = split_dir(settings)
+    per_class = {name: _per_class(catalogue.classes, splits[name]) for name in ("train", "val", "test")}
+    check_classes(catalogue.classes, protocol, per_class, settings, where)
+    out = split_path(settings)
     _write(out, info, protocol, settings, catalogue, splits, skipped)
     return out
+
+
+def check_classes(classes: Sequence[str], protocol: str, per_class: Mapping[str, Mapping[str, int]],
+                  settings: DataSettings, where: str) -> None:
+    """SplitError unless the splits can train and test a classifier: at least two classes; every class in each
+    split a seeded protocol fills by stratified hold-out (hta: train, val; holdout: train, val, test); at least
+    two classes in train and in test under any protocol. `per_class`: split → class name → image count."""
+    if len(classes) < 2:
+        found = f"only class {classes[0]!r}" if classes else "no classes"
+        raise SplitError(f"{where}: {found}; a classifier needs at least two classes (an image folder needs one "
+                         f"sub-folder of images per class)")
+    stratified = _STRATIFIED.get(protocol, ())
+    for name in stratified:
+        for cls in classes:
+            if per_class[name].get(cls, 0):
+                continue
+            pool = sum(per_class[part].get(cls, 0) for part in stratified)  # what the hold-out divided
+            if not pool:
+                reason = "it has no images to split (none in the official train split?)"
+            else:
+                fraction = settings.val_fraction if name == "val" else settings.test_fraction
+                reason = (f"its {pool} image(s) are too few to hold out a {name} share at data.{name}_fraction"
+                          f"={fraction}; add images to it or remove the class")
+            raise SplitError(f"{where}: class {cls!r} has no images in the {name} split: {reason}")
+    for name in ("train", "test"):
+        present = [cls for cls in classes if per_class[name].get(cls, 0)]
+        if len(present) < 2:
+            raise SplitError(f"{where}: the {name} split holds images of {len(present)} class(es) only "
+                             f"({', '.join(map(repr, present))}); it cannot {name} a classifier")
+
+
+def _per_class(classes: Sequence[str], items: Sequence[Item]) -> dict[str, int]:
+    counts = Counter(label for _, label in items)
+    return {cls: counts.get(i, 0) for i, cls in enumerate(classes)}
 
 
 def _check_files_exist(root: Path, splits: Mapping[str, Sequence[Item]], where: str) -> None:
@@ -188,15 +296,14 @@ def _check_files_exist(root: Path, splits: Mapping[str, Sequence[Item]], where: 
 
 
 def _scan_images(root: Path, splits: Mapping[str, Sequence[Item]], progress: Progress) -> list[dict[str, str]]:
-    """Decode every listed image; the unreadable ones, with the reason."""
+    """Decode every listed image (in threads); the unreadable ones, with the reason, in path order."""
     paths = sorted({path for items in splits.values() for path, _ in items})
     skipped = []
-    with progress("checking images", len(paths), "images") as advance:
-        for path in paths:
-            try:
-                load_image(root / path)
-            except CorruptImageError as exc:
-                skipped.append({"path": path, "reason": str(exc).split(": ", 1)[-1]})
+    threads = max(1, min(_DECODE_THREADS, os.cpu_count() or 1))
+    with progress("checking images", len(paths), "images") as advance, ThreadPoolExecutor(threads) as pool:
+        for path, reason in zip(paths, pool.map(check_image, (root / p for p in paths)), strict=True):
+            if reason is not None:
+                skipped.append({"path": path, "reason": reason})
             advance(1)
     return skipped
 
@@ -204,15 +311,17 @@ def _scan_images(root: Path, splits: Mapping[str, Sequence[Item]], progress: Pro
 def _write(out: Path, info: DatasetInfo, protocol: str, settings: DataSettings, catalogue: Catalogue,
            splits: Mapping[str, Sequence[Item]], skipped: list[dict[str, str]]) -> None:
     entries: dict[str, Any] = {}
+    # A folder being rewritten (other settings) must not look prepared while its files are half new: its
+    # manifest goes first and comes back last.
+    (out / MANIFEST).unlink(missing_ok=True)
     for name in SPLITS:
         text = format_list(sorted(splits[name]))
         write_atomic(out / f"{name}.txt", text)
-        counts = Counter(label for _, label in splits[name])
         entries[name] = {
             "file": f"{name}.txt",
             "count": len(splits[name]),
             "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-            "per_class": {cls: counts.get(i, 0) for i, cls in enumerate(catalogue.classes)},
+            "per_class": _per_class(catalogue.classes, splits[name]),
         }
     content = json.dumps({"classes": catalogue.classes, "splits": {n: e["sha256"] for n, e in entries.items()}},
                          sort_keys=True)
@@ -220,6 +329,7 @@ def _write(out: Path, info: DatasetInfo, protocol: str, settings: DataSettings, 
     manifest = {
         "format": FORMAT,
         "dataset": info.name,
+        "source": info.origin,
         "protocol": protocol,
         "seed": settings.seed if seeded else None,
         "fractions": _fractions(protocol, settings),

@@ -3,10 +3,15 @@
     dataset_dir(info, settings) -> Path        where the dataset's files live
     fetch(info, settings, progress) -> Path     download / extract / verify once, then mark complete
     catalogue(info, settings, progress)         the images and official lists of a fetched dataset
+
+and, for the sources whose files depend on settings (generated sets: digits, shapes-*),
+
+    marker(info, settings) -> dict              the completion marker of the files these settings ask for
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from types import ModuleType
 
@@ -43,3 +48,10 @@ def read_catalogue(info: DatasetInfo, settings: DataSettings, progress: Progress
     """Fetch the dataset if needed and return its images and official lists."""
     fetch(info, settings, progress)
     return source_module(info).catalogue(info, settings, progress)
+
+
+def wanted_marker(info: DatasetInfo, settings: DataSettings) -> Mapping[str, object] | None:
+    """The completion marker `fetch` would leave for these settings, where the files depend on settings (None
+    where they do not: downloaded and in-place datasets, image folders)."""
+    make = getattr(source_module(info), "marker", None)
+    return make(info, settings) if make is not None else None

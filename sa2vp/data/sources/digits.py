@@ -25,10 +25,10 @@ def dataset_dir(info: DatasetInfo, settings: DataSettings) -> Path:
 def fetch(info: DatasetInfo, settings: DataSettings, progress: Progress = NO_PROGRESS) -> Path:
     """The rendered digits; rendered again when data.render_size changed."""
     folder = dataset_dir(info, settings)
-    marker = read_marker(folder)
-    if marker is not None and marker.get("render_size") == settings.render_size:
+    found = read_marker(folder)
+    if found == marker(info, settings):
         return folder
-    if marker is not None:
+    if found is not None:
         shutil.rmtree(folder)  # our own rendering at another size
     elif folder.exists():
         raise DataError(f"{folder} exists but is not a digits rendering (no completion marker); remove it")
@@ -41,8 +41,13 @@ def fetch(info: DatasetInfo, settings: DataSettings, progress: Progress = NO_PRO
             ink = Image.fromarray(np.round(pixels * (255 / 16)).astype(np.uint8), mode="L")
             ink.resize((size, size), Image.Resampling.BILINEAR).save(path, format="PNG")
             advance(1)
-        mark_complete(tmp, {"dataset": info.name, "render_size": size})
+        mark_complete(tmp, marker(info, settings))
     return folder
+
+
+def marker(info: DatasetInfo, settings: DataSettings) -> dict[str, object]:
+    """The completion marker of the rendering these settings ask for (a split prepared from another is stale)."""
+    return {"dataset": info.name, "render_size": settings.render_size}
 
 
 def catalogue(info: DatasetInfo, settings: DataSettings, progress: Progress = NO_PROGRESS) -> Catalogue:

@@ -4,7 +4,8 @@ Each set becomes `<root>/fgvc/<VPT's folder>/` (CUB_200_2011, nabirds, OxfordFlo
 Stanford-cars) holding the images under `image_dir` (registry options) and VPT's `train.json`, `val.json`,
 `test.json` (`{relative/path: class id}`). Images come from the publisher's URL, the hub (Stanford Cars, whose
 site is gone), or `data.source` (a local archive or folder; the only way for NABirds, whose terms must be
-accepted by hand). The json files come from hub dataset XiN0919/FGVC (`json.zip`) unless already there.
+accepted by hand). The json files come from hub dataset XiN0919/FGVC (`json.zip`) unless already there. A
+folder given as data.source is copied (cloned where the file system can), never hard-linked into data/.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ from pathlib import Path, PurePosixPath
 from sa2vp.data.catalogue import Catalogue, class_names_from_paths, make_catalogue
 from sa2vp.data.errors import DataError, MissingDataError, SplitError
 from sa2vp.data.files import (
-    archive_names, download_url, extract, link_or_copy_tree, mark_complete, read_marker, staging,
+    archive_names, check_source, copy_tree, download_url, extract, mark_complete, read_marker, record_source,
+    staging,
 )
 from sa2vp.data.progress import NO_PROGRESS, Progress
 from sa2vp.data.registry import DatasetInfo, normalise
@@ -37,6 +39,8 @@ def dataset_dir(info: DatasetInfo, settings: DataSettings) -> Path:
 def fetch(info: DatasetInfo, settings: DataSettings, progress: Progress = NO_PROGRESS) -> Path:
     """The set's folder with its images and VPT's json splits, marked complete."""
     folder = dataset_dir(info, settings)
+    source = Path(settings.source) if settings.source is not None else None
+    check_source(folder, source)  # a --from of another copy is refused, not silently ignored
     if read_marker(folder) is not None:
         return folder
     if folder.exists():  # images put in place by hand
@@ -47,11 +51,12 @@ def fetch(info: DatasetInfo, settings: DataSettings, progress: Progress = NO_PRO
     images = _image_source(info, settings, progress)
     with staging(folder) as tmp:
         if images.is_dir():
-            link_or_copy_tree(images, tmp)
+            copy_tree(images, tmp, progress)
         else:
             _extract_images(info, images, tmp, progress)
         _add_json_splits(info, tmp, settings, progress)
         _check_layout(info, tmp)
+        record_source(tmp, source)
         mark_complete(tmp, {"dataset": info.folder})
     return folder
 

@@ -88,11 +88,11 @@ def fetch(info: DatasetInfo, settings: DataSettings, progress: Progress = NO_PRO
         # Below one pixel per unit, 1- and 2-unit shapes merge and the loc target loses its hole.
         raise DataError(f"data.render_size={settings.render_size}: {info.name} needs at least {CANVAS_UNITS} px")
     folder = dataset_dir(info, settings)
-    expected = _marker(info, settings)
-    marker = read_marker(folder)
-    if marker == expected:
+    expected = marker(info, settings)
+    found = read_marker(folder)
+    if found == expected:
         return folder
-    if marker is not None:
+    if found is not None:
         shutil.rmtree(folder)  # our own rendering at another size or by another generator version
     elif folder.exists():
         raise DataError(f"{folder} exists but is not a {info.name} rendering (no completion marker); remove it")
@@ -270,7 +270,8 @@ def _rng(info: DatasetInfo, seed: int, *stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, _TASK_STREAMS[_task(info)], *stream])
 
 
-def _marker(info: DatasetInfo, settings: DataSettings) -> dict[str, object]:
+def marker(info: DatasetInfo, settings: DataSettings) -> dict[str, object]:
+    """The completion marker of the rendering these settings ask for (a split prepared from another is stale)."""
     return {"dataset": info.name, "generator": GENERATOR, "images": _classes(info) * int(info.options["per_class"]),
             "render_size": settings.render_size, "seed": settings.seed}
 

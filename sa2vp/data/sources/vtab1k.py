@@ -2,7 +2,9 @@
 archive, or its extracted folder.
 
 Each task becomes `<root>/vtab-1k/<task>/` holding `train800.txt`, `val200.txt`, `train800val200.txt`,
-`test.txt` (`relative/path label` lines) and the images they name. Only the requested task is extracted.
+`test.txt` (`relative/path label` lines) and the images they name. Only the requested task is extracted; an
+extracted folder given as data.source is copied (cloned where the file system can), never hard-linked, so
+nothing written under data/ can reach the user's files.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from pathlib import Path
 
 from sa2vp.data.catalogue import Catalogue, make_catalogue, read_list
 from sa2vp.data.errors import DataError, MissingDataError
-from sa2vp.data.files import archive_names, extract, link_or_copy_tree, mark_complete, read_marker, staging
+from sa2vp.data.files import (
+    archive_names, check_source, copy_tree, extract, mark_complete, read_marker, record_source, staging,
+)
 from sa2vp.data.progress import NO_PROGRESS, Progress
 from sa2vp.data.registry import DatasetInfo
 from sa2vp.data.sources.hub import hub_file
@@ -29,13 +33,14 @@ def dataset_dir(info: DatasetInfo, settings: DataSettings) -> Path:
 def fetch(info: DatasetInfo, settings: DataSettings, progress: Progress = NO_PROGRESS) -> Path:
     """The task's folder, extracted (or copied) and marked complete."""
     folder = dataset_dir(info, settings)
+    source = Path(settings.source) if settings.source is not None else None
+    check_source(folder, source)  # a --from of another copy is refused, not silently ignored
     if read_marker(folder) is not None:
         return folder
     if folder.exists():  # put in place by hand: accept it if its lists are there
         _check_lists(folder)
         mark_complete(folder, {"dataset": info.name})
         return folder
-    source = Path(settings.source) if settings.source is not None else None
     if source is not None and not source.exists():
         raise MissingDataError(f"data.source={source}: no such file or folder (expected {HUB_FILE} or the folder "
                                f"it extracts to)")
@@ -46,10 +51,11 @@ def fetch(info: DatasetInfo, settings: DataSettings, progress: Progress = NO_PRO
         archive = source
     with staging(folder) as tmp:
         if archive is None:
-            link_or_copy_tree(_task_in_folder(source, info.folder), tmp)
+            copy_tree(_task_in_folder(source, info.folder), tmp, progress)
         else:
             _extract_task(archive, info.folder, tmp, progress)
         _check_lists(tmp)
+        record_source(tmp, source)
         mark_complete(tmp, {"dataset": info.name})
     return folder
 
