@@ -3,9 +3,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -14,7 +11,8 @@ from rich.console import Console
 from rich.table import Table
 
 from sa2vp_cli.common import (
-    ParamsOption, SetFileOption, SetOption, expected_errors_exit_2, fail, progress, settings_from, with_options,
+    CommandLineOption, ParamsOption, SetFileOption, SetOption, expected_errors_exit_2, fail, progress, settings_from,
+    with_options,
 )
 
 ArtifactArgument = Annotated[
@@ -133,11 +131,10 @@ def ui(
     uri = settings.tracking.uri
     if uri.startswith(("http://", "https://")):
         fail(f"tracking.uri={uri!r} is already a tracking server: open it in a browser")
-    mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or shutil.which("mlflow")
-    if mlflow is None:
-        fail("the mlflow command is not installed in this environment")
+    from sa2vp.tracking import serve_ui
+
     typer.echo(f"MLflow UI for {uri}: http://127.0.0.1:{port}  (Ctrl-C stops it)")
-    os.execv(mlflow, [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)])
+    raise typer.Exit(serve_ui(uri, port))
 
 
 @expected_errors_exit_2
@@ -154,14 +151,22 @@ def tune(
     """Tune the method's settings on the validation split with Optuna (preparing the data if missing)."""
     import optuna
 
+    from sa2vp.settings import read_overrides
+    from sa2vp.tuning import given_settings, plan_search
     from sa2vp.tuning import tune as run_tuning
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # sa2vp logs one line per trial itself
 
     options = {"data.dataset": dataset, "tune.n_trials": n_trials, "tune.timeout": timeout, "tune.storage": storage,
                "tune.study_name": study_name}
-    settings = settings_from(params, with_options(overrides, options), files)
-    result = run_tuning(settings, progress())
+    given = with_options(overrides, options)
+    settings = settings_from(params, given, files)
+    # A searched setting given a value is pinned; where it was given, in settings_from's precedence (--set last).
+    origins = {key: str(path) for path in files or [] for key in read_overrides(path)}
+    origins.update({item.partition("=")[0].strip(): "command line" if isinstance(item, CommandLineOption) else "--set"
+                    for item in given})
+    plan = plan_search(settings, given_settings(settings, origins, params))
+    result = run_tuning(settings, progress(), plan=plan)
     best = result.study.best_trial
     typer.echo(f"study {result.study.study_name}: best of {len(result.study.trials)} trials")
     table = Table()
@@ -169,6 +174,8 @@ def tune(
     table.add_column("value", justify="right")
     for key, value in best.params.items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    for key, value in plan.values.items():
+        table.add_row(key, f"{value:.4g} (pinned)" if isinstance(value, float) else f"{value} (pinned)")
     table.add_row("trial", str(best.number))
     table.add_row("val top-1", f"{100 * result.best_value:.2f} %", style="bold")
     Console().print(table)

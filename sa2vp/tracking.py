@@ -3,22 +3,39 @@
 Everything goes through an explicit `MlflowClient` and run id (no global "active run"), so tuning can keep a
 parent run open while its trials log their own nested runs. `tracking.enabled: false` gives a disabled
 `Run` whose methods do nothing.
+
+A run is tagged with the process that owns it (pid, host) and, for a training, its output folder: a run whose
+process was killed before it could close it is found by the next run of the same output and marked KILLED
+instead of staying RUNNING forever. `check_store` fails in a moment when the store cannot be used, before
+a command prepares data or trains.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
+import logging
+import os
+import signal
+import socket
 import subprocess
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from sa2vp.errors import TrackingError
+from sa2vp.errors import TrackingError, one_line
+from sa2vp.folders import process_alive, writable_problem
 from sa2vp.settings import TrackingSettings
+
+log = logging.getLogger("sa2vp.tracking")
 
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 BATCH = 100  # MLflow's limit on params per log_batch call
+# Who owns a run: the process that has to close it, and (for a training) the folder it writes.
+PID_TAG, HOST_TAG, OUTPUT_TAG = "sa2vp.pid", "sa2vp.host", "sa2vp.output"
+PROBE_TIMEOUT = 5.0  # seconds a tracking server gets to answer the up-front check
+STOP_GRACE = 10.0  # seconds the UI's processes get to end after SIGTERM before they are killed
 
 
 def _logged(method: Any) -> Any:
@@ -85,6 +102,12 @@ class Run:
     def log_text(self, text: str, artifact_file: str) -> None:
         self.client.log_text(self.run_id, text, artifact_file)
 
+    def logged_steps(self, key: str) -> set[int]:
+        """The steps at which metric `key` is already logged (none on a disabled run)."""
+        if self.client is None:
+            return set()
+        return {metric.step for metric in self.client.get_metric_history(self.run_id, key)}
+
     @_logged
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
@@ -111,30 +134,207 @@ def start_run(
     tags: Mapping[str, Any] | None = None,
     parent_run_id: str | None = None,
     resume_run_id: str | None = None,
+    output: Path | None = None,
 ) -> Run:
     """A new run in `settings.experiment` (created if needed), nested under `parent_run_id` if given; or the
-    existing run `resume_run_id`, reopened (a resumed training continues its own run)."""
+    existing run `resume_run_id`, reopened (a resumed training continues its own run). Either way the run is
+    tagged with this process; with `output` (a training's folder) also with the folder, and the runs of that
+    folder left RUNNING by a process that is gone are marked KILLED."""
     if not settings.enabled:
         return disabled_run()
     from mlflow import MlflowClient
+    from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
 
     uri = absolute_uri(settings.uri)
-    client = MlflowClient(tracking_uri=uri)
+    owner = owner_tags(output)
     try:
+        client = MlflowClient(tracking_uri=uri)
         if resume_run_id is not None:
-            client.update_run(resume_run_id, status="RUNNING")
-            return Run(client, resume_run_id, uri)
-        experiment = client.get_experiment_by_name(settings.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(settings.experiment)
-        all_tags = {**git_tags(), **{k: str(v) for k, v in (tags or {}).items() if v is not None}}
-        if parent_run_id is not None:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        run = client.create_run(experiment_id, run_name=run_name, tags=all_tags)
+            run_id = resume_run_id
+            experiment_id = client.get_run(run_id).info.experiment_id
+            client.update_run(run_id, status="RUNNING")
+            client.log_batch(run_id, tags=[RunTag(key, value) for key, value in owner.items()])
+        else:
+            experiment = client.get_experiment_by_name(settings.experiment)
+            experiment_id = experiment.experiment_id if experiment else client.create_experiment(settings.experiment)
+            all_tags = {**git_tags(), **{k: str(v) for k, v in (tags or {}).items() if v is not None}, **owner}
+            if parent_run_id is not None:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+        if output is not None:
+            end_stale_runs(client, experiment_id, output, keep=run_id)
     except (MlflowException, OSError) as exc:
-        raise TrackingError(f"tracking.uri={settings.uri!r}: cannot log to MLflow ({exc}); check the URI or the "
-                            "server, or set tracking.enabled=false") from exc
-    return Run(client, run.info.run_id, uri)
+        raise TrackingError(f"tracking.uri={settings.uri!r}: cannot log to MLflow ({one_line(exc)}); check the URI "
+                            "or the server, or set tracking.enabled=false") from exc
+    return Run(client, run_id, uri)
+
+
+def owner_tags(output: Path | None = None) -> dict[str, str]:
+    """The tags that say which process owns a run (and which folder it writes, if given)."""
+    tags = {PID_TAG: str(os.getpid()), HOST_TAG: socket.gethostname()}
+    if output is not None:
+        tags[OUTPUT_TAG] = str(output)
+    return tags
+
+
+def end_stale_runs(client: Any, experiment_id: str, output: Path, keep: str | None = None) -> list[str]:
+    """Mark KILLED the runs of `output` that are still RUNNING although their process on this machine is gone
+    (killed before it could close its run); returns their ids. Runs of other machines are left alone: whether
+    their process lives cannot be told from here."""
+    host = socket.gethostname()
+    ended = []
+    for run in client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'"):
+        tags, run_id = run.data.tags, run.info.run_id
+        pid = tags.get(PID_TAG, "")
+        if run_id == keep or tags.get(OUTPUT_TAG) != str(output) or tags.get(HOST_TAG) != host:
+            continue
+        if not pid.isdigit() or process_alive(int(pid)):
+            continue
+        client.set_tag(run_id, "error", f"process {pid} on {host} ended without closing the run (killed)")
+        client.set_terminated(run_id, "KILLED")
+        log.info("run %s of %s was left RUNNING by process %s, which is gone: marked KILLED", run_id, output, pid)
+        ended.append(run_id)
+    return ended
+
+
+def check_store(uri: str) -> None:
+    """Fail at once, in one line, when the tracking store at `uri` cannot be used, so that a command finds out
+    before it prepares data or trains (not after an epoch, nor after MLflow's minutes of retries): a local
+    store's folder must be writable and an existing database openable; a server must answer."""
+    problem = _store_problem(absolute_uri(uri))
+    if problem is not None:
+        raise TrackingError(f"tracking.uri={uri!r}: {problem}; fix tracking.uri (or the store), or set "
+                            "tracking.enabled=false to run without MLflow")
+
+
+def _store_problem(uri: str) -> str | None:
+    from urllib.parse import urlparse
+
+    if uri.startswith(("http://", "https://")):
+        return _server_problem(uri)
+    if uri.startswith("sqlite:///"):
+        return _sqlite_problem(uri[len("sqlite:///"):].partition("?")[0])
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):  # MLflow's file store: a folder
+        problem = writable_problem(Path(parsed.path if parsed.scheme else uri))
+        return None if problem is None else f"cannot write the store's folder ({problem})"
+    return None  # other stores (databricks, postgresql, …): MLflow's own errors say what is wrong
+
+
+def _sqlite_problem(path: str) -> str | None:
+    import sqlite3
+    from urllib.parse import quote
+
+    if path in ("", ":memory:"):
+        return None
+    db = Path(path)
+    problem = writable_problem(db.parent)  # SQLite writes its journal beside the database
+    if problem is not None:
+        return f"cannot write the database's folder ({problem})"
+    if not db.exists():
+        return None  # MLflow creates it
+    if not db.is_file() or not os.access(db, os.R_OK | os.W_OK):
+        return f"{db} is not a readable and writable file"
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{quote(str(db))}?mode=rw", uri=True, timeout=5)) as conn:
+            conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as exc:
+        return f"cannot open {db} as an SQLite database ({one_line(exc)})"
+    return None
+
+
+def _server_problem(uri: str) -> str | None:
+    """One request with a short timeout to the REST API (MLflow's client would retry for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    url = f"{uri.rstrip('/')}/api/2.0/mlflow/experiments/search?max_results=1"
+    try:
+        with urllib.request.urlopen(url, timeout=PROBE_TIMEOUT):
+            return None
+    except urllib.error.HTTPError as exc:
+        if exc.code == 404:
+            return f"the server at {uri} has no MLflow REST API (HTTP 404): not an MLflow tracking server"
+        if exc.code >= 500:
+            return f"the server at {uri} fails (HTTP {exc.code} {exc.reason})"
+        return None  # 401, 403…: it answers; credentials are MLflow's business (MLFLOW_TRACKING_TOKEN, …)
+    except (urllib.error.URLError, OSError) as exc:  # refused, unknown host, timed out
+        return f"no tracking server answers at {uri} ({getattr(exc, 'reason', exc)})"
+
+
+def serve_ui(uri: str, port: int) -> int:
+    """Run `mlflow ui` on the store at `uri` (bound to 127.0.0.1) until it ends or this process is asked to
+    stop; returns its exit code (0 when stopped on request).
+
+    The server and its workers run in a session of their own; SIGTERM, SIGINT and SIGHUP sent to this process
+    are passed to that whole process group, so no worker outlives the command (`mlflow ui` itself, stopped
+    alone, leaves its workers running)."""
+    import shutil
+    import sys
+
+    mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or shutil.which("mlflow")
+    if mlflow is None:
+        raise TrackingError("the mlflow command is not installed in this environment")
+    command = [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    server: subprocess.Popen[bytes] | None = None
+    stopped: list[int] = []
+
+    def forward(signum: int, frame: Any) -> None:
+        stopped.append(signum)
+        if server is not None:
+            _signal_group(server.pid, signal.SIGINT if signum == signal.SIGINT else signal.SIGTERM)
+
+    # Handlers first: a stop that arrives while the server starts must not leave it running.
+    previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    try:
+        server = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+        if stopped:
+            _signal_group(server.pid, signal.SIGTERM)
+        code = server.wait()
+    finally:
+        if server is not None:
+            _stop_group(server.pid)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+    return 0 if stopped else code
+
+
+def _signal_group(pgid: int, signum: int) -> bool:
+    """Send `signum` to process group `pgid`; False when no process is left in it."""
+    try:
+        os.killpg(pgid, signum)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _stop_group(pgid: int) -> None:
+    """End every process left in group `pgid`: SIGTERM, STOP_GRACE seconds to go, then SIGKILL."""
+    import time
+
+    deadline = time.monotonic() + STOP_GRACE
+    if not _signal_group(pgid, signal.SIGTERM):
+        return
+    while _group_alive(pgid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    _signal_group(pgid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group `pgid` still runs (zombies waiting to be reaped do not count)."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return _signal_group(pgid, 0)
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
 
 
 def absolute_uri(uri: str) -> str:

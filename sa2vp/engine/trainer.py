@@ -1,10 +1,15 @@
 """`fit`: train an adaptation method on a prepared dataset, tracked in MLflow, resumable from any epoch.
 
 One epoch = shuffle (seeded by train.seed and the epoch) → optimiser steps with autocast, gradient accumulation
-and the per-step schedule → validation (top-1, mean per-class) → MLflow metrics → checkpoint. The best epoch
+and the per-step schedule → validation (top-1, mean per-class) → checkpoint → MLflow metrics. The best epoch
 on validation is kept (the last one when there is no validation split). At the end the kept weights are
 evaluated on the test split and written as the artifact. A killed run continues from its last checkpoint
-with `resume=True` and, on the CPU, ends with exactly the metrics of an uninterrupted run.
+with `resume=True` and, on the CPU, ends with exactly the metrics of an uninterrupted run; its MLflow run
+continues, each epoch's metrics logged once (an epoch is logged after its checkpoint is saved, and a resumed
+run first logs the checkpointed epochs its run lacks).
+
+Before any long work, the output folder must be writable and the tracking store usable; temporaries that a
+killed run left in the output folder are removed, and its run (if still RUNNING) is marked KILLED.
 """
 
 from __future__ import annotations
@@ -28,10 +33,11 @@ from sa2vp.engine.optim import build_optimizer, build_scheduler
 from sa2vp.engine.report import write_report
 from sa2vp.engine.runtime import Precision, resolve_device, resolve_precision
 from sa2vp.errors import ArtifactError, TrainingDiverged
+from sa2vp.folders import remove_stale_temporaries, writable_problem
 from sa2vp.models import AdaptedModel, PathwayClassifier, parameter_summary
 from sa2vp.models.backbones import data_config, weights_digest
-from sa2vp.settings import Settings, flatten_settings
-from sa2vp.tracking import Run, start_run
+from sa2vp.settings import Settings, SettingsError, flatten_settings
+from sa2vp.tracking import Run, check_store, start_run
 
 log = logging.getLogger("sa2vp.train")
 
@@ -97,6 +103,9 @@ def fit(
     checkpoint = load_checkpoint(settings.train.output) if resume else None
     if checkpoint is not None:
         _check_resumable(checkpoint, settings)
+    _check_destinations(settings)
+    for path in remove_stale_temporaries(settings.train.output):
+        log.info("removed %s, left by a killed run", path)
 
     folder = _prepared(settings, progress)
     manifest = read_manifest(folder)
@@ -124,8 +133,10 @@ def fit(
     summary = parameter_summary(model)
     name = run_name or settings.tracking.run_name or _default_run_name(settings)
     run = start_run(settings.tracking, name, _tags(settings, manifest, backbone_sha256), parent_run_id,
-                    resume_run_id=state.run_id)
-    if state.run_id is None:
+                    resume_run_id=state.run_id or None, output=Path(settings.train.output).resolve())
+    if checkpoint is not None:
+        _log_missing_epochs(run, state.history)
+    if not state.run_id:  # a new run (also: resumed with tracking enabled after a run without it)
         state.run_id = run.run_id
         run.log_params({**flatten_settings(settings), "trainable_parameters": summary.trainable,
                         "trainable_percent": round(summary.percent_of_backbone, 4),
@@ -142,13 +153,14 @@ def fit(
             report = _train_epoch(model, loaders, optimizer, scheduler, scaler, settings, device, precision,
                                   epoch, len(manifest.classes), progress)
             state.record(report, model)
-            run.log_metrics(report.metrics(), step=epoch)
             log.info(report.line())
             save_checkpoint(settings.train.output, {
                 "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
                 "state": state.as_dict(), "settings": flatten_settings(settings),
             })
+            # After the checkpoint: a kill before it reruns this epoch on resume, which must not log it twice.
+            run.log_metrics(report.metrics(), step=epoch)
             if on_epoch is not None and on_epoch(report):
                 stopped = True
                 break
@@ -297,6 +309,26 @@ def _loaders(settings: Settings, folder: Path, config: dict[str, Any], device: t
             loaders[key] = DataLoader(load_split(folder, split, config, train=False),
                                       batch_size=train.eval_batch_size, shuffle=False, **common)
     return loaders
+
+
+def _check_destinations(settings: Settings) -> None:
+    """Where the run will write, checked before it prepares data or trains: the output folder, the store."""
+    output = settings.train.output
+    problem = writable_problem(output)
+    if problem is not None:
+        raise SettingsError(f"train.output={str(output)!r}: cannot write there ({problem}); choose a writable "
+                            "folder (--output or --set train.output=...)")
+    if settings.tracking.enabled:
+        check_store(settings.tracking.uri)
+
+
+def _log_missing_epochs(run: Run, history: list[dict[str, Any]]) -> None:
+    """A resumed run's checkpointed epochs that its MLflow run lacks (killed between the checkpoint and the
+    logging): logged now, so that every epoch is logged exactly once."""
+    logged = run.logged_steps("lr")  # every epoch logs lr
+    for entry in history:
+        if entry["epoch"] not in logged:
+            run.log_metrics({key: value for key, value in entry.items() if key != "epoch"}, step=entry["epoch"])
 
 
 def _check_resumable(checkpoint: dict[str, Any], settings: Settings) -> None:
