@@ -26,7 +26,7 @@ from sa2vp.engine import fit
 from sa2vp.models import METHODS
 from sa2vp.settings import SearchDimension, Settings, SettingsError, flatten_settings, load_settings
 from sa2vp.tracking import start_run
-from sa2vp.tuning import space_of, tune
+from sa2vp.tuning import SearchPlan, plan_search, tune
 
 log = logging.getLogger("sa2vp.suite")
 
@@ -66,15 +66,21 @@ def cell_settings(settings: Settings, dataset: str, variant: str) -> Settings:
     return load_settings(None, dotted)
 
 
-def cell_search_space(settings: Settings, cell: Settings, variant: str) -> dict[str, SearchDimension]:
-    """What tuning searches in a cell: the method's space (or tune.space), less what an ablation pins.
+def cell_search_plan(settings: Settings, cell: Settings, variant: str) -> SearchPlan:
+    """What tuning searches in a cell: the method's space changed by tune.space, less what an ablation pins.
 
     An ablation's own settings are what it ablates: tuning must not search them away (global window, λ = 1).
-    A method variant's settings (`full: {train.lr: 2e-4}`) are where its search starts — the first trial —
-    like the file's settings, so that every method is tuned over its whole space.
+    The file's settings, the group's and dataset's overrides and a method variant's (`full: {train.lr: 2e-4}`)
+    are where the search starts — the first trial — so that every method is tuned over its whole space (unlike
+    `sa2vp tune`, where a setting given a value is pinned: a suite's variants are its pins).
     """
     pinned = {} if variant in METHODS else settings.suite.overrides.get(variant, {})
-    return {key: dim for key, dim in space_of(cell).items() if key not in pinned}
+    return plan_search(cell, pinned={key: f"suite.overrides.{variant}" for key in pinned})
+
+
+def cell_search_space(settings: Settings, cell: Settings, variant: str) -> dict[str, SearchDimension]:
+    """The dimensions of `cell_search_plan`."""
+    return cell_search_plan(settings, cell, variant).space
 
 
 @dataclass
@@ -117,9 +123,9 @@ def run_cell(settings: Settings, dataset: str, variant: str, progress: Progress 
     folder = cell_dir(settings, dataset, variant)
     tuned: dict[str, Any] = {}
     val_top1 = None
-    space = cell_search_space(settings, cell, variant)
-    if settings.suite.tune and space:
-        result = tune(cell.model_copy(update={"tune": cell.tune.model_copy(update={"space": space})}), progress)
+    plan = cell_search_plan(settings, cell, variant)
+    if settings.suite.tune and plan.space:
+        result = tune(cell, progress, plan=plan)
         tuned, val_top1 = result.best_params, result.best_value
     final = {**flatten_settings(cell), **tuned, "train.train_split": "trainval", "train.val_split": None,
              "train.test_split": "test"}
@@ -282,7 +288,6 @@ def _figure(rows: list[dict[str, Any]], groups: list[str]) -> Any:
 
 
 def _slug(dataset: str) -> str:
-    """A dataset's folder name: the registry name, or folder-<name> for folder:<path>."""
-    if dataset.startswith("folder:"):
-        return "folder-" + Path(dataset.removeprefix("folder:")).resolve().name
-    return dataset
+    """A dataset's folder, study and run name: the registry's (an image folder's carries a hash of its path,
+    so that two folders with one base name never share a cell)."""
+    return lookup(dataset).slug

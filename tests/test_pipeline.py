@@ -69,10 +69,11 @@ def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
 def side_repository(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, subprocess.Popen[str]]]:
     """A second copy where three of the suites reproduce meanwhile (a second core's worth of work)."""
     project = _copy_repository(tmp_path_factory.mktemp("side-repo"))
-    targets = [f"pipelines/{suite}" for suite in SIDE_SUITES]
     for suite in SIDE_SUITES:
         _tiny_suite(project, suite)
-    process = subprocess.Popen([str(BIN / "dvc"), "repro", "--recursive", *targets], cwd=project, text=True,
+    # each suite is a DVC project of its own: one `dvc --cd pipelines/<suite> repro` each, one after the other
+    script = " && ".join(f"dvc --cd pipelines/{suite} repro" for suite in SIDE_SUITES)
+    process = subprocess.Popen(["bash", "-c", script], cwd=project, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())
     yield project, process
     if process.poll() is None:
@@ -88,7 +89,7 @@ def reproduced(side_repository: tuple[Path, subprocess.Popen[str]], tmp_path_fac
     made["backbone"]["model_kwargs"] = TINY["backbone.model_kwargs"]
     made["backbone"]["pretrain"].update(TINY_PRETRAIN)
     (project / "pipelines/backbone/params.yaml").write_text(yaml.safe_dump(made, sort_keys=False))
-    LOGS["backbone"] = _dvc(project, "repro", "pipelines/backbone/dvc.yaml").stdout
+    LOGS["backbone"] = _dvc(project, "--cd", "pipelines/backbone", "repro").stdout
     params = yaml.safe_load((project / "params.yaml").read_text())
     for key, value in TINY.items():
         _set(params, key, value)
@@ -101,12 +102,12 @@ def reproduced(side_repository: tuple[Path, subprocess.Popen[str]], tmp_path_fac
 
 def test_the_backbone_pipeline_makes_the_file_and_the_main_pipeline_uses_it_without_pretraining(
         reproduced: Path) -> None:
-    assert "Running stage 'pipelines/backbone/dvc.yaml:pretrain'" in LOGS["backbone"]
+    assert "Running stage 'pretrain'" in LOGS["backbone"]
     assert "source-task accuracy" in LOGS["backbone"]
     # upstream of the main pipeline (its stages depend on the file) and up to date: not rerun
     assert "Running stage 'tune'" in LOGS["main"]
-    assert not any(line.startswith("Running stage 'pipelines/backbone") for line in LOGS["main"].splitlines())
-    status = _dvc(reproduced, "status", "pipelines/backbone/dvc.yaml")
+    assert "Running stage 'pretrain'" not in LOGS["main"]
+    status = _dvc(reproduced, "--cd", "pipelines/backbone", "status")
     assert "up to date" in status.stdout.lower()
 
 
@@ -135,6 +136,11 @@ def test_dvc_metrics_and_a_second_repro_that_does_nothing(reproduced: Path) -> N
     assert json.loads((reproduced / "metrics/linear.json").read_text())["test"]["top1"] >= 0.0
     shown = _dvc(reproduced, "metrics", "show", "--json")
     assert "metrics/sa2vp.json" in shown.stdout
+    plots = json.loads(_dvc(reproduced, "plots", "show", "--json").stdout)
+    assert not plots.get("errors") and {"training loss", "learning rate", "plots/sa2vp/confusion.csv"} <= set(
+        plots["data"]), plots
+    curve = json.dumps(plots["data"]["training loss"][0]["content"]["data"]["values"])
+    assert "runs/final/history.csv" in curve and "runs/linear/history.csv" in curve and "train/loss" in curve
     again = _dvc(reproduced, "repro")
     assert "Running stage" not in again.stdout, again.stdout
     status = _dvc(reproduced, "status", "dvc.yaml")  # the main pipeline (the suites have never run here)
@@ -198,7 +204,9 @@ def suites(reproduced: Path, side_repository: tuple[Path, subprocess.Popen[str]]
     for suite in SUITE_CELLS:
         if suite not in SIDE_SUITES:
             _tiny_suite(reproduced, suite)
-    _dvc(reproduced, "repro", "--recursive", *(f"pipelines/{s}" for s in SUITE_CELLS if s not in SIDE_SUITES))
+    for suite in SUITE_CELLS:
+        if suite not in SIDE_SUITES:
+            _dvc(reproduced, "--cd", f"pipelines/{suite}", "repro")
     side, process = side_repository
     output, _ = process.communicate(timeout=600)
     assert process.returncode == 0, f"dvc repro (side repository):\n{output}"
@@ -242,5 +250,16 @@ def test_suite_cells_get_the_groups_settings_and_are_tuned(suites: dict[str, Pat
 
 
 def test_a_second_suite_repro_does_nothing(suites: dict[str, Path]) -> None:
-    again = _dvc(suites["offline"], "repro", "pipelines/offline/dvc.yaml")
+    again = _dvc(suites["offline"], "--cd", "pipelines/offline", "repro")
     assert "Running stage" not in again.stdout, again.stdout
+
+
+def test_the_root_project_shows_the_main_pipeline_only(suites: dict[str, Path]) -> None:
+    """The suites are DVC projects of their own: after they ran, the root's status, DAG and experiment table
+    know nothing of them (a user's `dvc status` stays a screenful)."""
+    root = suites["offline"]
+    status = _dvc(root, "status").stdout
+    assert "up to date" in status.lower() and "pipelines/" not in status, status
+    dag = _dvc(root, "dag", "--md").stdout
+    assert "pipelines/" not in dag and "run@" not in dag and "linear-probe" in dag, dag
+    assert "suite.variants" not in _dvc(root, "params", "diff", "--all", "--md").stdout
