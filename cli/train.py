@@ -4,16 +4,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from sa2vp_cli.common import (
-    CommandLineOption, ParamsOption, SetFileOption, SetOption, expected_errors_exit_2, fail, progress, settings_from,
-    with_options,
+    CommandLineOption, DatasetOption, FromOption, ParamsOption, SetFileOption, SetOption, check_writable,
+    expected_errors_exit_2, fail, progress, settings_from, with_options,
 )
+
+if TYPE_CHECKING:
+    from sa2vp.engine import Prediction
 
 ArtifactArgument = Annotated[
     Path, typer.Argument(help="The artifact folder `sa2vp train` wrote (<train.output>/model) or its model.json.")
@@ -27,31 +30,34 @@ DeviceOption = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N 
 
 
 def train(
-    dataset: Annotated[str | None, typer.Option(help="Dataset name or folder:<path> (data.dataset).")] = None,
+    dataset: DatasetOption = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs (train.epochs).")] = None,
     device: DeviceOption = None,
     output: Annotated[Path | None, typer.Option(help="Folder for checkpoints and the artifact (train.output).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last "
                                          "checkpoint (same settings).")] = False,
+    from_: FromOption = None,
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
     files: SetFileOption = None,
 ) -> None:
-    """Train the configured method on a dataset; one MLflow run with params, curves, figures and the artifact."""
-    _train(dataset, epochs, device, output, resume, params, overrides, files)
+    """Train the configured method on a dataset; one MLflow run with params, curves, figures and the artifact.
+
+    Example: sa2vp train -d digits --epochs 20 --set model.gamma=0.5
+    """
+    _train(dataset, epochs, device, output, resume, from_, params, overrides, files)
 
 
 @expected_errors_exit_2
 def _train(dataset: str | None, epochs: int | None, device: str | None, output: Path | None, resume: bool,
-           params: Path, overrides: list[str] | None, files: list[Path] | None) -> None:
+           from_: Path | None, params: Path, overrides: list[str] | None, files: list[Path] | None) -> None:
     from sa2vp.engine import fit
 
-    options = {"data.dataset": dataset, "train.epochs": epochs, "train.device": device, "train.output": output}
+    options = {"data.dataset": dataset, "train.epochs": epochs, "train.device": device, "train.output": output,
+               "data.source": from_}
     settings = settings_from(params, with_options(overrides, options), files)
     result = fit(settings, resume=resume, progress=progress())
-    if result.test is not None:
-        typer.echo(f"test top-1 {100 * result.test.top1:.2f} %  mean per-class {100 * result.test.mean_class:.2f} %  "
-                   f"(best epoch {result.best_epoch})")
+    # The test accuracy is in the log already (the engine's `test:` line, with the best epoch): not said twice.
     typer.echo(f"artifact: {result.artifact}")
     if result.run_id:
         typer.echo(f"MLflow: run {result.run_id} in {settings.tracking.uri} (browse: sa2vp ui)")
@@ -69,7 +75,10 @@ def evaluate(
     pathway: Annotated[str | None, typer.Option(help="Score an auxiliary pathway alone instead of the model's "
                                                 "prediction: `prompt` (SA²VP's prompt pathway).")] = None,
 ) -> None:
-    """Recompute an artifact's metrics on a split of the dataset it was trained on."""
+    """Recompute an artifact's metrics on a split of the dataset it was trained on.
+
+    Example: sa2vp evaluate runs/train/model --split test --metrics-file metrics.json
+    """
     import json
 
     from sa2vp.atomic import write_atomic
@@ -79,6 +88,10 @@ def evaluate(
 
     if split not in SPLITS:
         fail(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
+    if metrics_file is not None:
+        check_writable("--metrics-file", metrics_file)
+    if plots_dir is not None:
+        check_writable("--plots-dir", plots_dir, folder=True)
     loaded = load_artifact(artifact, backbone_weights)
     metrics = run_evaluation(loaded, split, device, progress(), pathway)
     label = split if pathway is None else f"{split}, {pathway} pathway"
@@ -99,13 +112,24 @@ def predict(
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes to show per image.")] = 5,
     backbone_weights: BackboneWeightsOption = None,
     device: DeviceOption = None,
+    output: Annotated[Path | None, typer.Option(help="Also write the predictions here: a .csv (image, rank, "
+                                                "class, probability) or a .json file.")] = None,
 ) -> None:
-    """Classify image files with a trained artifact: the top-k classes and their probabilities."""
+    """Classify image files with a trained artifact: the top-k classes and their probabilities.
+
+    Example: sa2vp predict runs/train/model photo1.png photo2.jpg -k 3 --output predictions.csv
+    """
     from sa2vp.engine import load_artifact
     from sa2vp.engine import predict as classify
 
+    if output is not None:
+        if output.suffix not in (".csv", ".json"):
+            fail(f"--output {output}: expected a .csv or .json file name")
+        check_writable("--output", output)
     loaded = load_artifact(artifact, backbone_weights)
     predictions = classify(loaded, images, top_k, device)
+    if output is not None:
+        _write_predictions(output, predictions)
     table = Table(title=f"{loaded.settings.model.method} on {loaded.settings.backbone.name}")
     table.add_column("image", overflow="fold")
     table.add_column("rank", justify="right")
@@ -120,35 +144,69 @@ def predict(
     console.print(table)
 
 
+def _write_predictions(path: Path, predictions: list[Prediction]) -> None:
+    import csv
+    import io
+    import json
+
+    from sa2vp.atomic import write_atomic
+
+    rows = [{"image": str(p.image), "rank": rank, "class": name, "probability": probability}
+            for p in predictions for rank, (name, probability) in enumerate(p.top, start=1)]
+    if path.suffix == ".json":
+        write_atomic(path, json.dumps(rows, indent=2) + "\n")
+        return
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=["image", "rank", "class", "probability"], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, text.getvalue())
+
+
 @expected_errors_exit_2
 def ui(
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 5000,
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
 ) -> None:
-    """Open the MLflow UI on the project's tracking store (tracking.uri), bound to 127.0.0.1."""
+    """Open the MLflow UI on the project's tracking store (tracking.uri), bound to 127.0.0.1.
+
+    Example: sa2vp ui --port 5001
+    """
     settings = settings_from(params, overrides)
     uri = settings.tracking.uri
     if uri.startswith(("http://", "https://")):
         fail(f"tracking.uri={uri!r} is already a tracking server: open it in a browser")
     from sa2vp.tracking import serve_ui
 
-    typer.echo(f"MLflow UI for {uri}: http://127.0.0.1:{port}  (Ctrl-C stops it)")
-    raise typer.Exit(serve_ui(uri, port))
+    def waiting(seconds: float) -> None:
+        # The server takes tens of seconds to answer; its address is printed once it does.
+        typer.echo(f"starting the MLflow UI for {uri} on 127.0.0.1:{port} …" if seconds < 1 else
+                   f"still starting ({seconds:.0f} s) …", err=True)
+
+    def ready(page: str) -> None:
+        typer.echo(f"MLflow UI for {uri}: {page}  (Ctrl-C stops it)")
+
+    raise typer.Exit(serve_ui(uri, port, settings.tracking.experiment, on_ready=ready, on_waiting=waiting))
 
 
 @expected_errors_exit_2
 def tune(
-    dataset: Annotated[str | None, typer.Option(help="Registry name or folder:<path> (data.dataset).")] = None,
+    dataset: DatasetOption = None,
+    epochs: Annotated[int | None, typer.Option(help="Training epochs of each trial (tune.epochs).")] = None,
     n_trials: Annotated[int | None, typer.Option("--n-trials", help="Trials to add (tune.n_trials).")] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds after which no trial starts (tune.timeout).")] = None,
     storage: Annotated[str | None, typer.Option(help="Journal file or database URL (tune.storage).")] = None,
     study_name: Annotated[str | None, typer.Option("--study-name", help="Study (tune.study_name).")] = None,
+    from_: FromOption = None,
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
     files: SetFileOption = None,
 ) -> None:
-    """Tune the method's settings on the validation split with Optuna (preparing the data if missing)."""
+    """Tune the method's settings on the validation split with Optuna (preparing the data if missing).
+
+    Example: sa2vp tune -d digits --n-trials 10 --epochs 3
+    """
     import optuna
 
     from sa2vp.settings import read_overrides
@@ -158,7 +216,7 @@ def tune(
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # sa2vp logs one line per trial itself
 
     options = {"data.dataset": dataset, "tune.n_trials": n_trials, "tune.timeout": timeout, "tune.storage": storage,
-               "tune.study_name": study_name}
+               "tune.study_name": study_name, "tune.epochs": epochs, "data.source": from_}
     given = with_options(overrides, options)
     settings = settings_from(params, given, files)
     # A searched setting given a value is pinned; where it was given, in settings_from's precedence (--set last).

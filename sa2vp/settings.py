@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import functools
 import json
+import logging
 import os
 import re
 from collections.abc import Mapping
@@ -24,6 +25,8 @@ import yaml
 from pydantic_core import to_jsonable_python
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+log = logging.getLogger(__name__)
 
 
 class SettingsError(ValueError):
@@ -96,12 +99,17 @@ class BackboneSettings(_Section):
         "or a path to a weights file (.safetensors, or Google's original .npz).",
     )
     img_size: int | None = Field(
-        None, ge=8, description="Input resolution; default: the pretrained configuration's."
+        None, ge=8, description="Input resolution; default: the pretrained configuration's. Belongs to `name` "
+        "(see model_kwargs).",
     )
     model_kwargs: dict[str, Any] = Field(
         default_factory=dict,
         description="Extra keyword arguments for `timm.create_model` that change the architecture "
-        "(patch_size, embed_dim, depth, num_heads, …), e.g. for a small ViT on small images.",
+        "(patch_size, embed_dim, depth, num_heads, …), e.g. for a small ViT on small images. With img_size, a "
+        "weights file and sha256, it belongs to `name`: when an override (--set, SA2VP_*) changes backbone.name, "
+        "the params file's model_kwargs and img_size are left out unless the override gives one of them, and its "
+        "weights file and sha256 unless given — switching the backbone is one --set; a notice says what was left "
+        "out.",
     )
     origin: Literal["hub", "synthetic"] = Field(
         "hub",
@@ -360,6 +368,13 @@ class TrainSettings(_Section):
         "auto",
         description="`auto`: bf16 autocast on CUDA when supported, else fp16 with a gradient scaler; fp32 on CPU.",
     )
+    cpu_numerics: Literal["native", "portable"] = Field(
+        "native",
+        description="On the CPU: `native` computes with this machine's fastest kernels and all its cores (the "
+        "last bits of weights and logits differ between machines); `portable` pins torch's CPU libraries (ATen's "
+        "AVX2 kernels, MKL's COMPATIBLE branch, oneDNN off) and one thread, so that any x86-64 CPU with AVX2 "
+        "gives the same bytes for a given torch build (benchmarks/CPU_REPRODUCIBILITY.md). No effect on a GPU.",
+    )
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes.")
     train_split: Literal["train", "trainval"] = Field(
         "train", description="Split to train on: `train` (tuning) or `trainval` (final run, protocol §4)."
@@ -433,11 +448,16 @@ SearchDimension = Annotated[FloatRange | IntRange | Choice, Field(discriminator=
 class TuneSettings(_Section):
     """Optuna tuning on the validation split (`sa2vp tune`, the pipeline's tune stage)."""
 
-    space: dict[str, SearchDimension] | None = Field(
+    space: dict[str, Any] | None = Field(
         None,
-        description="Settings to search, by dotted key: {model.gamma: {type: float, low: 0.01, high: 2, log: true}, "
-        "model.window: {type: choice, choices: [1, 3, 5, 7]}}. Default: the method's own space (SA²VP: γ log-scale, "
-        "λ and the window c).",
+        description="Changes to the method's own search space (SA²VP: γ log-scale, λ, the window c and train.lr), "
+        "nested like the settings, so that one `--set` / `dvc exp run -S` changes one thing: "
+        "`tune.space.model.gamma.high=2` (a field of a dimension; the rest stays the method's), "
+        "`tune.space.model.window.choices=[1,3]`, `tune.space.train.lr.start=0.005` (the first trial's value; "
+        "default: the setting's), `tune.space.model.lam=null` (not searched), or a whole new dimension "
+        "`tune.space.model.prompt_rank={type: choice, choices: [8, 16]}` (float and int: low, high, log; int: "
+        "step). A searched setting that is given a value (params.yaml, --set, SA2VP_*) is pinned — left out of the "
+        "search — unless its entry here gives a range or choices; then the value is where its search starts.",
     )
     n_trials: int = Field(20, ge=1, description="Trials to add to the study in this run.")
     timeout: float | None = Field(None, gt=0, description="Stop starting new trials after this many seconds.")
@@ -453,22 +473,51 @@ class TuneSettings(_Section):
     )
     study_name: str | None = Field(None, description="Default: <dataset>-<method>-<backbone>.")
     enqueue_defaults: bool = Field(
-        True, description="Start a new study with the current settings as its first trial (tuning never ends "
-        "below them)."
+        True, description="Start a new study with each searched setting at its start as the first trial (tuning "
+        "never ends below the settings as given)."
     )
     output: Path = Field(Path("runs/tune"), description="Folder for best.yaml and the trials' temporary files.")
 
     @field_validator("space")
     @classmethod
-    def _dotted_keys(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        for key in value or {}:
-            section = key.split(".", 1)[0]
-            if "." not in key or section not in {"model", "train", "backbone"}:
-                raise ValueError(f"key {key!r}: expected a dotted setting under model., train. or backbone.")
-            # A typo would fail every trial, after the study is already written.
-            if key not in setting_keys(sections=False):
-                raise ValueError(f"key {key!r} is not a setting{did_you_mean(key)}")
+    def _setting_keys(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        space_entries(value)  # a typo would fail every trial, after the study is already written
         return value
+
+
+# The fields an entry of tune.space may give: a dimension's (FloatRange, IntRange, Choice) and the first trial's.
+SPACE_FIELDS = ("type", "low", "high", "log", "step", "choices", "start")
+SEARCHABLE_SECTIONS = ("model", "train", "backbone")
+
+
+def space_entries(space: Mapping[str, Any] | None) -> dict[str, dict[str, Any] | None]:
+    """tune.space as dotted setting → its entry: a mapping of SPACE_FIELDS, or None (not searched).
+
+    Entries nest by the settings' sections (model: {gamma: {high: 2}}); a dotted key (model.gamma: …) names the
+    same entry. Raises ValueError naming the first key that is no setting, or an entry that is no mapping."""
+    leaves = set(setting_keys(sections=False))
+    entries: dict[str, dict[str, Any] | None] = {}
+
+    def walk(node: Mapping[str, Any], prefix: str) -> None:
+        for name, entry in node.items():
+            key = f"{prefix}{name}"
+            if key.split(".", 1)[0] not in SEARCHABLE_SECTIONS:
+                raise ValueError(f"key {key!r}: expected a setting under {', '.join(SEARCHABLE_SECTIONS)}")
+            if key not in leaves:
+                if key not in setting_keys() or not isinstance(entry, Mapping):
+                    raise ValueError(f"key {key!r} is not a setting{did_you_mean(key)}")
+                walk(entry, key + ".")
+            elif entry is None:
+                entries[key] = None
+            elif not isinstance(entry, Mapping) or not set(entry) <= set(SPACE_FIELDS):
+                extra = sorted(set(entry) - set(SPACE_FIELDS)) if isinstance(entry, Mapping) else entry
+                raise ValueError(f"{key}: {extra!r} is not a field of a search dimension; expected a mapping of "
+                                 f"{', '.join(SPACE_FIELDS)}, or null (not searched)")
+            else:
+                entries[key] = dict(entry)
+
+    walk(space or {}, "")
+    return entries
 
 
 class TrackingSettings(_Section):
@@ -482,6 +531,10 @@ class TrackingSettings(_Section):
     experiment: str = Field("sa2vp", min_length=1, description="MLflow experiment the runs are logged to.")
     run_name: str | None = Field(None, description="Name of the run; default: dataset, method and backbone.")
     enabled: bool = Field(True, description="Log to MLflow at all (false: files only).")
+    log_model: bool = Field(
+        True, description="Also log the trained model as an MLflow model (pyfunc, `runs:/<run id>/classifier`: "
+        "the Models tab, the registry, `mlflow models serve`); about a second per run.",
+    )
 
 
 class SuiteSettings(_Section):
@@ -631,8 +684,9 @@ def load_settings(
     """
     environment = environment_settings()
     _check_environment(environment)
+    another_backbone = _keys_of_another_backbone(params, overrides or {}, origins or {}, environment)
     token = _params_file.set(Path(params) if params is not None else None)
-    keys = _overridden.set(frozenset(overrides or {}))
+    keys = _overridden.set(frozenset(overrides or {}) | another_backbone)
     try:
         return Settings(**_nest(overrides or {}))
     except ValidationError as exc:
@@ -641,6 +695,43 @@ def load_settings(
     finally:
         _params_file.reset(token)
         _overridden.reset(keys)
+
+
+# Backbone settings written for one backbone.name, wrong for another — a ViT's depth is no Swin argument: its
+# architecture (one group: an override that gives either describes the new architecture, the file the rest) and
+# its weights file and that file's hash (each on its own).
+ARCHITECTURE_KEYS = ("model_kwargs", "img_size")
+FILE_KEYS = ("weights", "sha256")
+
+
+def _keys_of_another_backbone(params: Path | str | None, overrides: Mapping[str, Any],
+                              origins: Mapping[str, Origin], environment: Mapping[str, str]) -> frozenset[str]:
+    """The params file's backbone settings (dotted) to leave out because an override or SA2VP_* variable gives
+    another backbone.name: ARCHITECTURE_KEYS unless it gives one of them, FILE_KEYS unless it gives them (a
+    weights of `hub` or `random` is no file: it stays). Logs a notice naming them."""
+    if params is None or "backbone.name" not in {*overrides, *environment} or "backbone" in {*overrides, *environment}:
+        return frozenset()
+    section = read_params(Path(params)).get("backbone")
+    if not isinstance(section, Mapping):
+        return frozenset()
+    if "backbone.name" in overrides:
+        new, origin = overrides["backbone.name"], origins.get("backbone.name", "override")
+    else:
+        variable = environment["backbone.name"]
+        new, origin = os.environ.get(variable), f"environment {variable}"
+    old = section.get("name", BackboneSettings.model_fields["name"].default)
+    if new is None or str(new) == str(old):
+        return frozenset()
+    given = {*overrides, *environment}
+    architecture_given = any(f"backbone.{key}" in given for key in ARCHITECTURE_KEYS)
+    bound = [key for key in (*ARCHITECTURE_KEYS, *FILE_KEYS) if key in section and f"backbone.{key}" not in given
+             and not (key in ARCHITECTURE_KEYS and architecture_given)
+             and not (key == "weights" and section[key] in ("hub", "random"))]
+    if bound:
+        log.info("backbone.name=%s (%s) replaces %s's %s: its %s, written for that backbone, are left out (now: "
+                 "the defaults%s); give them as overrides too to keep them", new, origin, params, old,
+                 ", ".join(f"backbone.{key}" for key in bound), ", hub weights" if "weights" in bound else "")
+    return frozenset(f"backbone.{key}" for key in bound)
 
 
 def environment_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:

@@ -5,34 +5,43 @@
 
 Each trial trains with `sa2vp.engine.fit` on the train split and scores the best validation top-1 over its
 epochs; the pruner stops unpromising trials from their per-epoch validation accuracy. A new study's first
-trial is the current settings, so tuning never ends below them. A trial that fails (an invalid combination,
-a diverging loss) is recorded as failed and the study goes on.
+trial is each searched setting's start, so tuning never ends below the settings as given. A trial that fails
+(an invalid combination, a diverging loss) is recorded as failed and the study goes on.
+
+What is searched (`plan_search`): the method's own space, changed by tune.space, less the settings that were
+given a value — those are pinned, used as given — unless tune.space gives them a range. A study records the
+settings its trials train with (`study_identity`) and is resumed only with the same ones.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import shutil
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 import yaml
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from sa2vp.atomic import write_atomic
 from sa2vp.data import NO_PROGRESS, Progress, prepare, split_dir
+from sa2vp.data.progress import labelled
 from sa2vp.engine import EpochReport, fit
+from sa2vp.engine.trainer import RESUMABLE_CHANGES
 from sa2vp.errors import TrainingDiverged
 from sa2vp.models import search_space
 from sa2vp.settings import (
-    Choice, FloatRange, IntRange, SearchDimension, Settings, SettingsError, did_you_mean, flatten_settings,
-    load_settings, settings_from_dump,
+    Choice, FloatRange, IntRange, SearchDimension, Settings, SettingsError, describe_validation_error,
+    did_you_mean, environment_settings, flatten_settings, load_settings, settings_from_dump, space_entries,
 )
-from sa2vp.tracking import Run, start_run
+from sa2vp.tracking import Run, start_run, trial_run_name
 
 log = logging.getLogger("sa2vp.tune")
 
@@ -52,9 +61,128 @@ def study_name(settings: Settings) -> str:
     return settings.tune.study_name or f"{settings.data.dataset}-{settings.model.method}-{settings.backbone.name}"
 
 
-def space_of(settings: Settings) -> dict[str, SearchDimension]:
-    """tune.space, or the method's own search space."""
-    return dict(settings.tune.space) if settings.tune.space is not None else search_space(settings.model.method)
+@dataclass(frozen=True)
+class SearchPlan:
+    """What a study searches, where its first trial starts, and what it leaves as given.
+
+    space: dotted setting → its dimension; start: the first trial's value of each searched setting; pinned:
+    dotted setting → where its value was given (`params.yaml`, `--set`, …), for each setting of the method's
+    space (or of tune.space) that is not searched; values: the pinned settings' values."""
+
+    space: dict[str, SearchDimension]
+    start: dict[str, Any] = field(default_factory=dict)
+    pinned: dict[str, str] = field(default_factory=dict)
+    values: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        """One line: `searching model.lam 0.5…1 from 0.8, …; pinned model.gamma=0.5 (params.yaml)`."""
+        searched = ", ".join(f"{key} {_range(dim)} from {_short(self.start.get(key))}"
+                             for key, dim in self.space.items()) or "nothing"
+        pinned = ", ".join(f"{key}={_short(self.values.get(key))} ({why})" for key, why in self.pinned.items())
+        return f"searching {searched}" + (f"; pinned {pinned}" if pinned else "")
+
+    def record(self) -> dict[str, Any]:
+        """The plan as data (best.yaml, the MLflow parent run): tuned → dimension, pinned → value and source."""
+        return {"tuned": {key: {**dim.model_dump(mode="json"), "start": self.start.get(key)}
+                          for key, dim in self.space.items()},
+                "pinned": {key: {"value": self.values.get(key), "from": why} for key, why in self.pinned.items()}}
+
+
+def plan_search(settings: Settings, given: Mapping[str, str] | None = None,
+                pinned: Mapping[str, str] | None = None) -> SearchPlan:
+    """The method's space changed by tune.space, less what is pinned.
+
+    `given`: settings given a value → where (`given_settings`); a searched one is pinned, unless its tune.space
+    entry gives it a range or choices — then its value is where the search starts. `pinned`: settings pinned
+    whatever tune.space says (a suite's ablation) → why. Raises SettingsError for an entry that makes no
+    dimension."""
+    method = settings.model.method
+    default = search_space(method)
+    edits = space_entries(settings.tune.space)
+    # The order the sampler draws in: the dimensions tune.space shapes, then the method's others in its order —
+    # so a seeded study draws as it did when tune.space replaced the method's space, or was not given.
+    shaped = [key for key, entry in edits.items() if entry and set(entry) - {"start"}]
+    space = {key: default[key] for key in [*shaped, *default] if key in default}
+    starts: dict[str, Any] = {}
+    ranged: set[str] = set()  # settings whose tune.space entry shapes their dimension
+    for key, entry in edits.items():
+        if entry is None:
+            space.pop(key, None)
+            continue
+        fields = dict(entry)
+        if "start" in fields:
+            starts[key] = fields.pop("start")
+        if fields:
+            space[key] = _dimension(key, default.get(key), fields, method)
+            ranged.add(key)
+        elif key not in space:
+            raise SettingsError(f"tune.space.{key}: method {method!r} does not search {key}; give its dimension "
+                                "(type: float or int with low and high, or choices)")
+    current = flatten_settings(settings)
+    why = {key: reason for key, reason in (given or {}).items() if key in space and key not in ranged}
+    why.update({key: reason for key, reason in (pinned or {}).items() if key in space})
+    return SearchPlan(
+        space={key: dim for key, dim in space.items() if key not in why},
+        start={key: starts.get(key, current[key]) for key in space if key not in why},
+        pinned={key: why[key] for key in space if key in why},
+        values={key: current[key] for key in space if key in why},
+    )
+
+
+def _dimension(key: str, default: SearchDimension | None, fields: dict[str, Any], method: str) -> SearchDimension:
+    """A tune.space entry's fields over the method's dimension of the same type; a new type (or a setting the
+    method does not search) needs the whole dimension."""
+    kind = fields.get("type") or ("choice" if "choices" in fields else None)
+    if default is not None and kind in (None, default.type):
+        extra = sorted(set(fields) - set(type(default).model_fields))
+        if extra:
+            raise SettingsError(f"tune.space.{key}: a {default.type} dimension has no {', '.join(extra)} (its fields: "
+                                f"{', '.join(type(default).model_fields)}); to change its kind, give type too")
+        merged = {**default.model_dump(), **fields}
+    elif kind is not None:
+        merged = {**fields, "type": kind}
+    else:
+        raise SettingsError(f"tune.space.{key}: method {method!r} does not search {key}; give its type (float, int "
+                            "or choice) with the rest of its dimension")
+    try:
+        return TypeAdapter(SearchDimension).validate_python(merged)
+    except ValidationError as exc:
+        raise SettingsError(f"tune.space.{key}: {describe_validation_error(exc)}") from None
+
+
+def given_settings(settings: Settings, origins: Mapping[str, str] | None = None,
+                   params: Path | str | None = None) -> dict[str, str]:
+    """Every setting given a value rather than left at the schema's default → where it was given.
+
+    Given-ness is pydantic's `model_fields_set` of each section, which every source (params file, SA2VP_*
+    environment, overrides) fills. `origins`: the overrides' sources as the command knows them (dotted key →
+    `--set`, a --set-file's path, `command line`); what no override and no SA2VP_* variable gave came from
+    `params`."""
+    environment = environment_settings()
+    found: dict[str, str] = {}
+
+    def walk(model: BaseModel, prefix: str) -> None:
+        for name in sorted(model.model_fields_set):
+            key, value = f"{prefix}{name}", getattr(model, name)
+            if isinstance(value, BaseModel):
+                walk(value, key + ".")
+            else:
+                found[key] = _source(key, origins or {}, environment, params)
+
+    walk(settings, "")
+    return found
+
+
+def _source(key: str, origins: Mapping[str, str], environment: Mapping[str, str], params: Path | str | None) -> str:
+    # The precedence of the sources: overrides, then the environment, then the params file.
+    parents = [".".join(key.split(".")[:depth]) for depth in range(key.count(".") + 1, 0, -1)]
+    for candidate in parents:
+        if candidate in origins:
+            return origins[candidate]
+    for candidate in parents:
+        if candidate in environment:
+            return f"environment {environment[candidate]}"
+    return str(params) if params is not None else "given"
 
 
 # Settings every trial sets itself (`_objective`): searching them would be silently undone.
@@ -65,9 +193,10 @@ FIXED_BY_TUNING = {"train.epochs": "tune.epochs sets a trial's epochs", "train.t
 MAX_CHECKED_INTS = 256
 
 
-def check_space(settings: Settings, space: Mapping[str, SearchDimension]) -> None:
+def check_space(settings: Settings, space: Mapping[str, SearchDimension],
+                start: Mapping[str, Any] | None = None) -> None:
     """Refuse a search space that names something other than a setting, a setting the trials fix, or a value
-    the settings refuse (each choice, each integer of a range, a float range's ends) — with one line."""
+    the settings refuse (each choice, each integer of a range, a float range's ends, the start) — with one line."""
     known = flatten_settings(settings)
     dump = settings.model_dump(mode="json")
     for key, dimension in space.items():
@@ -80,6 +209,11 @@ def check_space(settings: Settings, space: Mapping[str, SearchDimension]) -> Non
                 settings_from_dump(dump, {key: value})
             except SettingsError as exc:
                 raise SettingsError(f"tune.space: {key}: the value {value!r} is not allowed: {exc}") from None
+        if start is not None and key in start and start[key] != known[key]:
+            try:
+                settings_from_dump(dump, {key: start[key]})
+            except SettingsError as exc:
+                raise SettingsError(f"tune.space.{key}.start: the value {start[key]!r} is not allowed: {exc}") from None
 
 
 def _values_to_check(dimension: SearchDimension) -> list[Any]:
@@ -93,51 +227,145 @@ def _values_to_check(dimension: SearchDimension) -> list[Any]:
     return [dimension.low, dimension.high, dimension.low + (dimension.high - dimension.low) / math.pi]
 
 
-def open_study(settings: Settings) -> optuna.Study:
-    """The study in tune.storage (created if new): seeded TPE, the configured pruner, maximising val top-1."""
-    tune = settings.tune
-    pruner: optuna.pruners.BasePruner = {
+# Settings that do not change what a trial scores, so a study resumes across changes of them: the trainer's
+# (RESUMABLE_CHANGES: tracking, workers, device, output folders), everything of tune. but what a trial
+# trains with (its epochs and the search space, which `study_identity` records as the trials see them), and
+# the suite. (which cell a study belongs to is its name).
+STUDY_NEUTRAL = (*RESUMABLE_CHANGES, "tune.", "suite.")
+IDENTITY_ATTR = "sa2vp_settings"
+IDENTITY_HASH_ATTR = "sa2vp_settings_sha256"
+SHOWN_DIFFERENCES = 3
+
+
+def study_identity(settings: Settings, plan: SearchPlan) -> dict[str, Any]:
+    """What a study's trials score: the settings every trial trains with (the searched ones aside) and the
+    search space, as flat JSON values. A study resumes only with the same."""
+    base = _trial_base(settings, settings.tune.output)
+    identity = {key: value for key, value in base.items()
+                if not key.startswith(STUDY_NEUTRAL) and key not in plan.space}
+    identity.update({f"tune.space.{key}": dim.model_dump(mode="json") for key, dim in plan.space.items()})
+    return json.loads(json.dumps(identity, sort_keys=True))
+
+
+def _digest(identity: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def _pruner(settings: Settings) -> optuna.pruners.BasePruner:
+    return {
         "median": lambda: optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=1),
         "hyperband": lambda: optuna.pruners.HyperbandPruner(min_resource=1),
         "none": optuna.pruners.NopPruner,
-    }[tune.pruner]()
-    return optuna.create_study(
-        storage=_storage(tune.storage), study_name=study_name(settings), direction="maximize", load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=tune.sampler_seed), pruner=pruner,
-    )
+    }[settings.tune.pruner]()
+
+
+def _existing_study(settings: Settings) -> optuna.Study | None:
+    """The study tune.storage holds under this name, read without writing; None when there is none."""
+    if "://" not in settings.tune.storage and not Path(settings.tune.storage).is_file():
+        return None  # (opening a journal creates its file)
+    try:
+        return optuna.load_study(study_name=study_name(settings), storage=_storage(settings.tune.storage),
+                                 sampler=optuna.samplers.TPESampler(seed=settings.tune.sampler_seed),
+                                 pruner=_pruner(settings))
+    except KeyError:
+        return None
+
+
+def open_study(settings: Settings, identity: Mapping[str, Any] | None = None) -> optuna.Study:
+    """The study in tune.storage: seeded TPE, the configured pruner, maximising val top-1. An existing one must
+    have been made with the same `identity` (SettingsError otherwise, nothing written); a new one records it."""
+    identity = study_identity(settings, plan_search(settings)) if identity is None else identity
+    study = _existing_study(settings)
+    if study is None:
+        try:
+            study = optuna.create_study(
+                storage=_storage(settings.tune.storage), study_name=study_name(settings), direction="maximize",
+                sampler=optuna.samplers.TPESampler(seed=settings.tune.sampler_seed), pruner=_pruner(settings))
+        except optuna.exceptions.DuplicatedStudyError:  # another machine made it meanwhile (a shared database)
+            study = _existing_study(settings)
+            assert study is not None
+    check_resumable(study, settings, identity)
+    if IDENTITY_HASH_ATTR not in study.user_attrs:
+        study.set_user_attr(IDENTITY_ATTR, dict(identity))
+        study.set_user_attr(IDENTITY_HASH_ATTR, _digest(identity))
+    return study
+
+
+def check_resumable(study: optuna.Study, settings: Settings, identity: Mapping[str, Any]) -> None:
+    """Refuse, with one line, to add trials to a study made with other settings: its trials would score
+    something else, and its best would be written as this study's. A study with neither a record nor trials
+    (killed as it was made) is new."""
+    recorded = study.user_attrs.get(IDENTITY_HASH_ATTR)
+    if recorded == _digest(identity) or (recorded is None and not study.trials):
+        return
+    where = settings.tune.storage
+    remedy = (f"--set tune.study_name=<new name> starts another study beside it, or delete {where}"
+              if "://" not in where else "--set tune.study_name=<new name> starts another study beside it")
+    before = study.user_attrs.get(IDENTITY_ATTR)
+    if not isinstance(before, dict):
+        raise SettingsError(f"tune.storage {where}: study {study.study_name!r} has {len(study.trials)} trials but "
+                            f"no record of the settings they were run with (an older sa2vp); {remedy}")
+    changed = [key for key in sorted(set(before) | set(identity)) if before.get(key) != identity.get(key)]
+    # a setting pinned on one side and searched on the other: one difference, not two
+    changed = [key for key in changed if key.removeprefix("tune.space.") == key or key[11:] not in changed]
+    shown = ", ".join(f"{key} {_identity_value(key, before)} → {_identity_value(key, identity)}"
+                      for key in changed[:SHOWN_DIFFERENCES])
+    more = f" and {len(changed) - SHOWN_DIFFERENCES} more" if len(changed) > SHOWN_DIFFERENCES else ""
+    raise SettingsError(f"tune.storage {where}: study {study.study_name!r} was run with other settings "
+                        f"({shown}{more}); resume it with the same ones, or {remedy}")
+
+
+def _identity_value(key: str, identity: Mapping[str, Any]) -> str:
+    """A setting's value in a study identity, as a line shows it: its value, or `searched <range>`."""
+    searched = identity.get(key if key.startswith("tune.space.") else f"tune.space.{key}")
+    if key in identity and not key.startswith("tune.space."):
+        return _short(identity[key])
+    return f"searched {_range(TypeAdapter(SearchDimension).validate_python(searched))}" if searched else "not searched"
 
 
 def tune(settings: Settings, progress: Progress = NO_PROGRESS, n_trials: int | None = None,
-         timeout: float | None = None) -> TuneResult:
-    """Add trials to the study, then write tune.output/best.yaml and log the study to a parent MLflow run."""
+         timeout: float | None = None, plan: SearchPlan | None = None) -> TuneResult:
+    """Add trials to the study, then write tune.output/best.yaml and log the study to a parent MLflow run.
+
+    `plan`: what to search; default `plan_search` with the settings that were given a value pinned."""
     if settings.train.val_split is None:
         raise SettingsError("train.val_split: tuning scores trials on the validation split; it must not be null")
-    space = space_of(settings)
+    plan = plan_search(settings, given_settings(settings)) if plan is None else plan
+    space = plan.space
     if not space:
-        raise SettingsError(f"tune.space: method {settings.model.method!r} has nothing to tune; give tune.space")
-    check_space(settings, space)  # before the study exists: a bad space would fail every trial, journal written
+        pinned = f" (pinned: {', '.join(plan.pinned)})" if plan.pinned else ""
+        raise SettingsError(f"tune.space: nothing to search for method {settings.model.method!r}{pinned}; give "
+                            "tune.space, or leave a searched setting unset")
+    check_space(settings, space, plan.start)  # before the study exists: a bad space would fail every trial
+    identity = study_identity(settings, plan)
+    earlier_study = _existing_study(settings)
+    if earlier_study is not None:  # before anything is written: the data, the study, the MLflow run
+        check_resumable(earlier_study, settings, identity)
+    log.info("%s", plan.line())
     folder = split_dir(settings.data)
     if not (folder / "manifest.json").is_file():
         prepare(settings.data, progress)
-    study = open_study(settings)
+    study = open_study(settings, identity)
     earlier = len(study.trials)
     if settings.tune.enqueue_defaults and not study.trials:
-        current = flatten_settings(settings)
-        inside = {key: current[key] for key, dim in space.items() if _contains(dim, current[key])}
+        inside = {key: plan.start[key] for key, dim in space.items() if _contains(dim, plan.start[key])}
         for key in sorted(set(space) - set(inside)):
-            log.info("first trial: %s=%r is outside tune.space, so the sampler chooses it", key, current[key])
+            log.info("first trial: %s=%r is outside its search range, so the sampler chooses it", key,
+                     plan.start[key])
         study.enqueue_trial(inside, user_attrs={"defaults": True})
     parent = start_run(settings.tracking, f"tune-{study.study_name}",
                        {"study_name": study.study_name, "storage": settings.tune.storage, "dataset":
                         settings.data.dataset, "method": settings.model.method, "backbone": settings.backbone.name})
-    parent.log_params({**flatten_settings(settings), "study_name": study.study_name})
+    parent.log_params({**flatten_settings(settings), "study_name": study.study_name,
+                       "search.tuned": json.dumps(plan.record()["tuned"]),
+                       "search.pinned": json.dumps(plan.record()["pinned"])})
     total = n_trials or settings.tune.n_trials
     log.info("study %s (%d earlier trials): %d trials over %s", study.study_name, earlier, total,
              ", ".join(space))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.optimize(_objective(settings, space, parent), n_trials=total,
+            study.optimize(_objective(settings, space, parent, progress), n_trials=total,
                            timeout=timeout or settings.tune.timeout, catch=(TrainingDiverged, SettingsError, ValueError),
                            callbacks=[_report(total)])
         completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
@@ -145,7 +373,7 @@ def tune(settings: Settings, progress: Progress = NO_PROGRESS, n_trials: int | N
             raise TrainingDiverged(f"study {study.study_name}: no trial completed (see the failed trials' errors "
                                    "in MLflow); check the settings and tune.space")
         best = study.best_trial
-        best_file = _write_best(settings, study, best)
+        best_file = _write_best(settings, study, best, plan)
         parent.log_params({f"best.{key}": value for key, value in best.params.items()})
         parent.log_metrics({"best_val_top1": best.value, "trials": len(study.trials), "completed": len(completed)})
         parent.set_tags({"best_trial": best.number})
@@ -158,23 +386,28 @@ def tune(settings: Settings, progress: Progress = NO_PROGRESS, n_trials: int | N
     return TuneResult(study, dict(best.params), float(best.value), best_file, parent.run_id)
 
 
-def _objective(settings: Settings, space: dict[str, SearchDimension], parent: Run) -> Any:
-    base = flatten_settings(settings)
+def _trial_base(settings: Settings, output: Path) -> dict[str, Any]:
+    """The flat settings a trial trains with, before the searched ones (FIXED_BY_TUNING set as trials set them)."""
+    return {**flatten_settings(settings), "train.epochs": settings.tune.epochs or settings.train.epochs,
+            "train.train_split": "train", "train.test_split": None, "train.output": str(output),
+            "tracking.log_model": False}  # a trial's model is not kept: no MLflow model either
 
+
+def _objective(settings: Settings, space: dict[str, SearchDimension], parent: Run, progress: Progress) -> Any:
     def objective(trial: optuna.Trial) -> float:
         chosen = {key: _suggest(trial, key, dimension) for key, dimension in space.items()}
         output = settings.tune.output / f"trial-{trial.number}"
-        fixed = {"train.epochs": settings.tune.epochs or settings.train.epochs, "train.train_split": "train",
-                 "train.test_split": None, "train.output": str(output)}
-        trial_settings = load_settings(None, {**base, **chosen, **fixed})
+        trial_settings = load_settings(None, {**_trial_base(settings, output), **chosen})
 
         def on_epoch(report: EpochReport) -> bool:
             trial.report(report.val.top1 if report.val else 0.0, report.epoch)
             return trial.should_prune()
 
         try:
+            # Each epoch's lines say which trial they belong to (`trial 3 · epoch 1/2: …`).
             result = fit(trial_settings, on_epoch=on_epoch, parent_run_id=parent.run_id or None,
-                         run_name=f"{study_name(settings)}-trial-{trial.number}")
+                         progress=labelled(progress, f"trial {trial.number}"),
+                         run_name=trial_run_name(trial.number, chosen))
         finally:
             shutil.rmtree(output, ignore_errors=True)  # trials keep their results in MLflow, not on disk
         trial.set_user_attr("mlflow_run_id", result.run_id)
@@ -214,42 +447,31 @@ def _report(total: int) -> Any:
     return callback
 
 
-def _write_best(settings: Settings, study: optuna.Study, best: optuna.trial.FrozenTrial) -> Path:
+def _write_best(settings: Settings, study: optuna.Study, best: optuna.trial.FrozenTrial, plan: SearchPlan) -> Path:
+    record = plan.record()
     document = {
         "study": study.study_name,
         "trial": best.number,
         "val_top1": best.value,
         "trials": len(study.trials),
-        "settings": best.params,
+        # The pinned ones too: a `train --set-file` without the tuning's --set must not fall back to defaults.
+        "settings": {**best.params, **plan.values},
+        "tuned": record["tuned"],
+        "pinned": record["pinned"],
     }
-    text = ("# Written by `sa2vp tune`: the best trial's settings. Train with them:\n"
+    text = ("# Written by `sa2vp tune`: the best trial's settings, and the pinned ones. Train with them:\n"
             f"#   sa2vp train --set-file {settings.tune.output / BEST_FILE}\n") + yaml.safe_dump(document, sort_keys=False)
     return write_atomic(settings.tune.output / BEST_FILE, text)
 
 
 def _log_figures(study: optuna.Study, space: dict[str, SearchDimension], run: Run) -> None:
-    """Optimisation history, parameter importances and a γ–c contour, as figures of the parent run."""
-    from optuna.visualization import matplotlib as plots
+    """Optimisation history, parameter importances and the γ–c map (`sa2vp.figures`), as figures of the parent run."""
+    import matplotlib.pyplot as plt
 
-    figures = {"optimization_history.png": lambda: plots.plot_optimization_history(study),
-               "param_importances.png": lambda: plots.plot_param_importances(study)}
-    numeric = [key for key, dim in space.items() if not isinstance(dim, Choice) or len(dim.choices) > 1]
-    pair = [k for k in ("model.gamma", "model.window") if k in numeric] or numeric[:2]
-    if len(pair) == 2:
-        figures["contour.png"] = lambda: plots.plot_contour(study, params=pair)
-    for name, plot in figures.items():
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                axes = plot()
-        except (ValueError, RuntimeError, ZeroDivisionError) as exc:  # too few completed trials for this figure
-            log.info("tuning figure %s skipped: %s", name, exc)
-            continue
-        figure = axes.flat[0].figure if hasattr(axes, "flat") else axes.figure
-        figure.set_size_inches(8, 6)
+    from sa2vp.figures import tuning_figures
+
+    for name, figure in tuning_figures(study, space).items():
         run.log_figure(figure, f"tuning/{name}")
-        import matplotlib.pyplot as plt
-
         plt.close(figure)
 
 
@@ -265,3 +487,11 @@ def _storage(storage: str) -> optuna.storages.BaseStorage | str:
 
 def _short(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _range(dimension: SearchDimension) -> str:
+    if isinstance(dimension, Choice):
+        return "{" + ", ".join(_short(choice) for choice in dimension.choices) + "}"
+    scale = " log" if dimension.log else ""
+    step = f" step {dimension.step}" if isinstance(dimension, IntRange) and dimension.step != 1 else ""
+    return f"{_short(dimension.low)}…{_short(dimension.high)}{scale}{step}"
