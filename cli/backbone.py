@@ -8,12 +8,7 @@ from typing import Annotated
 
 import typer
 
-from sa2vp_cli.common import (
-    ParamsOption, SetOption, expected_errors_exit_2, fail, is_terminal, progress, settings_from,
-)
-
-# Seconds between progress lines in a log (not a terminal): pretraining runs for minutes.
-LOG_EVERY = 20.0
+from sa2vp_cli.common import ParamsOption, SetOption, expected_errors_exit_2, fail, progress, settings_from
 
 app = typer.Typer(help="The frozen backbone: materialise its weights as a file.", no_args_is_help=True)
 
@@ -26,8 +21,11 @@ def materialise(
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
 ) -> None:
-    """Write the backbone's weights: backbone.origin hub (download) or synthetic (pretrain offline)."""
-    from sa2vp.data.progress import LineProgress
+    """Write the backbone's weights: backbone.origin hub (download) or synthetic (pretrain offline).
+
+    Example: sa2vp backbone materialise --out vit-b16.safetensors --set backbone.name=vit_base_patch16_224.orig_in21k
+    --set backbone.origin=hub
+    """
     from sa2vp.pretraining import materialise_backbone, read_metadata
 
     settings = settings_from(params, overrides)
@@ -37,9 +35,8 @@ def materialise(
             fail(f"backbone.weights={weights!r} is not a file: pass --out PATH.safetensors (and point "
                  "backbone.weights at it)")
         out = Path(weights)
-    # On a terminal, a bar; in a log (DVC, CI), a plain line every LOG_EVERY seconds, never minutes of silence.
-    reporter = progress() if is_terminal() else LineProgress(every=LOG_EVERY)
-    written = materialise_backbone(settings.backbone, out, reporter)
+    # On a terminal, a bar; in a log (DVC, CI), a plain line every --log-every seconds, never minutes of silence.
+    written = materialise_backbone(settings.backbone, out, progress())
     details = read_metadata(written)
     accuracy = f", source-task accuracy {float(details['source_accuracy']):.1%}" if "source_accuracy" in details else ""
     typer.echo(f"{settings.backbone.name} ({settings.backbone.origin}{accuracy}): {written}")

@@ -16,6 +16,7 @@ import typer
 import yaml
 
 from sa2vp.data.errors import DataError
+from sa2vp.data.progress import LOG_EVERY
 from sa2vp.errors import ArtifactError, BackboneError, TrackingError, TrainingDiverged
 from sa2vp.settings import Settings, SettingsError, load_settings, read_overrides
 
@@ -54,6 +55,19 @@ SetFileOption = Annotated[
     list[Path] | None,
     typer.Option("--set-file", help="Apply the dotted settings in a YAML file, e.g. the best.yaml `sa2vp tune` "
                  "writes (repeatable; --set wins)."),
+]
+
+# The dataset, spelled the same in every command that takes one (data download/prepare also take it as their
+# argument); --from is how every command that may download it is given a local copy instead.
+DatasetOption = Annotated[
+    str | None,
+    typer.Option("--dataset", "-d", help="Registry name or alias (`sa2vp data list`), or folder:<path> "
+                 "(data.dataset)."),
+]
+FromOption = Annotated[
+    Path | None,
+    typer.Option("--from", help="Local archive or folder of the dataset, used instead of downloading it "
+                 "(data.source)."),
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -115,6 +129,18 @@ def settings_from(params: Path | None, overrides: list[str] | None, files: list[
     return load_settings(params, parsed, origins)
 
 
+def check_writable(option: str, path: Path, *, folder: bool = False) -> None:
+    """Refuse an output that cannot be written (one line, exit 2) before the long work, not after it:
+    `path` is a file to write (its folder must take files) or, with `folder`, a folder to write into."""
+    from sa2vp.folders import writable_problem
+
+    if not folder and path.is_dir():
+        fail(f"{option} {path}: is a folder; name a file")
+    problem = writable_problem(path if folder else path.parent)
+    if problem is not None:
+        fail(f"{option} {path}: cannot write there ({problem})")
+
+
 def is_terminal() -> bool:
     return sys.stderr.isatty()
 
@@ -127,15 +153,26 @@ def with_options(overrides: list[str] | None, options: dict[str, Any]) -> list[s
 
 
 def progress() -> Any:
-    """Bars on a terminal; nothing otherwise (long commands log one plain line per step instead)."""
-    from sa2vp.data import NO_PROGRESS, BarProgress
+    """Bars on a terminal; otherwise (a log: `dvc repro`, CI, a pipe) a plain line every `--log-every` seconds
+    while a step runs and one when it ends, so that no long step is silent."""
+    from sa2vp.data.progress import BarProgress, LineProgress
 
-    return BarProgress() if is_terminal() else NO_PROGRESS
+    return BarProgress() if is_terminal() else LineProgress(every=_log_every[0])
+
+
+# Seconds between progress lines in a log, as `sa2vp --log-every` set it for this invocation.
+_log_every: list[float] = [LOG_EVERY]
+
+
+def set_log_every(seconds: float) -> None:
+    _log_every[0] = seconds
 
 
 def setup_logging() -> None:
     """Library log lines (one per epoch, trial, …) as plain lines on stderr; MLflow's own chatter hushed."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("mlflow", "alembic", "optuna", "httpx", "huggingface_hub", "urllib3", "timm"):
+    for noisy in ("mlflow", "alembic", "optuna", "httpx", "httpx2", "huggingface_hub", "urllib3", "timm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # huggingface_hub gives its logger a handler of its own: passed on to ours too, each warning showed twice.
+    logging.getLogger("huggingface_hub").propagate = False

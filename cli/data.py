@@ -3,25 +3,23 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from sa2vp_cli.common import (
-    ParamsOption, SetOption, expected_errors_exit_2, fail, is_terminal, settings_from, with_options,
+    DatasetOption, FromOption, ParamsOption, SetOption, expected_errors_exit_2, fail, progress, settings_from,
+    with_options,
 )
 
 app = typer.Typer(help="Datasets: the registry, downloads and split files.", no_args_is_help=True)
 
 NameArgument = Annotated[
     str | None,
-    typer.Argument(help="Dataset name or alias (`sa2vp data list`), or folder:<path>. Default: data.dataset."),
-]
-FromOption = Annotated[
-    Path | None,
-    typer.Option("--from", help="Local archive or folder to use instead of downloading (data.source)."),
+    typer.Argument(help="The dataset, as --dataset/-d gives it: a name or alias (`sa2vp data list`), or "
+                   "folder:<path>. Default: data.dataset."),
 ]
 
 
@@ -31,7 +29,10 @@ def list_datasets(
     group: Annotated[str | None, typer.Option(help="Only this group (vtab-natural, fgvc, hta, …).")] = None,
     details: Annotated[bool, typer.Option("--details", help="Title, citation, licence and homepage too.")] = False,
 ) -> None:
-    """Show every dataset the registry knows, with its group, classes, protocols and aliases."""
+    """Show every dataset the registry knows, with its group, classes, protocols and aliases.
+
+    Example: sa2vp data list --group fgvc --details
+    """
     from sa2vp.data import by_group, lookup
 
     groups = by_group()
@@ -64,15 +65,20 @@ def list_datasets(
 @expected_errors_exit_2
 def download(
     name: NameArgument = None,
+    dataset: DatasetOption = None,
     from_: FromOption = None,
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
 ) -> None:
-    """Download (or find in place), verify and extract a dataset's files, without splitting them."""
+    """Download (or find in place), verify and extract a dataset's files, without splitting them.
+
+    Example: sa2vp data download -d vtab-svhn --from ~/Downloads/vtab-1k.zip
+    """
     from sa2vp.data import download as fetch
 
-    settings = settings_from(params, with_options(overrides, {"data.dataset": name, "data.source": from_}))
-    folder = fetch(settings.data, _progress())
+    options = {"data.dataset": _one_dataset(name, dataset), "data.source": from_}
+    settings = settings_from(params, with_options(overrides, options))
+    folder = fetch(settings.data, progress())
     typer.echo(f"{settings.data.dataset}: files complete in {folder}")
 
 
@@ -80,19 +86,24 @@ def download(
 @expected_errors_exit_2
 def prepare(
     name: NameArgument = None,
+    dataset: DatasetOption = None,
     protocol: Annotated[str | None, typer.Option(help="vtab1k, fgvc, hta or holdout (data.protocol).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed of the hta / holdout split (data.seed).")] = None,
     from_: FromOption = None,
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
 ) -> None:
-    """Fetch a dataset if needed and write its split files and manifest.json (for DVC to track)."""
+    """Fetch a dataset if needed and write its split files and manifest.json (for DVC to track).
+
+    Example: sa2vp data prepare -d digits --seed 5
+    """
     from sa2vp.data import prepare as write_splits
     from sa2vp.data import read_manifest
 
-    options = {"data.dataset": name, "data.protocol": protocol, "data.seed": seed, "data.source": from_}
+    options = {"data.dataset": _one_dataset(name, dataset), "data.protocol": protocol, "data.seed": seed,
+               "data.source": from_}
     settings = settings_from(params, with_options(overrides, options))
-    folder = write_splits(settings.data, _progress())
+    folder = write_splits(settings.data, progress())
     manifest = read_manifest(folder).data
     counts = ", ".join(f"{split} {entry['count']:,}" for split, entry in manifest["splits"].items())
     typer.echo(f"{manifest['dataset']} ({manifest['protocol']}, {len(manifest['classes'])} classes): {counts}")
@@ -101,9 +112,8 @@ def prepare(
     typer.echo(f"split files: {folder}")
 
 
-
-def _progress() -> Any:
-    """Downloads and rendering: bars on a terminal, a line per step in logs."""
-    from sa2vp.data import BarProgress, LineProgress
-
-    return BarProgress() if is_terminal() else LineProgress()
+def _one_dataset(name: str | None, dataset: str | None) -> str | None:
+    """The dataset given as the argument or as --dataset/-d (the spelling of every other command)."""
+    if name is not None and dataset is not None and name != dataset:
+        fail(f"the dataset is given twice, as {name!r} and as --dataset {dataset!r}: give it once")
+    return dataset if dataset is not None else name

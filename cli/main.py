@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.metadata import version as package_version
 from pathlib import Path
 from typing import Annotated
 
@@ -11,13 +12,17 @@ from rich.table import Table
 
 from sa2vp_cli import train as training
 from sa2vp_cli.backbone import app as backbone_app
-from sa2vp_cli.common import ParamsOption, SetOption, expected_errors_exit_2, settings_from, setup_logging
+from sa2vp.data.progress import LOG_EVERY
+from sa2vp_cli.common import (
+    ParamsOption, SetOption, expected_errors_exit_2, set_log_every, settings_from, setup_logging,
+)
 from sa2vp_cli.data import app as data_app
 from sa2vp_cli.suite import app as suite_app
 
 app = typer.Typer(
     name="sa2vp",
-    help="SA²VP visual prompt tuning on frozen timm backbones.",
+    help="SA²VP visual prompt tuning on frozen timm backbones.\n\nExample: sa2vp train -d digits --epochs 20   "
+         "(every command: sa2vp COMMAND --help)",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -33,10 +38,23 @@ app.command("tune")(training.tune)
 app.command("ui")(training.ui)
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        typer.echo(f"sa2vp {package_version('sa2vp')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main() -> None:
+def main(
+    log_every: Annotated[float, typer.Option(
+        "--log-every", min=0.001, help="Seconds between progress lines when stderr is not a terminal (a log: dvc "
+        "repro, CI); a terminal gets progress bars.")] = LOG_EVERY,
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_show_version, is_eager=True, help="Show the installed version and exit.")] = False,
+) -> None:
     """SA²VP visual prompt tuning on frozen timm backbones."""
     setup_logging()
+    set_log_every(log_every)
 
 
 @model_app.command("summary")
@@ -47,7 +65,10 @@ def model_summary(
     num_classes: Annotated[int, typer.Option(min=1, help="Classes of the task head.")] = 100,
 ) -> None:
     """Build the configured method (model.method: sa2vp, linear, full, vpt-shallow, vpt-deep, lora, adaptformer)
-    on the configured backbone and print its trainable parameters."""
+    on the configured backbone and print its trainable parameters.
+
+    Example: sa2vp model summary --set backbone.name=swin_tiny_patch4_window7_224 --set backbone.weights=random
+    """
     from sa2vp.models import build_model, parameter_summary
 
     settings = settings_from(params, overrides)
@@ -67,9 +88,13 @@ def model_summary(
     if settings.model.method != "sa2vp":
         return
     m = settings.model
+    if isinstance(model.to_prompt, dict):  # Swin: {cross stage: its to-prompt blocks}; no deep prompts
+        layers = "  ".join(f"stage {stage}: to_prompt={sorted(blocks)}" for stage, blocks in model.to_prompt.items())
+    else:
+        layers = f"to_prompt={sorted(model.to_prompt)}  deep={sorted(model.deep)}"
     typer.echo(
         f"window c={m.window}  gamma={m.gamma}  lambda={m.lam}  rank r={m.prompt_rank}  adapter t={m.adapter_dim}  "
-        f"to_prompt={sorted(model.to_prompt)}  deep={sorted(model.deep)}  grid={model.grid[0]}x{model.grid[1]}"
+        f"{layers}  grid={model.grid[0]}x{model.grid[1]}"
     )
 
 

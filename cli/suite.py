@@ -11,7 +11,9 @@ from typing import Annotated
 
 import typer
 
-from sa2vp_cli.common import ParamsOption, SetOption, expected_errors_exit_2, progress, settings_from
+from sa2vp_cli.common import (
+    FromOption, ParamsOption, SetOption, expected_errors_exit_2, progress, settings_from, with_options,
+)
 
 app = typer.Typer(help="Benchmark suites: run a dataset × variant cell, write the results table.",
                   no_args_is_help=True)
@@ -22,13 +24,17 @@ app = typer.Typer(help="Benchmark suites: run a dataset × variant cell, write t
 def run(
     dataset: Annotated[str, typer.Argument(help="One of suite.datasets.")],
     variant: Annotated[str, typer.Argument(help="One of suite.variants (a method or an ablation).")],
+    from_: FromOption = None,
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
 ) -> None:
-    """Tune one cell on its validation split, train it on train+val for every seed, test; write result.json."""
+    """Tune one cell on its validation split, train it on train+val for every seed, test; write result.json.
+
+    Example: cd pipelines/offline && sa2vp suite run digits sa2vp
+    """
     from sa2vp.suites import RESULT_FILE, cell_dir, run_cell
 
-    settings = settings_from(params, overrides)
+    settings = settings_from(params, with_options(overrides, {"data.source": from_}))
     result = run_cell(settings, dataset, variant, progress())
     spread = f" ± {100 * result.std:.2f}" if len(result.seeds) > 1 else ""
     typer.echo(f"{dataset} / {variant}: test top-1 {100 * result.mean:.2f}{spread} % over seeds "
@@ -42,7 +48,10 @@ def report(
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
 ) -> None:
-    """Write the suite's table (results.md, results.csv) from its cells' results and log it to MLflow."""
+    """Write the suite's table (results.md, results.csv) from its cells' results and log it to MLflow.
+
+    Example: cd pipelines/offline && sa2vp suite report
+    """
     from sa2vp.suites import write_report
 
     settings = settings_from(params, overrides)

@@ -29,6 +29,7 @@ from torchvision.transforms import InterpolationMode
 from sa2vp.atomic import atomic_path, write_atomic
 from sa2vp.data.registry import TransformStyle
 from sa2vp.errors import ArtifactError, BackboneError, one_line
+from sa2vp.engine.runtime import configure_cpu_numerics
 from sa2vp.models import AdaptedModel, build_model
 from sa2vp.models.backbones import data_config, safetensors_problem, weights_digest
 from sa2vp.settings import Settings, SettingsError, settings_from_dump
@@ -170,6 +171,7 @@ def _describe(exc: ValidationError) -> str:
 def build_seeded(settings: Settings, num_classes: int) -> AdaptedModel:
     """The model, initialised from `train.seed`: a randomly initialised backbone is the same every time,
     which is what lets an artifact on a random backbone be rebuilt and checked by its hash."""
+    configure_cpu_numerics(settings.train.cpu_numerics, settings.train.device)  # before the first tensor op
     torch.manual_seed(settings.train.seed)
     return build_model(settings, num_classes)
 
@@ -222,7 +224,7 @@ def read_record(path: Path) -> tuple[Path, ArtifactRecord]:
     return folder, validate_record(document, config)
 
 
-def load_artifact(path: Path, backbone_weights: str | None = None) -> LoadedArtifact:
+def load_artifact(path: Path | str, backbone_weights: str | None = None) -> LoadedArtifact:
     """Rebuild the trained model: backbone from its settings (or `backbone_weights`), trained tensors on top.
 
     Refused with an ArtifactError naming the file: a record that does not validate (`read_record`), a backbone
@@ -230,7 +232,7 @@ def load_artifact(path: Path, backbone_weights: str | None = None) -> LoadedArti
     error names both hashes), a data_config for another input size, trained tensors that are not exactly the
     model's trainable parameters (`read_tensors`).
     """
-    folder, record = read_record(path)
+    folder, record = read_record(Path(path))
     config = folder / CONFIG_NAME
     source = f"{config}" if backbone_weights is None else f"{config} with --backbone-weights {backbone_weights}"
     overrides = {"backbone.weights": backbone_weights} if backbone_weights is not None else {}

@@ -114,8 +114,11 @@ def file_sha256(path: Path) -> str:
 
 
 def _from_hub(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    from sa2vp.data.sources.hub import single_attempt
+
     try:
-        return timm.create_model(name, pretrained=True, **kwargs)
+        with single_attempt():  # no network: this error at once, not after half a minute of retries
+            return timm.create_model(name, pretrained=True, **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:
         raise BackboneError(
             f"backbone.weights=hub: could not fetch pretrained weights for {name!r} ({type(exc).__name__}: "

@@ -6,6 +6,8 @@ complete. The file is then checked against the sha256 the hub reports for it (it
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sa2vp.data.errors import DataError
@@ -20,8 +22,9 @@ def hub_file(repo_id: str, filename: str, dest_dir: Path, verify: bool = True,
 
     with progress(f"downloading {filename} from hub dataset {repo_id}", None, "files") as advance:
         try:
-            path = Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset",
-                                        local_dir=dest_dir))
+            with single_attempt():
+                path = Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset",
+                                            local_dir=dest_dir))
         except Exception as exc:  # network, auth and hub errors come in many types; all mean "not fetched"
             raise DataError(
                 f"could not download {filename} from hub dataset {repo_id}: {_one_line(exc)}; without internet, pass "
@@ -33,6 +36,25 @@ def hub_file(repo_id: str, filename: str, dest_dir: Path, verify: bool = True,
         if expected is not None:
             verify_checksum(path, f"sha256:{expected}")
     return path
+
+
+@contextmanager
+def single_attempt() -> Iterator[None]:
+    """`hf_hub_download` calls in the block give up at once when the hub cannot be reached.
+
+    When its first request cannot connect and no copy is cached, huggingface_hub retries it five times with
+    back-off — 23 s and ten warnings on a machine without network, before the same error. Whether to retry is
+    decided by `huggingface_hub.file_download._DEFAULT_RETRY_ON_EXCEPTIONS` (no setting or argument reaches
+    it), emptied for the block: one attempt, then the caller's one-line error and its advice. A hub that
+    answers with a server error (5xx) is still retried."""
+    from huggingface_hub import file_download
+
+    saved = file_download._DEFAULT_RETRY_ON_EXCEPTIONS
+    file_download._DEFAULT_RETRY_ON_EXCEPTIONS = ()
+    try:
+        yield
+    finally:
+        file_download._DEFAULT_RETRY_ON_EXCEPTIONS = saved
 
 
 def lfs_sha256(repo_id: str, filename: str) -> str | None:
