@@ -7,7 +7,19 @@ parent run open while its trials log their own nested runs. `tracking.enabled: f
 A run is tagged with the process that owns it (pid, host) and, for a training, its output folder: a run whose
 process was killed before it could close it is found by the next run of the same output and marked KILLED
 instead of staying RUNNING forever. `check_store` fails in a moment when the store cannot be used, before
-a command prepares data or trains.
+a command prepares data or trains. Runs carry MLflow's source tags (command, user, git commit) and, for a
+training, its dataset splits as dataset inputs.
+
+The experiments sa2vp logs to are tagged as model-training experiments (`mlflow.experimentKind`); MLflow
+3.17's UI ignores that tag and opens every experiment in its GenAI view unless the page address says
+`workflowType=machine_learning`, which the addresses sa2vp prints do (`experiment_page`).
+
+A local SQLite store keeps its artifacts beside itself, in `mlruns/<experiment id>` next to the database file
+(MLflow's default is `./mlruns` of whatever folder a process runs in). When tracking.uri names the database by
+a relative path (the default `sqlite:///mlflow.db`), the experiments sa2vp creates record that location as the
+relative path `mlruns/<id>`, so the project folder can be copied or moved and still open its artifacts. MLflow
+resolves a relative location against the current folder, so such a store is read from its own folder:
+`sa2vp ui` runs the server there, `Run` writes artifacts from there, and so must `mlflow ui` or a notebook.
 """
 
 from __future__ import annotations
@@ -20,7 +32,9 @@ import os
 import signal
 import socket
 import subprocess
-from collections.abc import Iterable, Mapping
+import sys
+import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +50,14 @@ BATCH = 100  # MLflow's limit on params per log_batch call
 PID_TAG, HOST_TAG, OUTPUT_TAG = "sa2vp.pid", "sa2vp.host", "sa2vp.output"
 PROBE_TIMEOUT = 5.0  # seconds a tracking server gets to answer the up-front check
 STOP_GRACE = 10.0  # seconds the UI's processes get to end after SIGTERM before they are killed
+READY_TIMEOUT = 120.0  # seconds `sa2vp ui` waits for the server to answer
+PROGRESS_EVERY = 10.0  # seconds between the lines that say the UI is still starting
+# MLflow 3's experiment types: sa2vp's experiments train models (not GenAI); the UI inferred or left the others.
+KIND_TAG, TRAINING_KIND = "mlflow.experimentKind", "custom_model_development"
+REPLACEABLE_KINDS = ("", "no_inferred_type", "genai_development_inferred", "custom_model_development_inferred")
+MACHINE_LEARNING_VIEW = "workflowType=machine_learning"  # MLflow 3.17's UI: the runs table, not GenAI traces
+ARTIFACTS_FOLDER = "mlruns"  # beside a local store's database
+MAX_DIGEST = 36  # MLflow's limit on a dataset digest
 
 
 def _logged(method: Any) -> Any:
@@ -51,10 +73,18 @@ def _logged(method: Any) -> Any:
 class Run:
     """An MLflow run, open until `finish`; with `client=None`, a disabled run whose methods do nothing."""
 
-    def __init__(self, client: Any, run_id: str, uri: str) -> None:
+    def __init__(self, client: Any, run_id: str, uri: str, folder: Path | None = None) -> None:
         self.client = client
         self.run_id = run_id
         self.uri = uri
+        self.folder = folder  # the store's folder, when the run's artifact location is relative to it
+
+    def _in_store_folder(self) -> contextlib.AbstractContextManager[Any]:
+        """Where MLflow must run to find a relative artifact location: the store's folder (a process may have
+        changed folder since the store was opened, and a test or a notebook may run elsewhere)."""
+        if self.folder is None or Path.cwd() == self.folder:
+            return contextlib.nullcontext()
+        return contextlib.chdir(self.folder)
 
     @_logged
     def log_params(self, params: Mapping[str, Any]) -> None:
@@ -83,24 +113,58 @@ class Run:
 
     @_logged
     def log_figure(self, figure: Any, artifact_file: str) -> None:
-        self.client.log_figure(self.run_id, figure, artifact_file)
+        with self._in_store_folder():
+            self.client.log_figure(self.run_id, figure, artifact_file)
 
     @_logged
     def log_table(self, rows: list[dict[str, Any]], artifact_file: str) -> None:
         columns = {key: [row[key] for row in rows] for key in (rows[0] if rows else {})}
-        self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
+        with self._in_store_folder():
+            self.client.log_table(self.run_id, data=columns, artifact_file=artifact_file)
 
     @_logged
     def log_artifacts(self, folder: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifacts(self.run_id, str(folder), artifact_path)
+        local = str(Path(folder).resolve())  # before a change of folder
+        with self._in_store_folder():
+            self.client.log_artifacts(self.run_id, local, artifact_path)
 
     @_logged
     def log_file(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        local = str(Path(path).resolve())
+        with self._in_store_folder():
+            self.client.log_artifact(self.run_id, local, artifact_path)
 
     @_logged
     def log_text(self, text: str, artifact_file: str) -> None:
-        self.client.log_text(self.run_id, text, artifact_file)
+        with self._in_store_folder():
+            self.client.log_text(self.run_id, text, artifact_file)
+
+    @_logged
+    def log_model(self, artifact: Path) -> None:
+        """The sa2vp artifact folder as the run's MLflow model (`sa2vp.engine.mlflow_model`)."""
+        from mlflow.exceptions import MlflowException
+
+        from sa2vp.engine.mlflow_model import MODEL_NAME, log_model
+
+        local = Path(artifact).resolve()
+        try:
+            with self._in_store_folder():
+                log_model(self.client, self.run_id, local, {**source_tags(), **git_tags()})
+        except (MlflowException, OSError) as exc:
+            raise TrackingError(f"tracking.uri={self.uri!r}: cannot log the MLflow model {MODEL_NAME!r} of run "
+                                f"{self.run_id} ({one_line(exc)}); the artifact itself is in {local}; set "
+                                "tracking.log_model=false to train without it") from exc
+
+    @_logged
+    def log_inputs(self, manifest: Any, splits: Mapping[str, str | None]) -> None:
+        """The dataset splits the run reads, as MLflow dataset inputs: `splits` maps a role (train, val, test:
+        the input's context) to a split of the split folder whose `manifest` (`sa2vp.data.Manifest`) is given."""
+        roles: dict[str, list[str]] = {}
+        for role, split in splits.items():
+            if split is not None:
+                roles.setdefault(split, []).append(role)  # one input per split, even if it has two roles
+        self.client.log_inputs(self.run_id, datasets=[_dataset_input(manifest, split, ",".join(names))
+                                                      for split, names in roles.items()])
 
     def logged_steps(self, key: str) -> set[int]:
         """The steps at which metric `key` is already logged (none on a disabled run)."""
@@ -119,8 +183,24 @@ class Run:
             return "(tracking disabled)"
         run = self.client.get_run(self.run_id)
         if self.uri.startswith(("http://", "https://")):
-            return f"{self.uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
+            return (f"{self.uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
+                    f"?{MACHINE_LEARNING_VIEW}")
         return f"run {self.run_id} in {self.uri} (browse with `sa2vp ui`)"
+
+
+def _dataset_input(manifest: Any, split: str, context: str) -> Any:
+    """A split as an MLflow dataset: `<dataset>/<split>`, digest = the manifest's content hash (the first 36 hex
+    digits, MLflow's limit), source = the split folder, profile = images and classes."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    data = manifest.data
+    digest = str(data.get("content_hash", "")).removeprefix("sha256:")[:MAX_DIGEST]
+    count = data.get("splits", {}).get(split, {}).get("count")
+    dataset = Dataset(name=f"{data.get('dataset')}/{split}", digest=digest, source_type="local",
+                      source=json.dumps({"uri": str(Path(manifest.folder).resolve())}),
+                      profile=json.dumps({"num_rows": count, "num_classes": len(manifest.classes)}))
+    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
 
 
 def disabled_run() -> Run:
@@ -152,22 +232,129 @@ def start_run(
         client = MlflowClient(tracking_uri=uri)
         if resume_run_id is not None:
             run_id = resume_run_id
-            experiment_id = client.get_run(run_id).info.experiment_id
+            info = client.get_run(run_id).info
+            experiment_id = info.experiment_id
+            mark_training_experiment(client, client.get_experiment(experiment_id))
             client.update_run(run_id, status="RUNNING")
             client.log_batch(run_id, tags=[RunTag(key, value) for key, value in owner.items()])
         else:
-            experiment = client.get_experiment_by_name(settings.experiment)
-            experiment_id = experiment.experiment_id if experiment else client.create_experiment(settings.experiment)
-            all_tags = {**git_tags(), **{k: str(v) for k, v in (tags or {}).items() if v is not None}, **owner}
+            experiment_id = _experiment_id(client, settings.experiment, settings.uri)
+            all_tags = {**source_tags(), **git_tags(), **{k: str(v) for k, v in (tags or {}).items() if v is not None},
+                        **owner}
             if parent_run_id is not None:
                 all_tags["mlflow.parentRunId"] = parent_run_id
-            run_id = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info.run_id
+            info = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info
+            run_id = info.run_id
         if output is not None:
             end_stale_runs(client, experiment_id, output, keep=run_id)
     except (MlflowException, OSError) as exc:
         raise TrackingError(f"tracking.uri={settings.uri!r}: cannot log to MLflow ({one_line(exc)}); check the URI "
                             "or the server, or set tracking.enabled=false") from exc
-    return Run(client, run_id, uri)
+    return Run(client, run_id, uri, _relative_store_folder(uri, info.artifact_uri))
+
+
+def _experiment_id(client: Any, name: str, given_uri: str) -> str:
+    """The experiment `name`, created if needed: tagged as a model-training experiment, with its artifacts
+    beside a local store (see the module's docstring)."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_ALREADY_EXISTS, ErrorCode
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        mark_training_experiment(client, experiment)
+        return experiment.experiment_id
+    try:
+        experiment_id = client.create_experiment(name, tags={KIND_TAG: TRAINING_KIND})
+    except MlflowException as exc:
+        if exc.error_code != ErrorCode.Name(RESOURCE_ALREADY_EXISTS):
+            raise
+        return client.get_experiment_by_name(name).experiment_id  # another process made it meanwhile
+    given = _sqlite_database(given_uri)
+    if given is not None:
+        folder = given.parent / ARTIFACTS_FOLDER if given.is_absolute() else Path(ARTIFACTS_FOLDER)
+        _set_artifact_location(_sqlite_database(absolute_uri(given_uri)), experiment_id,
+                               (folder / experiment_id).as_posix())
+    return experiment_id
+
+
+def mark_training_experiment(client: Any, experiment: Any) -> None:
+    """Tag `experiment` as a model-training one, unless it says it is of another kind on purpose."""
+    if experiment.tags.get(KIND_TAG, "") in REPLACEABLE_KINDS:
+        client.set_experiment_tag(experiment.experiment_id, KIND_TAG, TRAINING_KIND)
+
+
+def _set_artifact_location(database: Path | None, experiment_id: str, location: str) -> None:
+    """Record where a new experiment's artifacts go. MLflow's API makes every local location absolute against
+    the current folder (`create_experiment(artifact_location=...)`, `--default-artifact-root` alike), so the
+    row is written directly, right after it was created and before it has runs."""
+    import sqlite3
+
+    assert database is not None
+    with contextlib.closing(sqlite3.connect(database, timeout=30)) as connection, connection:
+        connection.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
+                           (location, int(experiment_id)))
+
+
+def _sqlite_database(uri: str) -> Path | None:
+    """The database file of a local SQLite store's URI (relative as given), else None."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    path = uri[len(prefix):].partition("?")[0]
+    return None if path in ("", ":memory:") else Path(path)
+
+
+def _relative_store_folder(uri: str, artifact_uri: str) -> Path | None:
+    """The store's folder when a run's artifact location is a relative path (resolved against it), else None."""
+    from urllib.parse import urlparse
+
+    database = _sqlite_database(uri)
+    if database is None or urlparse(artifact_uri).scheme or Path(artifact_uri).is_absolute():
+        return None
+    return database.parent
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's source tags: the command that logs (`sa2vp train …`, or the program), local, and the user."""
+    import getpass
+
+    program = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else "python"
+    if program == "__main__.py":  # python -m <package>
+        program = Path(sys.argv[0]).parent.name
+    if program == "sa2vp":
+        words = []
+        for word in sys.argv[1:]:
+            if word.startswith("-"):
+                break
+            words.append(word)
+        program = " ".join([program, *words])
+    try:
+        user = getpass.getuser()
+    except (OSError, KeyError):  # no USER variable and no passwd entry (some containers)
+        user = "unknown"
+    return {"mlflow.source.name": program[:500], "mlflow.source.type": "LOCAL", "mlflow.user": user}
+
+
+# Settings by the names the method file gives them (SA²VP's γ, λ and window c), in run names and figures.
+SHORT_NAMES = {"model.gamma": "γ", "model.window": "c", "model.lam": "λ", "train.lr": "lr",
+               "train.weight_decay": "wd"}
+
+
+def trial_run_name(number: int, values: Mapping[str, Any]) -> str:
+    """A tuning trial's run name: its number and the values it tries, `trial-3 γ=0.21 c=5 lr=3e-3`."""
+    tried = " ".join(f"{SHORT_NAMES.get(key, key.rsplit('.', 1)[-1])}={_compact(value)}" for key, value in
+                     values.items())
+    return f"trial-{number} {tried}".strip()
+
+
+def _compact(value: Any) -> str:
+    """A value as short as a run name wants it: 0.21, 5, 3e-3, 2.5e-4."""
+    if isinstance(value, bool) or not isinstance(value, float):
+        return str(value)
+    if value != 0 and abs(value) < 0.01:
+        mantissa, _, exponent = f"{value:.1e}".partition("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:.2g}"
 
 
 def owner_tags(output: Path | None = None) -> dict[str, str]:
@@ -263,20 +450,32 @@ def _server_problem(uri: str) -> str | None:
         return f"no tracking server answers at {uri} ({getattr(exc, 'reason', exc)})"
 
 
-def serve_ui(uri: str, port: int) -> int:
+def serve_ui(uri: str, port: int, experiment: str | None = None, on_ready: Callable[[str], None] | None = None,
+             on_waiting: Callable[[float], None] | None = None, ready_timeout: float = READY_TIMEOUT) -> int:
     """Run `mlflow ui` on the store at `uri` (bound to 127.0.0.1) until it ends or this process is asked to
     stop; returns its exit code (0 when stopped on request).
+
+    The server takes tens of seconds to answer: `on_waiting(seconds)` is called at once and then every
+    PROGRESS_EVERY seconds until it does, `on_ready(address)` when it answers, with the page of `experiment`
+    (in MLflow's model-training view) or the experiments list. A server that does not answer within
+    `ready_timeout` seconds is stopped (TrackingError), and so is a busy port refused before anything starts:
+    another server there would answer in its place. A local store's server runs in the store's folder (relative
+    artifact locations resolve there), with one worker and without MLflow's GenAI job runner, which a local UI
+    does not use and which takes most of the start-up.
 
     The server and its workers run in a session of their own; SIGTERM, SIGINT and SIGHUP sent to this process
     are passed to that whole process group, so no worker outlives the command (`mlflow ui` itself, stopped
     alone, leaves its workers running)."""
     import shutil
-    import sys
 
     mlflow = shutil.which("mlflow", path=os.path.dirname(sys.executable)) or shutil.which("mlflow")
     if mlflow is None:
         raise TrackingError("the mlflow command is not installed in this environment")
-    command = [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port)]
+    _check_port_free(port)
+    uri = absolute_uri(uri)
+    database = _sqlite_database(uri)
+    command = [mlflow, "ui", "--backend-store-uri", uri, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    environment = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}  # the user's setting wins
     server: subprocess.Popen[bytes] | None = None
     stopped: list[int] = []
 
@@ -288,9 +487,13 @@ def serve_ui(uri: str, port: int) -> int:
     # Handlers first: a stop that arrives while the server starts must not leave it running.
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        server = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True)
+        server = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True, env=environment,
+                                  cwd=None if database is None else database.parent)
         if stopped:
             _signal_group(server.pid, signal.SIGTERM)
+        address = _wait_until_answering(server, port, stopped, ready_timeout, on_waiting)
+        if address is not None and on_ready is not None:
+            on_ready(experiment_page(address, experiment))
         code = server.wait()
     finally:
         if server is not None:
@@ -298,6 +501,63 @@ def serve_ui(uri: str, port: int) -> int:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return 0 if stopped else code
+
+
+def _check_port_free(port: int) -> None:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds: TIME_WAIT is no owner
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError as exc:
+            raise TrackingError(f"--port {port}: 127.0.0.1:{port} is in use ({exc.strerror or exc}), perhaps by "
+                                "another MLflow UI; choose a free port") from None
+
+
+def _wait_until_answering(server: subprocess.Popen[bytes], port: int, stopped: list[int], timeout: float,
+                          on_waiting: Callable[[float], None] | None) -> str | None:
+    """The server's address once it answers; None when it ended or was stopped first. Raises TrackingError
+    after `timeout` seconds without an answer (the caller stops the server)."""
+    import urllib.request
+
+    address = f"http://127.0.0.1:{port}"
+    start = time.monotonic()
+    shown = -PROGRESS_EVERY
+    while server.poll() is None and not stopped:
+        waited = time.monotonic() - start
+        if waited - shown >= PROGRESS_EVERY:
+            shown = waited
+            if on_waiting is not None:
+                on_waiting(waited)
+        try:
+            with urllib.request.urlopen(f"{address}/health", timeout=1) as response:
+                if response.status == 200:
+                    return address
+        except OSError:  # not listening yet, or not answering yet
+            pass
+        if waited > timeout:
+            raise TrackingError(f"the MLflow UI did not answer on {address} within {timeout:.0f} s; see its output "
+                                "above")
+        time.sleep(0.25)
+    return None
+
+
+def experiment_page(address: str, experiment: str | None) -> str:
+    """The UI's page of `experiment` (asked of the server at `address`) in the model-training view; the
+    experiments list when there is no such experiment (yet)."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    if experiment is not None:
+        query = urllib.parse.urlencode({"experiment_name": experiment})
+        try:
+            with urllib.request.urlopen(f"{address}/api/2.0/mlflow/experiments/get-by-name?{query}",
+                                        timeout=PROBE_TIMEOUT) as response:
+                found = json.load(response)["experiment"]["experiment_id"]
+            return f"{address}/#/experiments/{found}?{MACHINE_LEARNING_VIEW}"
+        except (urllib.error.URLError, OSError, ValueError, KeyError):  # no such experiment: the list
+            pass
+    return f"{address}/#/experiments?{MACHINE_LEARNING_VIEW}"
 
 
 def _signal_group(pgid: int, signum: int) -> bool:
@@ -311,8 +571,6 @@ def _signal_group(pgid: int, signum: int) -> bool:
 
 def _stop_group(pgid: int) -> None:
     """End every process left in group `pgid`: SIGTERM, STOP_GRACE seconds to go, then SIGKILL."""
-    import time
-
     deadline = time.monotonic() + STOP_GRACE
     if not _signal_group(pgid, signal.SIGTERM):
         return

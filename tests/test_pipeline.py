@@ -111,7 +111,9 @@ def test_the_backbone_pipeline_makes_the_file_and_the_main_pipeline_uses_it_with
     assert "up to date" in status.stdout.lower()
 
 
-def test_dvc_repro_fills_mlflow_with_the_tuning_study_its_trials_and_the_final_run(reproduced: Path) -> None:
+def test_dvc_repro_fills_mlflow_with_the_tuning_study_its_trials_and_the_final_run(
+        reproduced: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(reproduced)  # the store's artifact paths are relative to its folder
     client = MlflowClient(f"sqlite:///{reproduced / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sa2vp")
     runs = client.search_runs([experiment.experiment_id])
@@ -214,7 +216,8 @@ def suites(reproduced: Path, side_repository: tuple[Path, subprocess.Popen[str]]
 
 
 @pytest.mark.parametrize("suite", list(SUITE_CELLS))
-def test_each_suite_runs_its_cells_and_writes_its_table(suites: dict[str, Path], suite: str) -> None:
+def test_each_suite_runs_its_cells_and_writes_its_table(suites: dict[str, Path], suite: str,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     datasets, variants, seeds, _, _ = SUITE_CELLS[suite]
     folder = suites[suite] / "pipelines" / suite
     table = (folder / "report" / "results.md").read_text()
@@ -227,6 +230,7 @@ def test_each_suite_runs_its_cells_and_writes_its_table(suites: dict[str, Path],
             result = json.loads((folder / "results" / dataset / variant / "result.json").read_text())
             assert result["seeds"] == seeds and len(result["test_top1"]) == len(seeds)
             assert (result["trainable_percent"] > 0) == (variant != "linear") and result["trainable_percent"] < 100
+    monkeypatch.chdir(suites[suite])  # the store's artifact paths are relative to its folder
     client = MlflowClient(f"sqlite:///{suites[suite] / 'mlflow.db'}")  # every suite logs to the repository's store
     experiment = client.get_experiment_by_name(suite)
     (report,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = 'suite-{suite}'")

@@ -29,7 +29,8 @@ TINY_PARAMS: dict[str, Any] = {
     "data": {"dataset": "digits", "render_size": 16},
     "train": {"epochs": 3, "batch_size": 64, "warmup_epochs": 1, "lr": 0.01, "num_workers": 0,
               "output": "runs/train"},
-    "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "tests"},
+    # log_model: about a second per run, which most tests do not need (tests/test_mlflow_idioms.py does)
+    "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "tests", "log_model": False},
 }
 
 

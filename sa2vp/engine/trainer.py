@@ -31,7 +31,7 @@ from sa2vp.engine.checkpoint import load_checkpoint, restore_rng_state, rng_stat
 from sa2vp.engine.metrics import Metrics, evaluate_model
 from sa2vp.engine.optim import build_optimizer, build_scheduler
 from sa2vp.engine.report import write_report
-from sa2vp.engine.runtime import Precision, resolve_device, resolve_precision
+from sa2vp.engine.runtime import Precision, configure_cpu_numerics, resolve_device, resolve_precision
 from sa2vp.errors import ArtifactError, TrainingDiverged
 from sa2vp.folders import remove_stale_temporaries, writable_problem
 from sa2vp.models import AdaptedModel, PathwayClassifier, parameter_summary
@@ -99,6 +99,7 @@ def fit(
 ) -> TrainResult:
     """Train `settings.model` on `settings.data` as `settings.train` says; log to `settings.tracking`."""
     device = resolve_device(settings.train.device)
+    configure_cpu_numerics(settings.train.cpu_numerics, device)  # before any tensor op (a checkpoint's load)
     precision = resolve_precision(settings.train.precision, device)
     checkpoint = load_checkpoint(settings.train.output) if resume else None
     if checkpoint is not None:
@@ -143,6 +144,8 @@ def fit(
                         "backbone_parameters": summary.backbone, "num_classes": len(manifest.classes)})
         run.log_metrics({"trainable_parameters": summary.trainable,
                          "trainable_percent": summary.percent_of_backbone})
+        run.log_inputs(manifest, {"train": settings.train.train_split, "val": settings.train.val_split,
+                                  "test": settings.train.test_split})
     log.info("%s: %s trainable parameters (%.3f %% of the %s-parameter backbone), device %s, %s",
              name, f"{summary.trainable:,}", summary.percent_of_backbone, f"{summary.backbone:,}", device,
              precision.name)
@@ -283,6 +286,8 @@ def _finish(model: AdaptedModel, state: _TrainingState, settings: Settings, mani
     artifact = save_artifact(output / ARTIFACT_DIR, model, settings, record)
     write_report(output, classes, state.history, val, test, run)
     run.log_artifacts(output / ARTIFACT_DIR, ARTIFACT_DIR)
+    if settings.tracking.log_model:  # after the test metrics, which MLflow copies to the model
+        run.log_model(output / ARTIFACT_DIR)
     if test is not None:
         log.info("test: top1 %.2f%%  mean-class %.2f%% (best epoch %d)", 100 * test.top1, 100 * test.mean_class,
                  state.best_epoch)
