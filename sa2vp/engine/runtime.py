@@ -1,13 +1,21 @@
-"""Where and in what precision a run computes: the device and the autocast / gradient-scaler choice."""
+"""Where and in what precision a run computes: the device, the autocast / gradient-scaler choice, and on the CPU
+whether its numerics are the machine's own or pinned to be the same on any x86-64 machine."""
 
 from __future__ import annotations
 
+import ctypes
+import logging
+import os
+import platform
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from sa2vp.settings import SettingsError
+
+log = logging.getLogger("sa2vp.runtime")
 
 
 def resolve_device(setting: str) -> torch.device:
@@ -53,3 +61,137 @@ def resolve_precision(setting: str, device: torch.device) -> Precision:
     if device.type == "cpu" and setting == "fp16":
         raise SettingsError("train.precision=fp16: not supported on the CPU (use fp32, bf16 or auto)")
     return Precision(setting, torch.bfloat16 if setting == "bf16" else torch.float16)
+
+
+# --- CPU numerics ---------------------------------------------------------------------------------------------
+# A CPU run's last bits depend on the machine: ATen picks its kernels by the CPU's widest vector ISA (AVX2 and
+# AVX-512 softmax, attention, cross-entropy differ), MKL picks its sgemm / vector-math code by ISA, oneDNN
+# JIT-compiles the patch convolution and GELU for the CPU, and the thread count decides how reductions and
+# matrix products are split. `portable` pins all four before the process's first tensor operation (each library
+# fixes its choice on first use). Measured, with what it costs: benchmarks/CPU_REPRODUCIBILITY.md.
+
+PORTABLE_CAPABILITY = "AVX2"  # ATen's kernels compiled for AVX2 + FMA: Intel since 2013 (Haswell), AMD since 2015
+# mkl_cbwr.h / mkl_service.h. MKL's AVX2 CNR branch gives the same results on every Intel CPU with AVX2; its
+# COMPATIBLE branch (SSE2, the same on AMD too) costs ~75 % more training time here, over the budget.
+_MKL_CBWR_AVX2 = 10
+_MKL_CBWR_ALL = -1  # mkl_cbwr_get(MKL_CBWR_ALL): the whole setting
+_MKL_CBWR_ERR_MODE_CHANGE_FAILURE = -8  # mkl_cbwr_set after MKL ran: too late
+_MKL_ENABLE_AVX2 = 2  # a user's MKL_ENABLE_INSTRUCTIONS=AVX512 would silently override the CNR branch
+
+_cpu_numerics: CpuNumerics | None = None  # what this process applied (once: the libraries fix it on first use)
+
+
+@dataclass(frozen=True)
+class CpuNumerics:
+    """How a CPU process computes: the setting and what is actually in effect."""
+
+    setting: str
+    capability: str  # ATen's kernels: DEFAULT, AVX2, AVX512, …
+    mkl_cbwr: int | None  # MKL's conditional-numerical-reproducibility branch (None: no MKL symbols found)
+    onednn: bool
+    threads: int
+    problems: tuple[str, ...] = ()  # why `portable` is not fully in effect (empty: it is)
+
+    def line(self) -> str:
+        mkl = {None: "unknown", 1: "off", _MKL_CBWR_AVX2: "AVX2"}.get(self.mkl_cbwr, str(self.mkl_cbwr))
+        return (f"CPU numerics {self.setting}: ATen {self.capability} kernels, MKL CNR {mkl}, oneDNN "
+                f"{'on' if self.onednn else 'off'}, {self.threads} thread(s)")
+
+
+def configure_cpu_numerics(setting: str, device: torch.device | str) -> CpuNumerics | None:
+    """Apply `train.cpu_numerics` for a run on `device` (a device, or a `train.device` setting; nothing for
+    another device than the CPU, or for `native`).
+
+    `portable`: ATen's AVX2 kernels, MKL's reproducible AVX2 branch, oneDNN off (its convolution and GELU fall
+    back to ATen and MKL) and one thread — the same bits on any Intel x86-64 CPU with AVX2, whatever its vector
+    width (AVX2, AVX-512, AMX) or core count, for a given torch build; not guaranteed on AMD CPUs (MKL keeps
+    its own code there; a warning says so). Applied once per
+    process, before its first tensor operation; later calls return what was applied. When an earlier
+    operation already fixed a library's choice (or the CPU cannot run the pinned code), the run goes on with the
+    machine's own numerics and a warning says why.
+    """
+    global _cpu_numerics
+    if setting == "native" or not _on_cpu(device):
+        return None
+    if setting != "portable":
+        raise SettingsError(f"train.cpu_numerics={setting!r}: must be native or portable")
+    if _cpu_numerics is None:
+        _cpu_numerics = _apply_portable()
+        log.info(_cpu_numerics.line())
+        for problem in _cpu_numerics.problems:
+            log.warning("train.cpu_numerics=portable is not fully in effect: %s; this run's results may differ "
+                        "in the last bits from other machines'", problem)
+    return _cpu_numerics
+
+
+def _on_cpu(device: torch.device | str) -> bool:
+    if isinstance(device, str):  # a setting: `auto` is the CPU when there is no CUDA (resolve_device)
+        return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+    return device.type == "cpu"
+
+
+def _apply_portable() -> CpuNumerics:
+    problems: list[str] = []
+    x86 = platform.machine().lower() in ("x86_64", "amd64")
+    if not x86:
+        problems.append(f"portable numerics are defined for x86-64 CPUs, this is {platform.machine()}")
+    elif _cpu_vendor() not in ("GenuineIntel", None):
+        problems.append(f"MKL's reproducible AVX2 code is Intel's, this CPU is {_cpu_vendor()} (matrix products "
+                        "may differ in the last bits from an Intel CPU's)")
+    os.environ["ATEN_CPU_CAPABILITY"] = PORTABLE_CAPABILITY.lower()  # read on ATen's first dispatched kernel
+    os.environ["MKL_CBWR"] = "AVX2"  # these two for processes started from this one (MKL reads them once)
+    os.environ["MKL_ENABLE_INSTRUCTIONS"] = "AVX2"
+    mkl_cbwr = _set_mkl_cbwr(problems)
+    torch.backends.mkldnn.enabled = False
+    torch.set_num_threads(1)
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability != PORTABLE_CAPABILITY and x86:
+        problems.append(f"ATen runs its {capability} kernels: "
+                        + ("this CPU lacks AVX2" if capability == "DEFAULT" else
+                           "an earlier tensor operation in this process fixed them"))
+    return CpuNumerics("portable", capability, mkl_cbwr, torch.backends.mkldnn.enabled, torch.get_num_threads(),
+                       tuple(problems))
+
+
+def _set_mkl_cbwr(problems: list[str]) -> int | None:
+    """MKL (linked into torch) capped to AVX2 and switched to its reproducible AVX2 branch; the branch then in
+    effect (mkl_cbwr_get), None when this torch has no reachable MKL."""
+    if not torch.backends.mkl.is_available():
+        problems.append("this torch build has no MKL (its BLAS is not covered)")
+        return None
+    library = _torch_cpu_library()
+    try:
+        library.mkl_serv_enable_instructions(ctypes.c_int(_MKL_ENABLE_AVX2))
+        status = library.mkl_serv_cbwr_set(ctypes.c_int(_MKL_CBWR_AVX2))
+        in_effect = int(library.mkl_serv_cbwr_get(ctypes.c_int(_MKL_CBWR_ALL)))
+    except AttributeError:  # no such symbols (library None, or another build of MKL)
+        status = in_effect = None
+    if in_effect is None:
+        problems.append("MKL's reproducibility switch (mkl_cbwr_set) is not reachable in this torch build")
+    elif in_effect != _MKL_CBWR_AVX2:
+        problems.append("MKL already ran in this process, its code branch is fixed"
+                        if status == _MKL_CBWR_ERR_MODE_CHANGE_FAILURE else f"mkl_cbwr_set returned {status}")
+    return in_effect
+
+
+def _cpu_vendor() -> str | None:
+    """The CPU's vendor id (GenuineIntel, AuthenticAMD, …) where the OS says it (Linux), else None."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def _torch_cpu_library() -> ctypes.CDLL | None:
+    folder = Path(torch.__file__).parent / "lib"
+    for name in ("libtorch_cpu.so", "libtorch_cpu.dylib", "torch_cpu.dll"):
+        if (folder / name).is_file():
+            try:
+                return ctypes.CDLL(str(folder / name))
+            except OSError:
+                return None
+    return None
