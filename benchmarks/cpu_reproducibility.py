@@ -15,10 +15,11 @@ each library's instruction set through its own switch, and by the thread count s
     MKL (fp32 matrix products, exp/tanh)                  MKL_ENABLE_INSTRUCTIONS=AVX2|AVX512
     thread count (how reductions and products split)      torch.set_num_threads(N), N > cores allowed
 
-    python benchmarks/cpu_reproducibility.py matrix --steps 3                 # native vs portable, 3 machines × 1, 2 threads
+    python benchmarks/cpu_reproducibility.py matrix --steps 3     # native vs portable: 3 machines × 1, 2 threads
     python benchmarks/cpu_reproducibility.py matrix --numerics portable --epochs 1   # the real fit
     python benchmarks/cpu_reproducibility.py cost --steps 6 --repeats 5 --numerics native native@1 portable
-    python benchmarks/cpu_reproducibility.py child --steps 3 --threads 1 --onednn-off   # one run, with --env pins
+    # one run with pins set by hand, one library at a time (oneDNN: --onednn-off):
+    ATEN_CPU_CAPABILITY=avx2 MKL_CBWR=AVX2 python benchmarks/cpu_reproducibility.py child --steps 3 --threads 1
 
 `cost` runs the variants alternately (the order reversed every other round, so that a shared machine's load hits
 all alike) and reports medians. Set data.root (--set data.root=/tmp/data) to keep the repository's data/ as is.
@@ -38,6 +39,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -167,7 +170,7 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="cpu-repro-") as tmp:
         overrides = {"train.output": tmp, "tracking.enabled": "false", "train.device": "cpu",
                      "train.epochs": str(args.epochs)}
-        overrides.update(pair.split("=", 1) for pair in args.set)
+        overrides.update((key, yaml.safe_load(value)) for key, value in (pair.split("=", 1) for pair in args.set))
         settings = load_settings(ROOT / "params.yaml", overrides)
         out = _steps(settings, args.steps) if args.steps else _fit(settings, Path(tmp))
     return {"capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
