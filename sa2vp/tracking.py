@@ -609,8 +609,10 @@ def git_tags(cwd: Path | None = None) -> dict[str, str]:
     """The commit the code ran from (and whether the tree had changes), as MLflow's own source tags."""
     try:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10)
+        # dvc.lock is DVC's record of what the pipeline produced, rewritten by `dvc repro` while it runs: a change
+        # there is the run's own output, not a change to the code or settings it ran from.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
+                                ":(top,exclude,glob)**/dvc.lock"], cwd=cwd, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return {}
     if commit.returncode != 0:

@@ -1,4 +1,4 @@
-"""Reading one image file as RGB, or an error that names the file."""
+"""Reading one image file as RGB, or an error that names the file; writing a generated one reproducibly."""
 
 from __future__ import annotations
 
@@ -44,3 +44,13 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         image = image.convert("RGBA")  # PIL's advice for palettes with transparency; alpha is dropped below
     # Alpha is dropped, not composited, as in torchvision's loader that the published numbers used.
     return image.convert("RGB") if image.mode != "RGB" else image.copy()
+
+
+def save_generated_png(image: Image.Image, path: Path) -> None:
+    """Write a generated image as a PNG whose bytes depend on its pixels only.
+
+    Stored (uncompressed) deflate blocks: zlib's match search is SIMD code chosen by CPU (Pillow bundles zlib-ng),
+    which may compress the same pixels to other bytes on another machine and so change the data's DVC hash.
+    A 16×16 grayscale rendering is ~300 bytes either way.
+    """
+    image.save(path, format="PNG", compress_level=0)

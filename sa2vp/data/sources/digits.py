@@ -13,6 +13,7 @@ from PIL import Image
 from sa2vp.data.catalogue import Catalogue, make_catalogue
 from sa2vp.data.errors import DataError
 from sa2vp.data.files import mark_complete, read_marker, staging
+from sa2vp.data.images import save_generated_png
 from sa2vp.data.progress import NO_PROGRESS, Progress
 from sa2vp.data.registry import DatasetInfo
 from sa2vp.settings import DataSettings
@@ -39,7 +40,7 @@ def fetch(info: DatasetInfo, settings: DataSettings, progress: Progress = NO_PRO
             path = tmp / _relative(index, int(label))
             path.parent.mkdir(parents=True, exist_ok=True)
             ink = Image.fromarray(np.round(pixels * (255 / 16)).astype(np.uint8), mode="L")
-            ink.resize((size, size), Image.Resampling.BILINEAR).save(path, format="PNG")
+            save_generated_png(ink.resize((size, size), Image.Resampling.BILINEAR), path)
             advance(1)
         mark_complete(tmp, marker(info, settings))
     return folder

@@ -36,6 +36,7 @@ from PIL import Image
 from sa2vp.data.catalogue import Catalogue, make_catalogue
 from sa2vp.data.errors import DataError
 from sa2vp.data.files import mark_complete, read_marker, staging
+from sa2vp.data.images import save_generated_png
 from sa2vp.data.progress import NO_PROGRESS, Progress
 from sa2vp.data.registry import DatasetInfo
 from sa2vp.settings import DataSettings
@@ -105,7 +106,7 @@ def fetch(info: DatasetInfo, settings: DataSettings, progress: Progress = NO_PRO
             path = tmp / _relative(index, names[label])
             path.parent.mkdir(parents=True, exist_ok=True)
             pixels = render_image(info, settings.seed, index, int(label), size)
-            Image.fromarray(pixels, mode="L").save(path, format="PNG")
+            save_generated_png(Image.fromarray(pixels, mode="L"), path)
             advance(1)
         mark_complete(tmp, expected)
     return folder
