@@ -372,9 +372,14 @@ class TrainSettings(_Section):
         "native",
         description="On the CPU: `native` computes with this machine's fastest kernels and all its cores (the "
         "last bits of weights and logits differ between machines); `portable` pins torch's CPU libraries (ATen's "
-        "AVX2 kernels, MKL's reproducible AVX2 branch, oneDNN off) and one thread, so that every Intel x86-64 CPU "
-        "with AVX2 gives the same bytes for a given torch build — not guaranteed on AMD, where MKL keeps its own "
-        "code (benchmarks/CPU_REPRODUCIBILITY.md). No effect on a GPU.",
+        "AVX2 kernels, MKL's reproducible AVX2 branch, oneDNN off) and the thread count, so that every Intel "
+        "x86-64 CPU with AVX2 gives the same bytes for a given torch build and `cpu_threads` — not guaranteed on "
+        "AMD, where MKL keeps its own code (benchmarks/CPU_REPRODUCIBILITY.md). No effect on a GPU.",
+    )
+    cpu_threads: int | None = Field(
+        None, ge=1,
+        description="Threads torch computes with on the CPU. Unset: one per core under `native`, 2 under `portable` "
+        "(whose bytes depend on the count, so every machine must use the same one).",
     )
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes.")
     train_split: Literal["train", "trainval"] = Field(

@@ -11,6 +11,9 @@ import os
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The same for the `sa2vp` commands under `train.cpu_numerics: portable` (params.yaml's default), which
+    # would otherwise pin 2 threads; a test that is about the thread count sets its own.
+    os.environ.setdefault("SA2VP_TRAIN__CPU_THREADS", "1")
     import torch
 
     torch.set_num_threads(1)

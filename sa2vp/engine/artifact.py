@@ -171,7 +171,8 @@ def _describe(exc: ValidationError) -> str:
 def build_seeded(settings: Settings, num_classes: int) -> AdaptedModel:
     """The model, initialised from `train.seed`: a randomly initialised backbone is the same every time,
     which is what lets an artifact on a random backbone be rebuilt and checked by its hash."""
-    configure_cpu_numerics(settings.train.cpu_numerics, settings.train.device)  # before the first tensor op
+    configure_cpu_numerics(settings.train.cpu_numerics, settings.train.device,
+                           settings.train.cpu_threads)  # before the first tensor op
     torch.manual_seed(settings.train.seed)
     return build_model(settings, num_classes)
 

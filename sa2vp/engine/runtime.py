@@ -77,6 +77,10 @@ _MKL_CBWR_AVX2 = 10
 _MKL_CBWR_ALL = -1  # mkl_cbwr_get(MKL_CBWR_ALL): the whole setting
 _MKL_CBWR_ERR_MODE_CHANGE_FAILURE = -8  # mkl_cbwr_set after MKL ran: too late
 _MKL_ENABLE_AVX2 = 2  # a user's MKL_ENABLE_INSTRUCTIONS=AVX512 would silently override the CNR branch
+# The bits depend on the thread count (MKL's CNR holds for a fixed count; ATen splits reductions by thread), so
+# `portable` fixes one: 2, which every machine can run (oversubscribed on one core, still the same bits) and
+# which on this project's 2-core machine costs +11 % wall clock against `native` (1 thread: +56 %).
+PORTABLE_THREADS = 2
 
 _cpu_numerics: CpuNumerics | None = None  # what this process applied (once: the libraries fix it on first use)
 
@@ -98,25 +102,30 @@ class CpuNumerics:
                 f"{'on' if self.onednn else 'off'}, {self.threads} thread(s)")
 
 
-def configure_cpu_numerics(setting: str, device: torch.device | str) -> CpuNumerics | None:
-    """Apply `train.cpu_numerics` for a run on `device` (a device, or a `train.device` setting; nothing for
-    another device than the CPU, or for `native`).
+def configure_cpu_numerics(setting: str, device: torch.device | str, threads: int | None = None) -> CpuNumerics | None:
+    """Apply `train.cpu_numerics` and `train.cpu_threads` for a run on `device` (a device, or a `train.device`
+    setting; nothing for another device than the CPU). `native` only sets the thread count, when one is given.
 
     `portable`: ATen's AVX2 kernels, MKL's reproducible AVX2 branch, oneDNN off (its convolution and GELU fall
-    back to ATen and MKL) and one thread — the same bits on any Intel x86-64 CPU with AVX2, whatever its vector
-    width (AVX2, AVX-512, AMX) or core count, for a given torch build; not guaranteed on AMD CPUs (MKL keeps
+    back to ATen and MKL) and a fixed thread count (`threads`, else PORTABLE_THREADS) — the same bits on any Intel
+    x86-64 CPU with AVX2, whatever its vector width (AVX2, AVX-512, AMX) or core count, for a given torch build
+    and thread count; not guaranteed on AMD CPUs (MKL keeps
     its own code there; a warning says so). Applied once per
     process, before its first tensor operation; later calls return what was applied. When an earlier
     operation already fixed a library's choice (or the CPU cannot run the pinned code), the run goes on with the
     machine's own numerics and a warning says why.
     """
     global _cpu_numerics
-    if setting == "native" or not _on_cpu(device):
-        return None
-    if setting != "portable":
+    if setting not in ("native", "portable"):
         raise SettingsError(f"train.cpu_numerics={setting!r}: must be native or portable")
+    if not _on_cpu(device):
+        return None
+    if setting == "native":
+        if threads is not None:
+            torch.set_num_threads(threads)
+        return None
     if _cpu_numerics is None:
-        _cpu_numerics = _apply_portable()
+        _cpu_numerics = _apply_portable(threads or PORTABLE_THREADS)
         log.info(_cpu_numerics.line())
         for problem in _cpu_numerics.problems:
             log.warning("train.cpu_numerics=portable is not fully in effect: %s; this run's results may differ "
@@ -130,7 +139,7 @@ def _on_cpu(device: torch.device | str) -> bool:
     return device.type == "cpu"
 
 
-def _apply_portable() -> CpuNumerics:
+def _apply_portable(threads: int) -> CpuNumerics:
     problems: list[str] = []
     x86 = platform.machine().lower() in ("x86_64", "amd64")
     if not x86:
@@ -143,7 +152,7 @@ def _apply_portable() -> CpuNumerics:
     os.environ["MKL_ENABLE_INSTRUCTIONS"] = "AVX2"
     mkl_cbwr = _set_mkl_cbwr(problems)
     torch.backends.mkldnn.enabled = False
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     capability = torch.backends.cpu.get_cpu_capability()
     if capability != PORTABLE_CAPABILITY and x86:
         problems.append(f"ATen runs its {capability} kernels: "

@@ -99,7 +99,7 @@ def fit(
 ) -> TrainResult:
     """Train `settings.model` on `settings.data` as `settings.train` says; log to `settings.tracking`."""
     device = resolve_device(settings.train.device)
-    configure_cpu_numerics(settings.train.cpu_numerics, device)  # before any tensor op (a checkpoint's load)
+    configure_cpu_numerics(settings.train.cpu_numerics, device, settings.train.cpu_threads)  # before any tensor op (a checkpoint's load)
     precision = resolve_precision(settings.train.precision, device)
     checkpoint = load_checkpoint(settings.train.output) if resume else None
     if checkpoint is not None:
