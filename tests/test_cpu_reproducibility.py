@@ -64,7 +64,9 @@ state = model.trainable_state_dict()
 digest = hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state)) + logits.numpy().tobytes())
 # portable: what the run applied; native: applying it now, after tensor ops, is too late (and must say so)
 numerics = configure_cpu_numerics("portable", "cpu")
+dropouts = [type(module).__name__ for module in model.modules() if isinstance(module, torch.nn.Dropout)]
 print(json.dumps({"digest": digest.hexdigest(), "capability": numerics.capability, "threads": numerics.threads,
+                  "dropouts": sorted(set(dropouts)),
                   "onednn": numerics.onednn, "mkl_cbwr": numerics.mkl_cbwr, "problems": list(numerics.problems)}))
 """
 
@@ -95,6 +97,8 @@ def test_portable_numerics_give_the_same_bytes_on_an_avx2_machine_with_other_cor
     assert (here["capability"], here["mkl_cbwr"], here["onednn"]) == ("AVX2", 10, False)
     assert here["threads"] == there["threads"] == PORTABLE_THREADS
     assert here["problems"] == []
+    # Dropout masks from ATen's generator, not MKL's Intel-only Bernoulli streams (another mask on AMD).
+    assert here["dropouts"] == ["PortableDropout"] and native_here["dropouts"] == ["Dropout"]
     assert here["digest"] == there["digest"]
     # Natively the two machines differ in the last bits: the pins above are what makes them agree.
     if native_here["capability"] == "AVX2":

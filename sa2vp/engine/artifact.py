@@ -29,7 +29,7 @@ from torchvision.transforms import InterpolationMode
 from sa2vp.atomic import atomic_path, write_atomic
 from sa2vp.data.registry import TransformStyle
 from sa2vp.errors import ArtifactError, BackboneError, one_line
-from sa2vp.engine.runtime import configure_cpu_numerics
+from sa2vp.engine.runtime import configure_cpu_numerics, use_portable_dropout
 from sa2vp.models import AdaptedModel, build_model
 from sa2vp.models.backbones import data_config, safetensors_problem, weights_digest
 from sa2vp.settings import Settings, SettingsError, settings_from_dump
@@ -171,10 +171,13 @@ def _describe(exc: ValidationError) -> str:
 def build_seeded(settings: Settings, num_classes: int) -> AdaptedModel:
     """The model, initialised from `train.seed`: a randomly initialised backbone is the same every time,
     which is what lets an artifact on a random backbone be rebuilt and checked by its hash."""
-    configure_cpu_numerics(settings.train.cpu_numerics, settings.train.device,
-                           settings.train.cpu_threads)  # before the first tensor op
+    numerics = configure_cpu_numerics(settings.train.cpu_numerics, settings.train.device,
+                                      settings.train.cpu_threads)  # before the first tensor op
     torch.manual_seed(settings.train.seed)
-    return build_model(settings, num_classes)
+    model = build_model(settings, num_classes)
+    if numerics is not None:
+        use_portable_dropout(model)
+    return model
 
 
 def save_artifact(folder: Path, model: AdaptedModel, settings: Settings, record: dict[str, Any]) -> Path:

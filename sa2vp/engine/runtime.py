@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from sa2vp.settings import SettingsError
 
@@ -204,3 +205,34 @@ def _torch_cpu_library() -> ctypes.CDLL | None:
             except OSError:
                 return None
     return None
+
+
+class PortableDropout(nn.Dropout):
+    """Dropout whose mask is the same on every x86-64 CPU, and cheaper on this one.
+
+    torch's CPU dropout draws its mask with `bernoulli_`, which on Intel CPUs uses MKL's random streams and on
+    every other CPU ATen's own generator: another mask on AMD, so other weights altogether. Here the mask is
+    `rand >= p` from ATen's generator (serial Mersenne Twister, the same on any CPU and thread count); same
+    scaling as nn.Dropout. On the offline model it also makes a training step ~12 % cheaper (MKL's Bernoulli
+    draws ints and converts them; benchmarks/CPU_REPRODUCIBILITY.md).
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        if self.p == 1:
+            return torch.zeros_like(x)
+        keep = torch.rand_like(x) >= self.p
+        return x * keep * (1.0 / (1.0 - self.p))
+
+
+def use_portable_dropout(model: nn.Module) -> int:
+    """Replace every plain nn.Dropout in `model` (the backbone's and the method's) by PortableDropout with the
+    same rate, in place; returns how many. Part of `train.cpu_numerics: portable`."""
+    replaced = 0
+    for module in model.modules():
+        for name, child in list(module.named_children()):
+            if type(child) is nn.Dropout:  # noqa: E721 — exactly nn.Dropout: a subclass may do more
+                setattr(module, name, PortableDropout(child.p, inplace=False))
+                replaced += 1
+    return replaced
