@@ -6,7 +6,7 @@ import pytest
 import torch
 from reference import naive_cross_attention
 
-from sa2vp.models.local_attention import spatial_cross_attention
+from sa2vp.models.local_attention import choose_kernel, spatial_cross_attention
 
 TOLERANCE = 1e-5
 
@@ -35,12 +35,13 @@ GRIDS = [(5, 5), (4, 6), (9, 8)]
 @pytest.mark.parametrize("window", [1, 3, 5, 7, None], ids=lambda c: f"c{c or 'global'}")
 @pytest.mark.parametrize("head_mode", ["multi", "single"])
 @pytest.mark.parametrize("border", ["clip", "zero"])
-def test_fast_path_matches_naive_reference(grid, window, head_mode, border):
+@pytest.mark.parametrize("kernel", ["tiled", "dense"])
+def test_fast_path_matches_naive_reference(grid, window, head_mode, border, kernel):
     q, k, v = _inputs(grid)
     kwargs = dict(grid=grid, window=window, num_prefix=1, border=border, head_mode=head_mode)
     upstream = torch.randn(q.shape[0], q.shape[2], q.shape[1] * q.shape[3], generator=torch.Generator().manual_seed(1))
 
-    fast_out, fast_grads = _forward_and_grads(spatial_cross_attention, (q, k, v), upstream, **kwargs)
+    fast_out, fast_grads = _forward_and_grads(spatial_cross_attention, (q, k, v), upstream, kernel=kernel, **kwargs)
     ref_out, ref_grads = _forward_and_grads(naive_cross_attention, (q, k, v), upstream, **kwargs)
 
     assert fast_out.dtype == torch.float32
@@ -85,3 +86,23 @@ def test_token_count_must_match_the_grid():
     q, k, v = (t.detach() for t in _inputs((4, 4)))
     with pytest.raises(ValueError, match="does not match"):
         spatial_cross_attention(q, k, v, (5, 4), window=3)
+
+
+def test_the_kernel_is_chosen_by_grid_and_device():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_kernel((8, 8), cpu) == "dense"  # the offline backbone: dense measured 3.4x faster here
+    assert choose_kernel((24, 24), cpu) == "tiled"
+    assert choose_kernel((8, 8), cuda) == "tiled"  # not measured on a GPU yet
+
+
+def test_a_cross_block_carries_both_kernels_masks_and_uses_the_chosen_one():
+    from sa2vp.models.cross_block import SpatialCrossBlock
+
+    block = SpatialCrossBlock(8, 4, "quick_gelu", 0.0, 3, "zero", "multi", (4, 4), 2, 1)
+    assert block.tile_mask is not None and block.dense_mask.shape == (16, 17)
+    q, k, v = (t.detach() for t in _inputs((4, 4)))
+    expected = naive_cross_attention(q, k, v, grid=(4, 4), window=3, num_prefix=1, border="zero", head_mode="multi")
+    identity = lambda x: x  # noqa: E731
+    block.adapter = None
+    got = block(q, k, v, torch.zeros(2, 17, 8), identity)
+    assert (got - expected).abs().max().item() <= TOLERANCE

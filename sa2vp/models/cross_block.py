@@ -15,7 +15,13 @@ from typing import Literal
 import torch
 from torch import nn
 
-from sa2vp.models.local_attention import Border, HeadMode, build_tile_mask, spatial_cross_attention
+from sa2vp.models.local_attention import (
+    Border,
+    HeadMode,
+    build_dense_mask,
+    build_tile_mask,
+    spatial_cross_attention,
+)
 
 
 class LowRankPromptMap(nn.Module):
@@ -95,11 +101,15 @@ class SpatialCrossBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
         # adapter_dim None: the "w/o prompt adapter" ablation — no adapter parameters at all.
         self.adapter = None if adapter_dim is None else PromptAdapter(dim, adapter_dim, activation, dropout)
-        # Built once here (a buffer follows .to(device)), so forward has no Python-side caching.
-        mask = None
+        # Built once here (buffers follow .to(device)), so forward has no Python-side caching; both kernels'
+        # masks, since which kernel runs depends on the device (local_attention.choose_kernel).
+        tile_mask = dense_mask = None
         if window is not None:
-            mask = build_tile_mask(grid, window, border, 1 if head_mode == "single" else num_heads, torch.device("cpu"))
-        self.register_buffer("tile_mask", mask, persistent=False)
+            heads = 1 if head_mode == "single" else num_heads
+            tile_mask = build_tile_mask(grid, window, border, heads, torch.device("cpu"))
+            dense_mask = build_dense_mask(grid, window, border, torch.device("cpu"))
+        self.register_buffer("tile_mask", tile_mask, persistent=False)
+        self.register_buffer("dense_mask", dense_mask, persistent=False)
 
     def forward(
         self,
@@ -116,7 +126,8 @@ class SpatialCrossBlock(nn.Module):
         time (the block's output already carries it), which only the adapter's LN' and projections absorb.
         """
         attended = spatial_cross_attention(
-            q, k, v, self.grid, self.window, self.num_prefix, self.border, self.head_mode, self.tile_mask
+            q, k, v, self.grid, self.window, self.num_prefix, self.border, self.head_mode, self.tile_mask,
+            self.dense_mask,
         )
         attended = self.drop(out_proj(attended))
         if self.adapter is None:

@@ -3,11 +3,16 @@
 A patch query at grid position ⟨y, x⟩ attends only to the patch keys of the other pathway inside the
 c×c window centred on ⟨y, x⟩; prefix queries (CLS) attend globally to every token of the other pathway.
 
-Fast path, no loop over tokens or windows: the query grid is cut into tiles of T×T positions and each tile
-attends to its (T+c−1)×(T+c−1) "halo" of keys under a fixed boolean mask, so every tile is one small dense
-attention problem and all tiles run as a single batched `scaled_dot_product_attention` call. Work is
-O(N·(T+c−1)²·d) with T = max(c, 7), i.e. O(N·c²·d), and memory stays linear in N (the halo copies of K and V
-are at most (1+(c−1)/T)² ≈ 4× the key map; the fused attention kernels never materialise scores on GPU).
+Two kernels, no loop over tokens or windows, chosen by `choose_kernel`:
+
+- tiled: the query grid is cut into tiles of T×T positions and each tile attends to its (T+c−1)×(T+c−1) "halo"
+  of keys under a fixed boolean mask, so every tile is one small dense attention problem and all tiles run as a
+  single batched `scaled_dot_product_attention` call. Work is O(N·(T+c−1)²·d) with T = max(c, 7), i.e.
+  O(N·c²·d), and memory stays linear in N (the halo copies of K and V are at most (1+(c−1)/T)² ≈ 4× the key map;
+  the fused attention kernels never materialise scores on GPU).
+- dense: every patch query against every patch key under a fixed (N × N) window mask — O(N²·d) work, but one
+  attention call on the maps as they are, with none of the tiled path's pads, halo copies and their backward.
+  On a small grid that is cheaper.
 """
 
 from __future__ import annotations
@@ -22,9 +27,21 @@ import torch.nn.functional as F
 Border = Literal["clip", "zero"]
 HeadMode = Literal["multi", "single"]
 
+Kernel = Literal["tiled", "dense"]
+
 # Tiles are at least this wide: small enough that the halo overhead stays low for c ≤ 7, large enough
 # that each tile is a reasonably shaped matrix product.
 MIN_TILE = 7
+# On the CPU the dense kernel up to this many patch tokens. Measured (this project's 2-core CPU, forward +
+# backward of one call, fp32): 8×8 grid (the offline backbone), batch 64, c = 3: dense 6.9 ms, tiled 23.6 ms;
+# 14×14 (ViT-B/16), batch 4: equal for c = 3, dense 11 % slower at c = 7; 24×24: tiled 18 % faster at c = 3.
+# GPUs keep the tiled kernel until measured there (issue: "Close to the floor").
+DENSE_MAX_TOKENS_CPU = 144
+
+
+def choose_kernel(grid: tuple[int, int], device: torch.device) -> Kernel:
+    """The kernel for this grid on this device (see DENSE_MAX_TOKENS_CPU)."""
+    return "dense" if device.type == "cpu" and grid[0] * grid[1] <= DENSE_MAX_TOKENS_CPU else "tiled"
 
 
 def spatial_cross_attention(
@@ -37,6 +54,8 @@ def spatial_cross_attention(
     border: Border = "clip",
     head_mode: HeadMode = "multi",
     tile_mask: torch.Tensor | None = None,
+    dense_mask: torch.Tensor | None = None,
+    kernel: Kernel | None = None,
 ) -> torch.Tensor:
     """Cross attention of queries ``q`` over keys/values ``k, v`` of the other pathway.
 
@@ -49,8 +68,10 @@ def spatial_cross_attention(
             zeros there, so they score 0 and take softmax mass (the release's accelerated variant).
         head_mode: "multi" keeps the backbone's heads (scale D^-½); "single" views all H·D channels as one
             head (scale (H·D)^-½).
-        tile_mask: the mask `tile_mask(...)` returns for these arguments; pass it precomputed to keep the
-            call free of Python-side caching (e.g. under torch.compile). Built and cached when omitted.
+        tile_mask, dense_mask: what `build_tile_mask(...)` / `build_dense_mask(...)` return for these arguments;
+            pass them precomputed to keep the call free of Python-side caching (e.g. under torch.compile). Built
+            and cached when omitted.
+        kernel: "tiled" or "dense" (the same maths); None: `choose_kernel` for the grid and q's device.
 
     Returns:
         Attention output with heads merged, shape (B, num_prefix + h*w, H*D), before the output projection.
@@ -67,11 +88,15 @@ def spatial_cross_attention(
     if window is None:
         out = F.scaled_dot_product_attention(q, k, v)
     else:
-        if tile_mask is None:
-            tile_mask = build_tile_mask(grid, window, border, q.shape[1], q.device)
-        out = _windowed_attention(
-            q[:, :, num_prefix:], k[:, :, num_prefix:], v[:, :, num_prefix:], grid, window, tile_mask
-        )
+        patches = q[:, :, num_prefix:], k[:, :, num_prefix:], v[:, :, num_prefix:]
+        if (kernel or choose_kernel(grid, q.device)) == "dense":
+            if dense_mask is None:
+                dense_mask = build_dense_mask(grid, window, border, q.device)
+            out = _dense_windowed_attention(*patches, border, dense_mask)
+        else:
+            if tile_mask is None:
+                tile_mask = build_tile_mask(grid, window, border, q.shape[1], q.device)
+            out = _windowed_attention(*patches, grid, window, tile_mask)
         if num_prefix:  # Swin has no prefix tokens; skip the empty global-attention call
             prefix_out = F.scaled_dot_product_attention(q[:, :, :num_prefix], k, v)
             out = torch.cat([prefix_out, out], dim=2)
@@ -128,6 +153,36 @@ def _windowed_attention(
     if pad_h or pad_w:
         out = out[:, :, :height, :width]
     return out.reshape(batch, heads, height * width, dim)
+
+
+def _dense_windowed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, border: Border, mask: torch.Tensor
+) -> torch.Tensor:
+    """Patch queries over all patch keys under the window mask. Under the "zero" border the window's positions
+    outside the grid are zero keys (score 0) with zero values: one extra all-zero key stands for them, its
+    score raised by log(how many) through the mask, so the softmax gives it exactly their mass."""
+    if border == "zero":
+        zero = k.new_zeros(*k.shape[:2], 1, k.shape[3])
+        k, v = torch.cat([k, zero], dim=2), torch.cat([v, zero], dim=2)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask if mask.dtype == torch.bool else mask.to(q.dtype))
+
+
+@lru_cache(maxsize=64)
+def build_dense_mask(grid: tuple[int, int], window: int, border: Border, device: torch.device) -> torch.Tensor:
+    """The dense kernel's mask over (patch queries, patch keys): boolean True where a query may attend
+    ("clip"); for "zero" an additive float mask (0 / −inf) with one more column for the zero key, log(count of
+    the window's positions outside the grid), −inf where there are none."""
+    height, width = grid
+    radius = window // 2
+    ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    ys, xs = ys.reshape(-1), xs.reshape(-1)
+    allowed = ((ys[:, None] - ys[None]).abs() <= radius) & ((xs[:, None] - xs[None]).abs() <= radius)
+    if border == "clip":
+        return allowed.to(device)
+    outside = window * window - allowed.sum(dim=1, keepdim=True)
+    scores = torch.zeros(allowed.shape, dtype=torch.float32).masked_fill(~allowed, float("-inf"))
+    zero_key = torch.where(outside > 0, outside.float().log(), torch.tensor(float("-inf")))
+    return torch.cat([scores, zero_key], dim=1).to(device)
 
 
 def _tiling(grid: tuple[int, int], window: int) -> tuple[tuple[int, int], tuple[int, int]]:
