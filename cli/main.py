@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from sa2vp_cli import explain as explaining
 from sa2vp_cli import train as training
 from sa2vp_cli.backbone import app as backbone_app
 from sa2vp.data.progress import LOG_EVERY
@@ -36,6 +37,7 @@ app.command("evaluate")(training.evaluate)
 app.command("predict")(training.predict)
 app.command("tune")(training.tune)
 app.command("ui")(training.ui)
+app.command("explain")(explaining.explain)
 
 
 def _show_version(value: bool) -> None:

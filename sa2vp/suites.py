@@ -16,7 +16,7 @@ import json
 import logging
 import shutil
 import statistics
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +199,9 @@ def write_report(settings: Settings) -> Report:
     run.log_file(markdown)
     run.log_file(csv)
     run.log_figure(_figure(rows, groups), "suite/group_means.png")
+    tsne = _tsne_of_variants(settings, folder)
+    if tsne is not None:
+        run.log_file(tsne, "suite")
     run.finish()
     return Report(markdown, csv, run.run_id)
 
@@ -285,6 +288,40 @@ def _figure(rows: list[dict[str, Any]], groups: list[str]) -> Any:
     axes.legend(fontsize="small", ncols=min(len(rows), 4))
     figure.tight_layout()
     return figure
+
+
+def _tsne_of_variants(settings: Settings, folder: Path) -> Path | None:
+    """Fig. 3 for the suite: a t-SNE panel of each variant's model (its first seed's artifact) on the test split
+    of the suite's first dataset, written beside the report. Optional: a cell that kept no artifact is left
+    out, and None (with a log line) when there is nothing to draw or it cannot be drawn."""
+    from sa2vp.data import DataError
+    from sa2vp.engine import load_artifact
+    from sa2vp.errors import ArtifactError, BackboneError, one_line
+    from sa2vp.explain import split_features, tsne_figure
+    from sa2vp.figures import save_figure
+
+    if not settings.suite.datasets:
+        return None
+    dataset, seed = settings.suite.datasets[0], settings.suite.seeds[0]
+    artifacts = {variant: cell_dir(settings, dataset, variant) / f"seed-{seed}" / "model"
+                 for variant in settings.suite.variants}
+    present = {variant: path for variant, path in artifacts.items() if (path / "model.json").is_file()}
+    if len(present) < len(artifacts):
+        log.info("t-SNE of %s: no artifact for %s (left out)", dataset,
+                 ", ".join(sorted(artifacts.keys() - present.keys())))
+    if not present:
+        return None
+    try:
+        panels = []
+        for variant, path in present.items():
+            panel = split_features(load_artifact(path), "test")
+            title = panel.title if variant == panel.title else f"{variant} ({panel.title})"
+            panels.append(replace(panel, title=title))
+        figure = tsne_figure(panels, seed)
+    except (ArtifactError, BackboneError, DataError, SettingsError) as exc:
+        log.warning("t-SNE of the suite's variants on %s skipped: %s", dataset, one_line(exc))
+        return None
+    return save_figure(figure, folder / f"tsne_{_slug(dataset)}.png")
 
 
 def _slug(dataset: str) -> str:

@@ -30,7 +30,10 @@ from torch import nn
 from sa2vp.models.backbones import BackboneError
 from sa2vp.models.base import AdaptedModel, LossTerms
 from sa2vp.models.cross_block import RELEASE_NORM_EPS, LowRankPromptMap, SpatialCrossBlock, reinit_linear_layers
-from sa2vp.models.sa2vp_vit import SA2VPOutput, backbone_label, check_window, is_stochastic, sa2vp_loss
+from sa2vp.models.sa2vp_vit import (
+    LayerTokens, SA2VPOutput, SimilarityMaps, Trace, backbone_label, check_layers, check_window, is_stochastic,
+    sa2vp_loss, token_rows, token_similarity,
+)
 from sa2vp.settings import SA2VPSettings, SettingsError
 
 # The release: cross attention in the third stage of Swin-B (18 blocks); the prompt queries at 0, 6 and 12.
@@ -119,18 +122,21 @@ class SA2VPSwin(AdaptedModel):
         """Both pathways' logits, in either mode (in eval mode: what the prompt pathway alone predicts)."""
         return self._run(images, prompt_logits=True)
 
-    def _run(self, images: torch.Tensor, prompt_logits: bool) -> SA2VPOutput:
+    def _run(self, images: torch.Tensor, prompt_logits: bool, trace: Trace | None = None) -> SA2VPOutput:
         """Both pathways; without `prompt_logits` the prompt pathway stops after the last cross stage (what it
-        does afterwards never reaches the base logits), and its logits are those of the base."""
+        does afterwards never reaches the base logits), and its logits are those of the base. `trace` sees both
+        pathways after every block of the cross stages (numbered on through them, in order)."""
         base = self.backbone.patch_embed(images)  # (B, H, W, C), after the patch-embedding norm
         prompt = self._embed_prompt()
         if is_stochastic(self.backbone):  # drop-path draws per image: every image needs its own prompt pathway
             prompt = prompt.expand(base.shape[0], -1, -1, -1)
         # Otherwise the prompt pathway is the same for every image until it first reads the base: batch 1.
         last_cross = max(self.to_prompt)
+        traced = 0  # blocks of the cross stages before this one
         for s, stage in enumerate(self.backbone.layers):
             if s in self.to_prompt:
-                base, prompt = self._cross_stage(s, base, prompt)
+                base, prompt = self._cross_stage(s, base, prompt, trace, traced)
+                traced += len(stage.blocks)
             elif prompt_logits or s < last_cross:
                 base, prompt = stage(base), stage(prompt)
             else:
@@ -145,7 +151,8 @@ class SA2VPSwin(AdaptedModel):
         """P_0 = LN_pe(U·W + b) on the patch grid, (1, H, W, C); timm's Swin has no absolute position embedding."""
         return self.backbone.patch_embed.norm(self.prompt_map()).reshape(1, *self.grid, -1)
 
-    def _cross_stage(self, s: int, base: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cross_stage(self, s: int, base: torch.Tensor, prompt: torch.Tensor, trace: Trace | None = None,
+                     first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         stage = self.backbone.layers[s]
         base, prompt = stage.downsample(base), stage.downsample(prompt)
         for i, (block, cross) in enumerate(zip(stage.blocks, self.cross[str(s)])):
@@ -155,11 +162,79 @@ class SA2VPSwin(AdaptedModel):
             else:
                 fused = _cross_attention(block, cross, query=base, other=prompt)
                 base, prompt = block(base) + self.gamma * fused, block(prompt)
+            if trace is not None:
+                base, prompt = trace(first + i, base, prompt)
         return base, prompt
 
     def _pooled(self, tokens: torch.Tensor) -> torch.Tensor:
         """The backbone's own final norm and average pooling, before any head."""
         return self.backbone.forward_head(self.backbone.norm(tokens), pre_logits=True)
+
+    # --- looking inside (sa2vp.explain) ---------------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        """The layers `layer_tokens` and `similarity_maps` index: the blocks of the cross stage(s), in order."""
+        return sum(len(self.backbone.layers[s].blocks) for s in self.to_prompt)
+
+    @property
+    def similarity_grid(self) -> tuple[int, int]:
+        """The token grid of the (first) cross stage, in which `similarity_maps` takes its token."""
+        return tuple(self.backbone.layers[min(self.to_prompt)].output_resolution)
+
+    def base_logits(self, images: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
+        """The logits SA²VP predicts with (the base pathway's); `trace` sees both pathways after every cross
+        block (see `Trace`). In eval mode: what `forward` returns."""
+        return self._run(images, prompt_logits=False, trace=trace).base
+
+    def layer_tokens(self, images: torch.Tensor) -> list[LayerTokens]:
+        """Both pathways' tokens, (B, H, W, C), after every block of the cross stage(s); the prompt's may be
+        batch 1 (one prompt pathway for every image until it first reads the base)."""
+        tokens: list[LayerTokens] = []
+
+        def record(i: int, base: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            tokens.append(LayerTokens(base, prompt))
+            return base, prompt
+
+        self.base_logits(images, record)
+        return tokens
+
+    def salient_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 2): the (row, column), in `similarity_grid`, of the token where the class activation map of the
+        predicted class peaks. Swin pools by averaging, so a position's share of a logit is exactly
+        head(norm(token)) at the last stage (Zhou et al.'s CAM); its peak is mapped onto the cross stage's grid."""
+        return self._cam_peak(self.layer_tokens(images)[-1].base)
+
+    def _cam_peak(self, base: torch.Tensor) -> torch.Tensor:
+        """The CAM peak from the base pathway's tokens after the last cross block (the later stages run here as
+        in `forward`)."""
+        for stage in self.backbone.layers[max(self.to_prompt) + 1:]:
+            base = stage(base)
+        features = self.backbone.norm(base)  # (B, H, W, C)
+        predicted = self.head(self.backbone.forward_head(features, pre_logits=True)).argmax(dim=-1)
+        cam = torch.einsum("bhwc,bc->bhw", features, self.head.weight[predicted])
+        index = cam.flatten(1).argmax(dim=-1)
+        peak = torch.stack([index // cam.shape[2], index % cam.shape[2]], dim=-1)
+        return scale_token(peak, tuple(cam.shape[1:]), self.similarity_grid)
+
+    def similarity_maps(self, images: torch.Tensor, layers: list[int],
+                        token: torch.Tensor | tuple[int, int] | None = None) -> SimilarityMaps:
+        """Fig. 5 at each of `layers` (blocks of the cross stage(s)): the cosine similarity between the base
+        pathway's token at `token` ((row, column) in `similarity_grid`, for all images or (B, 2) one per image;
+        default `salient_tokens`) and every token of the prompt pathway, after that block."""
+        check_layers(layers, self.num_layers)
+        tokens = self.layer_tokens(images)
+        if token is None:
+            chosen = self._cam_peak(tokens[-1].base)
+        else:
+            chosen = token_rows(token, len(images), self.similarity_grid)
+        maps, positions = [], []
+        for i in layers:
+            base, prompt = tokens[i]
+            here = scale_token(chosen, self.similarity_grid, tuple(base.shape[1:3]))
+            maps.append(token_similarity(base, prompt, here))
+            positions.append(here)
+        return SimilarityMaps(list(layers), maps, positions)
 
     def compile_cross_blocks(self, mode: str | None = None) -> SA2VPSwin:
         """Compile the cross blocks with torch.compile, in place (see `SA2VPViT.compile_cross_blocks`)."""
@@ -172,6 +247,14 @@ class SA2VPSwin(AdaptedModel):
         """λ·CE(base) + (1−λ)·CE(prompt); both pathway losses are reported."""
         total, base, prompt = sa2vp_loss(output, target, self.settings.lam)
         return LossTerms(total, {"base": base, "prompt": prompt})
+
+
+def scale_token(token: torch.Tensor, source: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
+    """(B, 2) grid positions moved from a `source` grid to the cell of a `target` grid under their centres."""
+    if source == target:
+        return token
+    size_from, size_to = torch.tensor(source), torch.tensor(target)
+    return ((token + 0.5) * size_to / size_from).floor().long().minimum(size_to - 1)
 
 
 def _cross_blocks(stage: nn.Module, settings: SA2VPSettings) -> nn.ModuleList:

@@ -19,6 +19,8 @@ are broadcast to the batch *before* they meet a dropout, as the release expands 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
 
@@ -44,6 +46,31 @@ class SA2VPOutput(NamedTuple):
 
     base: torch.Tensor
     prompt: torch.Tensor
+
+
+class LayerTokens(NamedTuple):
+    """Both pathways' tokens after one layer (ViT: (B, 1+N, D); Swin's cross stage: (B, H, W, C))."""
+
+    base: torch.Tensor
+    prompt: torch.Tensor
+
+
+# Called after every layer i with both pathways' tokens; what it returns goes on in their place (`sa2vp.explain`
+# reads each layer's tokens with it, and routes one layer's through a tap to take gradients there).
+Trace = Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class SimilarityMaps:
+    """The paper's Fig. 5: at each layer, the cosine similarity between one image token of the base pathway and
+    every patch token of the prompt pathway — where the prompt map answers an image token.
+
+    `maps[j]` is (B, h, w) at `layers[j]`; `tokens[j]` is (B, 2), the (row, column) of the image token in that
+    layer's grid. Spatially aligned prompts peak at and around the token's own position."""
+
+    layers: list[int]
+    maps: list[torch.Tensor]
+    tokens: list[torch.Tensor]
 
 
 def release_layers(positions: tuple[int, ...], depth: int) -> list[int]:
@@ -163,7 +190,8 @@ class SA2VPViT(AdaptedModel):
             pos = F.pad(pos, (0, 0, self.num_prefix, 0))
         return vit.norm_pre(vit.pos_drop((self.prompt_map() + pos).expand(batch, -1, -1)))
 
-    def _run_blocks(self, base: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_blocks(self, base: torch.Tensor, prompt: torch.Tensor,
+                    trace: Trace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         batch = base.shape[0]
         for i, block in enumerate(self.backbone.blocks):
             both = torch.cat([base, prompt])
@@ -184,11 +212,68 @@ class SA2VPViT(AdaptedModel):
                 # Otherwise the map is the same for every image: run it through the block once, broadcast.
                 prompt_out = prompt_out + self.deep_scales[str(i)] * block(deep_map)
             base, prompt = base_out, prompt_out
+            if trace is not None:
+                base, prompt = trace(i, base, prompt)
         return base, prompt
 
     def _pooled(self, tokens: torch.Tensor) -> torch.Tensor:
         """The backbone's own final norm and pooling (CLS token for the paper's ViT), before any head."""
         return self.backbone.forward_head(self.backbone.norm(tokens), pre_logits=True)
+
+    # --- looking inside (sa2vp.explain) ---------------------------------------------------------------------
+
+    @property
+    def num_layers(self) -> int:
+        """The layers `layer_tokens` and `similarity_maps` index: the backbone's blocks."""
+        return len(self.backbone.blocks)
+
+    def base_logits(self, images: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
+        """The logits SA²VP predicts with (the base pathway's), without the prompt pathway's readout; `trace`
+        sees both pathways' tokens after every layer (see `Trace`). In eval mode: what `forward` returns."""
+        base = self._embed_images(images)
+        base, _ = self._run_blocks(base, self._embed_prompt(base.shape[0]), trace)
+        return self.head(self._pooled(base))
+
+    def layer_tokens(self, images: torch.Tensor) -> list[LayerTokens]:
+        """Both pathways' tokens after every layer, as the forward pass computes them."""
+        tokens: list[LayerTokens] = []
+
+        def record(i: int, base: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            tokens.append(LayerTokens(base, prompt))
+            return base, prompt
+
+        self.base_logits(images, record)
+        return tokens
+
+    def salient_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 2): the (row, column) of the patch token the CLS token attends to most in the last layer of the
+        base pathway (attention averaged over heads)."""
+        return self._attention_peak(images, self.layer_tokens(images))
+
+    def _attention_peak(self, images: torch.Tensor, tokens: list[LayerTokens]) -> torch.Tensor:
+        block = self.backbone.blocks[-1]
+        entering = tokens[-2].base if len(tokens) > 1 else self._embed_images(images)
+        q, k, _ = _attention_inputs(block, entering)
+        scores = (q[:, :, :1] @ k.transpose(-2, -1)) * block.attn.scale  # the CLS query's row: (B, H, 1, L)
+        attention = scores.softmax(dim=-1).mean(dim=1)[:, 0, self.num_prefix:]  # over patch keys: (B, N)
+        index = attention.argmax(dim=-1)
+        return torch.stack([index // self.grid[1], index % self.grid[1]], dim=-1)
+
+    def similarity_maps(self, images: torch.Tensor, layers: list[int],
+                        token: torch.Tensor | tuple[int, int] | None = None) -> SimilarityMaps:
+        """Fig. 5 at each of `layers`: the cosine similarity between the base pathway's patch token at `token`
+        ((row, column) in the patch grid, for all images or (B, 2) one per image; default `salient_tokens`)
+        and every patch token of the prompt pathway, after that layer."""
+        check_layers(layers, self.num_layers)
+        tokens = self.layer_tokens(images)
+        chosen = self._attention_peak(images, tokens) if token is None else token_rows(token, len(images), self.grid)
+        grids = [(self._patch_grid(tokens[i].base), self._patch_grid(tokens[i].prompt)) for i in layers]
+        return SimilarityMaps(list(layers), [token_similarity(base, prompt, chosen) for base, prompt in grids],
+                              [chosen] * len(layers))
+
+    def _patch_grid(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, D): the patch tokens of a pathway on their grid (prefix tokens dropped)."""
+        return tokens[:, self.num_prefix:].reshape(tokens.shape[0], *self.grid, tokens.shape[-1])
 
     def compile_cross_blocks(self, mode: str | None = None) -> SA2VPViT:
         """Compile the cross blocks with torch.compile, in place.
@@ -214,6 +299,33 @@ def sa2vp_loss(
     base_loss = F.cross_entropy(output.base, target)
     prompt_loss = F.cross_entropy(output.prompt, target)
     return lam * base_loss + (1.0 - lam) * prompt_loss, base_loss, prompt_loss
+
+
+def check_layers(layers: list[int], count: int) -> None:
+    """Refuse layer indices outside 0..count-1 (ValueError naming the first bad one), or none at all."""
+    if not layers:
+        raise ValueError("no layer given")
+    bad = [i for i in layers if not 0 <= i < count]
+    if bad:
+        raise ValueError(f"layer {bad[0]} is out of range; allowed 0..{count - 1} ({count} layers)")
+
+
+def token_rows(token: torch.Tensor | tuple[int, int], batch: int, grid: tuple[int, int]) -> torch.Tensor:
+    """A (row, column) for every image, (B, 2), checked to lie in `grid` (ValueError otherwise)."""
+    rows = torch.as_tensor(token, dtype=torch.long).reshape(-1, 2).expand(batch, 2)
+    bad = (rows < 0) | (rows >= torch.tensor(grid))
+    if bool(bad.any()):
+        row, column = rows[bad.any(dim=1)][0].tolist()
+        raise ValueError(f"token ({row}, {column}) is outside the {grid[0]}×{grid[1]} token grid; allowed rows "
+                         f"0..{grid[0] - 1}, columns 0..{grid[1] - 1}")
+    return rows
+
+
+def token_similarity(base: torch.Tensor, prompt: torch.Tensor, token: torch.Tensor) -> torch.Tensor:
+    """(B, h, w): cos(base[b, row_b, col_b], prompt[b, y, x]) for every position (y, x), from (B, h, w, D) grids of
+    the two pathways (the prompt's may be batch 1) and (B, 2) token positions."""
+    chosen = base[torch.arange(base.shape[0]), token[:, 0], token[:, 1]]  # (B, D)
+    return F.cosine_similarity(prompt, chosen[:, None, None, :], dim=-1)
 
 
 def _attention_inputs(block: Block, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
