@@ -18,13 +18,3 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
     torch.set_num_threads(1)
 
-
-# The two xdist workers take whole files (pyproject: --dist loadfile) in the order they are collected. The files
-# whose module fixtures run real pipelines take minutes; started last, they leave one worker busy alone at the
-# end. Started first, the other files fill the second worker meanwhile.
-SLOWEST_FILES_FIRST = ("test_pipeline.py", "test_tuning_semantics.py", "test_cli_train.py")
-
-
-def pytest_collection_modifyitems(items: list) -> None:
-    rank = {name: i for i, name in enumerate(SLOWEST_FILES_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(SLOWEST_FILES_FIRST)))  # stable: others keep order

@@ -32,7 +32,7 @@ from sa2vp.models.base import AdaptedModel, LossTerms
 from sa2vp.models.cross_block import RELEASE_NORM_EPS, LowRankPromptMap, SpatialCrossBlock, reinit_linear_layers
 from sa2vp.models.sa2vp_vit import (
     LayerTokens, SA2VPOutput, SimilarityMaps, Trace, backbone_label, check_layers, check_window, is_stochastic,
-    sa2vp_loss, token_rows, token_similarity,
+    sa2vp_loss, token_rows, token_similarity, traced_layer_tokens,
 )
 from sa2vp.settings import SA2VPSettings, SettingsError
 
@@ -190,14 +190,7 @@ class SA2VPSwin(AdaptedModel):
     def layer_tokens(self, images: torch.Tensor) -> list[LayerTokens]:
         """Both pathways' tokens, (B, H, W, C), after every block of the cross stage(s); the prompt's may be
         batch 1 (one prompt pathway for every image until it first reads the base)."""
-        tokens: list[LayerTokens] = []
-
-        def record(i: int, base: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            tokens.append(LayerTokens(base, prompt))
-            return base, prompt
-
-        self.base_logits(images, record)
-        return tokens
+        return traced_layer_tokens(self.base_logits, images)
 
     def salient_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 2): the (row, column), in `similarity_grid`, of the token where the class activation map of the

@@ -236,14 +236,7 @@ class SA2VPViT(AdaptedModel):
 
     def layer_tokens(self, images: torch.Tensor) -> list[LayerTokens]:
         """Both pathways' tokens after every layer, as the forward pass computes them."""
-        tokens: list[LayerTokens] = []
-
-        def record(i: int, base: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            tokens.append(LayerTokens(base, prompt))
-            return base, prompt
-
-        self.base_logits(images, record)
-        return tokens
+        return traced_layer_tokens(self.base_logits, images)
 
     def salient_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 2): the (row, column) of the patch token the CLS token attends to most in the last layer of the
@@ -299,6 +292,19 @@ def sa2vp_loss(
     base_loss = F.cross_entropy(output.base, target)
     prompt_loss = F.cross_entropy(output.prompt, target)
     return lam * base_loss + (1.0 - lam) * prompt_loss, base_loss, prompt_loss
+
+
+def traced_layer_tokens(base_logits: Callable[[torch.Tensor, Trace], torch.Tensor],
+                        images: torch.Tensor) -> list[LayerTokens]:
+    """Both pathways' tokens after every layer, recorded by a trace through a model's `base_logits`."""
+    tokens: list[LayerTokens] = []
+
+    def record(i: int, base: torch.Tensor, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens.append(LayerTokens(base, prompt))
+        return base, prompt
+
+    base_logits(images, record)
+    return tokens
 
 
 def check_layers(layers: list[int], count: int) -> None:
