@@ -38,7 +38,7 @@ import sa2vp.figures  # noqa: F401  (selects matplotlib's headless backend befor
 import matplotlib.pyplot as plt  # noqa: E402
 from sa2vp.data import SPLITS, build_transform, load_image, load_split, split_dir  # noqa: E402
 from sa2vp.engine.artifact import ArtifactRecord, LoadedArtifact  # noqa: E402
-from sa2vp.engine.evaluation import _check_same_data  # noqa: E402
+from sa2vp.engine.evaluation import check_same_data  # noqa: E402
 from sa2vp.errors import ArtifactError, one_line  # noqa: E402
 from sa2vp.figures import save_figure  # noqa: E402
 from sa2vp.models import AdaptedModel, SA2VPSwin, SA2VPViT  # noqa: E402
@@ -91,7 +91,7 @@ def _split_dataset(loaded: LoadedArtifact, split: str) -> Any:
     if split not in SPLITS:
         raise ArtifactError(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
     folder = split_dir(loaded.settings.data)
-    _check_same_data(folder, loaded)  # another dataset's images would be explained with this model's classes
+    check_same_data(folder, loaded)  # another dataset's images would be explained with this model's classes
     return load_split(folder, split, loaded.data_config, train=False, style=loaded.record.transform)
 
 
@@ -458,27 +458,22 @@ def write_figures(figures: dict[str, Any], folder: Path) -> list[Path]:
 def log_figures(record: ArtifactRecord, files: Sequence[Path], tracking_uri: str | None = None) -> str:
     """Copy `files` into the artifact's own MLflow run under figures/explain/; returns a line that says where,
     or why not (no run recorded, the store or the run is not there). Never raises: the files are the product."""
-    from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from sa2vp.tracking import Run, _relative_store_folder, _sqlite_database, absolute_uri
+    from sa2vp.tracking import existing_run
 
     run_id = record.training.mlflow_run_id if record.training is not None else None
     if run_id is None:
         return "not logged to MLflow: the artifact records no MLflow run (trained with tracking disabled)"
     given = tracking_uri or record.settings.tracking.uri
     source = "--tracking-uri" if tracking_uri else "the artifact's tracking.uri"
-    uri = absolute_uri(given)
-    database = _sqlite_database(uri)
-    if database is not None and not database.is_file():  # MLflow would create an empty store there
-        return (f"not logged to MLflow: {source} {given!r} names {database}, which does not exist (run from the "
-                "project folder, or pass --tracking-uri)")
     try:
-        client = MlflowClient(tracking_uri=uri)
-        info = client.get_run(run_id).info
-        run = Run(client, run_id, uri, _relative_store_folder(uri, info.artifact_uri))
+        run = existing_run(given, run_id)
         for path in files:
             run.log_file(path, FIGURES_PATH)
+    except FileNotFoundError as exc:  # MLflow would have created an empty store there
+        return (f"not logged to MLflow: {source} {given!r} names {exc.filename}, which does not "
+                "exist (run from the project folder, or pass --tracking-uri)")
     except (MlflowException, OSError) as exc:
         return f"not logged to MLflow: run {run_id} in {given!r} ({source}): {one_line(exc)}"
     return f"logged to MLflow run {run_id} in {given}, under {FIGURES_PATH}/"

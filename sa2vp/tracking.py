@@ -253,6 +253,21 @@ def start_run(
     return Run(client, run_id, uri, _relative_store_folder(uri, info.artifact_uri))
 
 
+def existing_run(uri: str, run_id: str) -> Run:
+    """The recorded run `run_id` in the store at `uri`, as it is (status untouched), to add to it afterwards.
+    MLflow's errors propagate; a local database that does not exist is refused (FileNotFoundError) rather than
+    created empty by MLflow."""
+    from mlflow import MlflowClient
+
+    uri = absolute_uri(uri)
+    database = _sqlite_database(uri)
+    if database is not None and not database.is_file():
+        raise FileNotFoundError(2, "no MLflow database here", str(database))
+    client = MlflowClient(tracking_uri=uri)
+    info = client.get_run(run_id).info
+    return Run(client, run_id, uri, _relative_store_folder(uri, info.artifact_uri))
+
+
 def _experiment_id(client: Any, name: str, given_uri: str) -> str:
     """The experiment `name`, created if needed: tagged as a model-training experiment, with its artifacts
     beside a local store (see the module's docstring)."""

@@ -35,7 +35,7 @@ def evaluate(loaded: LoadedArtifact, split: str = "test", device: str | None = N
                             f"are: {have}")
     settings = loaded.settings
     folder = split_dir(settings.data)
-    _check_same_data(folder, loaded)
+    check_same_data(folder, loaded)
     dataset = load_split(folder, split, loaded.data_config, train=False, style=loaded.record.transform)
     target = resolve_device(device or settings.train.device)
     precision = resolve_precision(settings.train.precision, target)
@@ -50,7 +50,7 @@ def evaluate(loaded: LoadedArtifact, split: str = "test", device: str | None = N
     return evaluate_model(model, loader, len(loaded.classes), target, precision, progress, f"evaluating {split}")
 
 
-def _check_same_data(folder: Path, loaded: LoadedArtifact) -> None:
+def check_same_data(folder: Path, loaded: LoadedArtifact) -> None:
     """The split folder must be the one the model was trained and tested on: same classes in the same order
     (else every label is misread), same split lists (else "test" may hold training images)."""
     manifest = read_manifest(folder)
