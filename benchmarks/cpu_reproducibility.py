@@ -66,18 +66,37 @@ def main() -> None:
     for name in ("matrix", "cost", "child"):
         command = sub.add_parser(name)
         command.add_argument("--epochs", type=int, default=1)
-        command.add_argument("--steps", type=int, default=0,
-                             help="N > 0: N optimiser steps of fit's pieces instead of a full fit (much faster)")
-        command.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                             help="a setting for every run (e.g. data.root=/tmp/data)")
-        command.add_argument("--numerics", nargs="+", default=["native", "portable"],
-                             help="train.cpu_numerics values to compare; for cost, `@N` sets N threads first "
-                             "(native@1: one thread, the machine's own kernels)")
-        command.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
-                             help="extra environment for every child (e.g. MKL_CBWR=COMPATIBLE)")
+        command.add_argument(
+            "--steps",
+            type=int,
+            default=0,
+            help="N > 0: N optimiser steps of fit's pieces instead of a full fit (much faster)",
+        )
+        command.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="a setting for every run (e.g. data.root=/tmp/data)",
+        )
+        command.add_argument(
+            "--numerics",
+            nargs="+",
+            default=["native", "portable"],
+            help="train.cpu_numerics values to compare; for cost, `@N` sets N threads first "
+            "(native@1: one thread, the machine's own kernels)",
+        )
+        command.add_argument(
+            "--env",
+            action="append",
+            default=[],
+            metavar="NAME=VALUE",
+            help="extra environment for every child (e.g. MKL_CBWR=COMPATIBLE)",
+        )
     sub.choices["cost"].add_argument("--repeats", type=int, default=3)
-    sub.choices["matrix"].add_argument("--threads", type=int, nargs="+", default=[1, 2],
-                                       help="thread counts of the emulated machines")
+    sub.choices["matrix"].add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2], help="thread counts of the emulated machines"
+    )
     sub.choices["child"].add_argument("--threads", type=int, default=None)
     sub.choices["child"].add_argument("--onednn-off", action="store_true")
     args = parser.parse_args()
@@ -98,12 +117,23 @@ def _extra_env(args: argparse.Namespace) -> dict[str, str]:
 
 
 def _run(config: Config, args: argparse.Namespace) -> dict[str, Any]:
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
+    }
     env.update(_extra_env(args))
     env.update(config.env)
-    command = [sys.executable, __file__, "child", "--epochs", str(args.epochs), "--steps", str(args.steps),
-               *_overrides(args)]
+    command = [
+        sys.executable,
+        __file__,
+        "child",
+        "--epochs",
+        str(args.epochs),
+        "--steps",
+        str(args.steps),
+        *_overrides(args),
+    ]
     if config.threads is not None:
         command += ["--threads", str(config.threads)]
     if config.numerics not in (None, "-"):  # "-": the settings as they are
@@ -115,8 +145,10 @@ def _run(config: Config, args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _matrix(args: argparse.Namespace) -> None:
-    print(f"{'numerics':9} {'machine':18} {'thr':>3} {'capability':10} {'weights':12} {'logits':12} "
-          f"{'test top1':>9} {'img/s':>6}")
+    print(
+        f"{'numerics':9} {'machine':18} {'thr':>3} {'capability':10} {'weights':12} {'logits':12} "
+        f"{'test top1':>9} {'img/s':>6}"
+    )
     for numerics in args.numerics:
         seen: dict[tuple[str, str], int] = {}
         for machine, env in MACHINES.items():
@@ -124,9 +156,12 @@ def _matrix(args: argparse.Namespace) -> None:
                 out = _run(Config(machine, env, threads, numerics), args)
                 key = (out["weights_sha256"], out["logits_sha256"])
                 group = seen.setdefault(key, len(seen) + 1)
-                print(f"{numerics:9} {machine:18} {threads:>3} {out['capability']:10} "
-                      f"{out['weights_sha256'][:10]:12} {out['logits_sha256'][:10]:12} "
-                      f"{100 * out['test_top1']:8.2f}% {out['images_per_second']:6.0f}  #{group}", flush=True)
+                print(
+                    f"{numerics:9} {machine:18} {threads:>3} {out['capability']:10} "
+                    f"{out['weights_sha256'][:10]:12} {out['logits_sha256'][:10]:12} "
+                    f"{100 * out['test_top1']:8.2f}% {out['images_per_second']:6.0f}  #{group}",
+                    flush=True,
+                )
         print(f"{numerics}: {len(seen)} distinct result(s) over {len(MACHINES) * len(args.threads)} configurations\n")
 
 
@@ -145,17 +180,24 @@ def _cost(args: argparse.Namespace) -> None:
         for config in variants if repeat % 2 == 0 else list(reversed(variants)):
             out = _run(config, args)
             results[config.name].append(out)
-            print(f"round {repeat + 1} {config.name:12} {out['images_per_second']:7.1f} img/s  "
-                  f"{out['fit_seconds']:6.1f}s  weights {out['weights_sha256'][:10]}", flush=True)
+            print(
+                f"round {repeat + 1} {config.name:12} {out['images_per_second']:7.1f} img/s  "
+                f"{out['fit_seconds']:6.1f}s  weights {out['weights_sha256'][:10]}",
+                flush=True,
+            )
     base = variants[0].name
-    print(f"\nmedians over {args.repeats} rounds [min-max]; cost = time relative to {base}. Wall clock is what a "
-          "user waits; process CPU time is the work, robust to a shared machine's load (1-thread variants)")
+    print(
+        f"\nmedians over {args.repeats} rounds [min-max]; cost = time relative to {base}. Wall clock is what a "
+        "user waits; process CPU time is the work, robust to a shared machine's load (1-thread variants)"
+    )
     for key, label in (("fit_seconds", "wall s"), ("fit_cpu_seconds", "CPU s")):
         base_time = statistics.median(r[key] for r in results[base])
         for name, runs in results.items():
             values = [r[key] for r in runs]
-            print(f"{label:6} {name:12} {statistics.median(values):7.1f} [{min(values):.1f}-{max(values):.1f}]  "
-                  f"cost {100 * (statistics.median(values) / base_time - 1):+5.1f} %")
+            print(
+                f"{label:6} {name:12} {statistics.median(values):7.1f} [{min(values):.1f}-{max(values):.1f}]  "
+                f"cost {100 * (statistics.median(values) / base_time - 1):+5.1f} %"
+            )
 
 
 def _child(args: argparse.Namespace) -> dict[str, Any]:
@@ -168,13 +210,21 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     from sa2vp.settings import load_settings
 
     with tempfile.TemporaryDirectory(prefix="cpu-repro-") as tmp:
-        overrides = {"train.output": tmp, "tracking.enabled": "false", "train.device": "cpu",
-                     "train.epochs": str(args.epochs)}
+        overrides = {
+            "train.output": tmp,
+            "tracking.enabled": "false",
+            "train.device": "cpu",
+            "train.epochs": str(args.epochs),
+        }
         overrides.update((key, yaml.safe_load(value)) for key, value in (pair.split("=", 1) for pair in args.set))
         settings = load_settings(ROOT / "params.yaml", overrides)
         out = _steps(settings, args.steps) if args.steps else _fit(settings, Path(tmp))
-    return {"capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads(),
-            "mkl_cbwr": _mkl_cbwr(), **out}
+    return {
+        "capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "mkl_cbwr": _mkl_cbwr(),
+        **out,
+    }
 
 
 def _fit(settings: Any, output: Path) -> dict[str, Any]:
@@ -187,10 +237,14 @@ def _fit(settings: Any, output: Path) -> dict[str, Any]:
     weights = hashlib.sha256((result.artifact / "model.safetensors").read_bytes()).hexdigest()
     logits = _test_logits(result.artifact, settings)
     history = (output / "history.csv").read_text(encoding="utf-8").splitlines()
-    return {"weights_sha256": weights, "logits_sha256": hashlib.sha256(logits).hexdigest(),
-            "test_top1": result.test.top1 if result.test else float("nan"),
-            "images_per_second": statistics.median(_column(history, "train/images_per_second")),
-            "fit_seconds": fit_seconds, "fit_cpu_seconds": fit_cpu_seconds}
+    return {
+        "weights_sha256": weights,
+        "logits_sha256": hashlib.sha256(logits).hexdigest(),
+        "test_top1": result.test.top1 if result.test else float("nan"),
+        "images_per_second": statistics.median(_column(history, "train/images_per_second")),
+        "fit_seconds": fit_seconds,
+        "fit_cpu_seconds": fit_cpu_seconds,
+    }
 
 
 def _steps(settings: Any, steps: int) -> dict[str, Any]:
@@ -209,8 +263,12 @@ def _steps(settings: Any, steps: int) -> dict[str, Any]:
     folder = split_dir(settings.data)
     model = build_seeded(settings, len(read_manifest(folder).classes))
     config = data_config(model.backbone)
-    loader = DataLoader(load_split(folder, "train", config), batch_size=settings.train.batch_size, shuffle=True,
-                        generator=torch.Generator().manual_seed(settings.train.seed))
+    loader = DataLoader(
+        load_split(folder, "train", config),
+        batch_size=settings.train.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(settings.train.seed),
+    )
     optimizer = build_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], settings.train)
     scheduler = build_scheduler(optimizer, settings.train, steps)
     batches = [batch for _, batch in zip(range(steps), loader, strict=False)]
@@ -229,10 +287,15 @@ def _steps(settings: Any, steps: int) -> dict[str, Any]:
     state = model.trainable_state_dict()
     weights = hashlib.sha256(b"".join(state[k].numpy().tobytes() for k in sorted(state))).hexdigest()
     top1 = float((logits.argmax(1) == torch.tensor([t for _, t in test])).float().mean())
-    return {"weights_sha256": weights, "logits_sha256": hashlib.sha256(logits.numpy().tobytes()).hexdigest(),
-            "test_top1": top1, "images_per_second": sum(len(t) for _, t in batches) / seconds,
-            "images_per_cpu_second": sum(len(t) for _, t in batches) / cpu_seconds, "fit_seconds": seconds,
-            "fit_cpu_seconds": cpu_seconds}
+    return {
+        "weights_sha256": weights,
+        "logits_sha256": hashlib.sha256(logits.numpy().tobytes()).hexdigest(),
+        "test_top1": top1,
+        "images_per_second": sum(len(t) for _, t in batches) / seconds,
+        "images_per_cpu_second": sum(len(t) for _, t in batches) / cpu_seconds,
+        "fit_seconds": seconds,
+        "fit_cpu_seconds": cpu_seconds,
+    }
 
 
 def _test_logits(artifact: Path, settings: Any) -> bytes:
@@ -243,8 +306,7 @@ def _test_logits(artifact: Path, settings: Any) -> bytes:
     from sa2vp.engine.artifact import load_artifact
 
     loaded = load_artifact(artifact)
-    data = load_split(split_dir(settings.data), "test", loaded.data_config, train=False,
-                      style=loaded.record.transform)
+    data = load_split(split_dir(settings.data), "test", loaded.data_config, train=False, style=loaded.record.transform)
     model = loaded.model.eval()
     with torch.no_grad():
         chunks = [model(images) for images, _ in DataLoader(data, batch_size=settings.train.eval_batch_size)]

@@ -56,9 +56,13 @@ def main() -> None:
     wall = None
     if args.weights:  # a file already made: its architecture and pretraining settings are in its metadata
         metadata = read_metadata(Path(args.weights))
-        settings = BackboneSettings(name=metadata["timm_name"], img_size=json.loads(metadata["img_size"]),
-                                    model_kwargs=json.loads(metadata["model_kwargs"]), origin=metadata["origin"],
-                                    pretrain=PretrainSettings.model_validate_json(metadata["pretrain"]))
+        settings = BackboneSettings(
+            name=metadata["timm_name"],
+            img_size=json.loads(metadata["img_size"]),
+            model_kwargs=json.loads(metadata["model_kwargs"]),
+            origin=metadata["origin"],
+            pretrain=PretrainSettings.model_validate_json(metadata["pretrain"]),
+        )
         pretrained = create_backbone(settings.model_copy(update={"weights": args.weights}))
     else:
         settings = _settings(args.set)
@@ -72,8 +76,9 @@ def main() -> None:
     torch.manual_seed(args.seed)
     random = create_backbone(settings.model_copy(update={"weights": "random"}))
     images, labels = _digits(pretrained)
-    train, test = train_test_split(np.arange(len(labels)), test_size=args.test_size, stratify=labels,
-                                   random_state=args.seed)
+    train, test = train_test_split(
+        np.arange(len(labels)), test_size=args.test_size, stratify=labels, random_state=args.seed
+    )
     pre = _probe(_features(pretrained, images), labels, train, test)
     rnd = _probe(_features(random, images), labels, train, test)
     pixels = _probe(images.flatten(1).numpy(), labels, train, test)
@@ -81,22 +86,41 @@ def main() -> None:
     print(f"parameters             {sum(p.numel() for p in pretrained.parameters()) / 1e6:.2f} M")
     print(f"pretraining settings   {settings.pretrain.model_dump()}")
     if wall is not None:
-        print(f"pretraining wall time  {wall:.1f} s ({settings.pretrain.threads or torch.get_num_threads()} torch "
-              "threads)")
-    print(f"source-task accuracy   {float(metadata['source_accuracy']):.1%} (held out, "
-          f"{settings.pretrain.classes} classes)")
-    print(f"digits probe           pretrained {pre:.1%} | random weights {rnd:.1%} | raw pixels {pixels:.1%} "
-          f"({len(train)} train / {len(test)} test images)")
+        print(
+            f"pretraining wall time  {wall:.1f} s ({settings.pretrain.threads or torch.get_num_threads()} torch "
+            "threads)"
+        )
+    print(
+        f"source-task accuracy   {float(metadata['source_accuracy']):.1%} (held out, "
+        f"{settings.pretrain.classes} classes)"
+    )
+    print(
+        f"digits probe           pretrained {pre:.1%} | random weights {rnd:.1%} | raw pixels {pixels:.1%} "
+        f"({len(train)} train / {len(test)} test images)"
+    )
 
 
 def _parse() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
-                        help="backbone settings over the default, e.g. pretrain.epochs=3 img_size=16")
-    parser.add_argument("--weights", default=None, help="probe this weights file (made by materialise) instead "
-                        "of pretraining; --set is then ignored")
-    parser.add_argument("--threads", type=int, default=2, help="torch threads of the probe's feature extraction "
-                        "(the pipeline's CPU has 2 cores; pretraining uses pretrain.threads)")
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="backbone settings over the default, e.g. pretrain.epochs=3 img_size=16",
+    )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="probe this weights file (made by materialise) instead of pretraining; --set is then ignored",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads of the probe's feature extraction "
+        "(the pipeline's CPU has 2 cores; pretraining uses pretrain.threads)",
+    )
     parser.add_argument("--test-size", type=float, default=0.3, help="fraction of the digits held out for the probe")
     parser.add_argument("--seed", type=int, default=0, help="seed of the probe split and of the random baseline")
     parser.add_argument("--out", default=None, help="keep the weights file here (default: a temporary folder)")
@@ -105,8 +129,11 @@ def _parse() -> argparse.Namespace:
 
 def _settings(overrides: list[str]) -> BackboneSettings:
     recipe = load_settings(REPO / "pipelines/backbone/params.yaml").backbone.pretrain
-    values: dict[str, Any] = {**DEFAULT_BACKBONE, "model_kwargs": dict(DEFAULT_BACKBONE["model_kwargs"]),
-                              "pretrain": recipe.model_dump()}
+    values: dict[str, Any] = {
+        **DEFAULT_BACKBONE,
+        "model_kwargs": dict(DEFAULT_BACKBONE["model_kwargs"]),
+        "pretrain": recipe.model_dump(),
+    }
     for item in overrides:
         key, _, raw = item.partition("=")
         *parents, leaf = key.split(".")

@@ -1,6 +1,6 @@
 """Where an SA²VP training step spends its time: the top operators by device (or CPU) time.
 
-    python benchmarks/profile_step.py --backbone vit_base_patch16_224 --batch 64 --precision bf16 --window 3
+python benchmarks/profile_step.py --backbone vit_base_patch16_224 --batch 64 --precision bf16 --window 3
 """
 
 from __future__ import annotations

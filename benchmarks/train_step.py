@@ -76,13 +76,27 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--compile", nargs="?", const="default", default=None,
-                        help="torch.compile the cross blocks, optionally with a mode (e.g. max-autotune-no-cudagraphs)")
-    parser.add_argument("--methods", default=None,
-                        help="comma-separated methods (linear,full,vpt-shallow,vpt-deep,lora,adaptformer,sa2vp): "
-                             "time each one's training step instead of SA²VP against one pathway")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="a dotted setting for --methods (repeatable), e.g. model.lora.rank=16")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        default=None,
+        help="torch.compile the cross blocks, optionally with a mode (e.g. max-autotune-no-cudagraphs)",
+    )
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated methods (linear,full,vpt-shallow,vpt-deep,lora,adaptformer,sa2vp): "
+        "time each one's training step instead of SA²VP against one pathway",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a dotted setting for --methods (repeatable), e.g. model.lora.rank=16",
+    )
     args = parser.parse_args()
 
     overrides = _parse_overrides(args.overrides)
@@ -94,8 +108,17 @@ def main() -> None:
         return
 
     configs = [
-        Config(args.backbone, args.batch, args.img_size, w if w == "global" else int(w), p, args.device,
-               args.steps, args.warmup, args.compile)
+        Config(
+            args.backbone,
+            args.batch,
+            args.img_size,
+            w if w == "global" else int(w),
+            p,
+            args.device,
+            args.steps,
+            args.warmup,
+            args.compile,
+        )
         for p in args.precisions
         for w in args.windows
     ]
@@ -108,8 +131,14 @@ def main() -> None:
         with context.Pool(1) as pool:
             pathway_time, pathway_peak, _ = pool.apply(measure, (config, "pathway"))
         results.append(
-            Result(config, config.batch / sa2vp_time, config.batch / pathway_time, cross_time / sa2vp_time,
-                   sa2vp_peak, pathway_peak)
+            Result(
+                config,
+                config.batch / sa2vp_time,
+                config.batch / pathway_time,
+                cross_time / sa2vp_time,
+                sa2vp_peak,
+                pathway_peak,
+            )
         )
     print_table(results)
 
@@ -126,8 +155,12 @@ class MethodResult:
 
 def compare_methods(args: argparse.Namespace, methods: list[str], overrides: dict[str, object]) -> None:
     """One fresh process per method and precision (its own peak memory); one table."""
-    base = {"backbone.name": args.backbone, "backbone.weights": "random", "backbone.img_size": args.img_size,
-            **overrides}
+    base = {
+        "backbone.name": args.backbone,
+        "backbone.weights": "random",
+        "backbone.img_size": args.img_size,
+        **overrides,
+    }
     for method in methods:  # fail on a typo before measuring anything
         try:
             load_settings(None, {**base, "model.method": method})
@@ -140,21 +173,48 @@ def compare_methods(args: argparse.Namespace, methods: list[str], overrides: dic
             print(f"measuring {method} {precision} …", flush=True)
             settings = {**base, "model.method": method}
             with context.Pool(1) as pool:
-                results.append(pool.apply(measure_method, (settings, args.batch, args.img_size, precision,
-                                                           args.device, args.steps, args.warmup, args.compile)))
-    print(f"\nbackbone={args.backbone} (random init)  batch={args.batch}  img={args.img_size}  device={args.device}"
-          f"  torch={torch.__version__}  threads={torch.get_num_threads()}  overrides={overrides or 'none'}")
-    header = (f"{'method':>12} {'precision':>9} {'trainable':>12} {'% backbone':>11} {'img/s':>9} {'ms/step':>8}"
-              f" {'peak MiB':>9}")
+                results.append(
+                    pool.apply(
+                        measure_method,
+                        (
+                            settings,
+                            args.batch,
+                            args.img_size,
+                            precision,
+                            args.device,
+                            args.steps,
+                            args.warmup,
+                            args.compile,
+                        ),
+                    )
+                )
+    print(
+        f"\nbackbone={args.backbone} (random init)  batch={args.batch}  img={args.img_size}  device={args.device}"
+        f"  torch={torch.__version__}  threads={torch.get_num_threads()}  overrides={overrides or 'none'}"
+    )
+    header = (
+        f"{'method':>12} {'precision':>9} {'trainable':>12} {'% backbone':>11} {'img/s':>9} {'ms/step':>8}"
+        f" {'peak MiB':>9}"
+    )
     print(header)
     print("-" * len(header))
     for r in results:
-        print(f"{r.method:>12} {r.precision:>9} {r.trainable:>12,} {r.percent:>10.3f}% {r.img_s:>9.1f}"
-              f" {1000 * args.batch / r.img_s:>8.1f} {r.peak_mib:>9.0f}")
+        print(
+            f"{r.method:>12} {r.precision:>9} {r.trainable:>12,} {r.percent:>10.3f}% {r.img_s:>9.1f}"
+            f" {1000 * args.batch / r.img_s:>8.1f} {r.peak_mib:>9.0f}"
+        )
 
 
-def measure_method(settings: dict[str, object], batch: int, img_size: int, precision: str, device_name: str,
-                   steps: int, warmup: int, compile_mode: str | None) -> MethodResult:
+def measure_method(
+    settings: dict[str, object],
+    batch: int,
+    img_size: int,
+    precision: str,
+    device_name: str,
+    steps: int,
+    warmup: int,
+    compile_mode: str | None,
+) -> MethodResult:
     """A full training step of the method the settings describe: forward, its loss, backward, AdamW."""
     torch.manual_seed(0)
     device = torch.device(device_name)
@@ -174,11 +234,13 @@ def measure_method(settings: dict[str, object], batch: int, img_size: int, preci
         loss.backward()
         optimizer.step()
 
-    config = Config(str(settings["backbone.name"]), batch, img_size, "-", precision, device_name, steps, warmup,
-                    compile_mode)
+    config = Config(
+        str(settings["backbone.name"]), batch, img_size, "-", precision, device_name, steps, warmup, compile_mode
+    )
     seconds, peak = _timed(step, config, device)
-    return MethodResult(str(settings["model.method"]), precision, summary.trainable, summary.percent_of_backbone,
-                        batch / seconds, peak)
+    return MethodResult(
+        str(settings["model.method"]), precision, summary.trainable, summary.percent_of_backbone, batch / seconds, peak
+    )
 
 
 def _parse_overrides(items: list[str]) -> dict[str, object]:
@@ -293,7 +355,7 @@ def print_table(results: list[Result]) -> None:
     for r in results:
         c = r.config
         print(
-            f"{c.precision:>9} {str(c.window):>6} {r.sa2vp_img_s:>12.1f} {r.pathway_img_s:>16.1f}"
+            f"{c.precision:>9} {c.window!s:>6} {r.sa2vp_img_s:>12.1f} {r.pathway_img_s:>16.1f}"
             f" {r.pathway_img_s / r.sa2vp_img_s:>6.2f} {100 * r.cross_share:>7.1f}%"
             f" {r.sa2vp_peak_mib:>15.0f} {r.pathway_peak_mib:>19.0f}"
         )

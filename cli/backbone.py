@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from sa2vp_cli.common import ParamsOption, SetOption, expected_errors_exit_2, fail, progress, settings_from
+from .common import ParamsOption, SetOption, expected_errors_exit_2, fail, progress, settings_from
 
 app = typer.Typer(help="The frozen backbone: materialise its weights as a file.", no_args_is_help=True)
 
@@ -16,8 +16,10 @@ app = typer.Typer(help="The frozen backbone: materialise its weights as a file."
 @app.command("materialise")
 @expected_errors_exit_2
 def materialise(
-    out: Annotated[Path | None, typer.Option(help="Weights file to write (.safetensors). Default: backbone.weights, "
-                                             "when that is a file path.")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Weights file to write (.safetensors). Default: backbone.weights, when that is a file path."),
+    ] = None,
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
 ) -> None:
@@ -32,8 +34,10 @@ def materialise(
     weights = settings.backbone.weights
     if out is None:
         if weights in ("hub", "random"):
-            fail(f"backbone.weights={weights!r} is not a file: pass --out PATH.safetensors (and point "
-                 "backbone.weights at it)")
+            fail(
+                f"backbone.weights={weights!r} is not a file: pass --out PATH.safetensors (and point "
+                "backbone.weights at it)"
+            )
         out = Path(weights)
     # On a terminal, a bar; in a log (DVC, CI), a plain line every --log-every seconds, never minutes of silence.
     written = materialise_backbone(settings.backbone, out, progress())

@@ -24,7 +24,12 @@ USAGE_ERROR = 2
 
 # Errors a user can cause and fix; anything else is a bug and keeps its traceback.
 EXPECTED_ERRORS: tuple[type[Exception], ...] = (
-    SettingsError, BackboneError, FileNotFoundError, DataError, ArtifactError, TrackingError,
+    SettingsError,
+    BackboneError,
+    FileNotFoundError,
+    DataError,
+    ArtifactError,
+    TrackingError,
 )
 RUN_FAILED = 1  # a run that started and failed for a reason the message explains (e.g. a diverging loss)
 
@@ -43,8 +48,12 @@ def _params_given_or_present(ctx: typer.Context, param: typer.CallbackParam, val
 
 ParamsOption = Annotated[
     Path | None,
-    typer.Option("--params", "-p", callback=_params_given_or_present,
-                 help="Settings file (the schema is sa2vp.settings.Settings); default: params.yaml if present."),
+    typer.Option(
+        "--params",
+        "-p",
+        callback=_params_given_or_present,
+        help="Settings file (the schema is sa2vp.settings.Settings); default: params.yaml if present.",
+    ),
 ]
 SetOption = Annotated[
     list[str] | None,
@@ -53,21 +62,26 @@ SetOption = Annotated[
 
 SetFileOption = Annotated[
     list[Path] | None,
-    typer.Option("--set-file", help="Apply the dotted settings in a YAML file, e.g. the best.yaml `sa2vp tune` "
-                 "writes (repeatable; --set wins)."),
+    typer.Option(
+        "--set-file",
+        help="Apply the dotted settings in a YAML file, e.g. the best.yaml `sa2vp tune` "
+        "writes (repeatable; --set wins).",
+    ),
 ]
 
 # The dataset, spelled the same in every command that takes one (data download/prepare also take it as their
 # argument); --from is how every command that may download it is given a local copy instead.
 DatasetOption = Annotated[
     str | None,
-    typer.Option("--dataset", "-d", help="Registry name or alias (`sa2vp data list`), or folder:<path> "
-                 "(data.dataset)."),
+    typer.Option(
+        "--dataset", "-d", help="Registry name or alias (`sa2vp data list`), or folder:<path> (data.dataset)."
+    ),
 ]
 FromOption = Annotated[
     Path | None,
-    typer.Option("--from", help="Local archive or folder of the dataset, used instead of downloading it "
-                 "(data.source)."),
+    typer.Option(
+        "--from", help="Local archive or folder of the dataset, used instead of downloading it (data.source)."
+    ),
 ]
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -106,8 +120,9 @@ def settings_from(params: Path | None, overrides: list[str] | None, files: list[
     built-in defaults); None: no params file. Errors name the source of the bad value."""
     if params is not None and not params.is_file():
         problem = "is not a file" if params.exists() else "settings file not found"
-        raise SettingsError(f"{params}: {problem} (-p/--params names a YAML file; without -p, "
-                            f"{DEFAULT_PARAMS} is read if present)")
+        raise SettingsError(
+            f"{params}: {problem} (-p/--params names a YAML file; without -p, {DEFAULT_PARAMS} is read if present)"
+        )
     parsed: dict[str, Any] = {}
     origins: dict[str, str | Path] = {}
     for path in files or []:
@@ -147,8 +162,11 @@ def is_terminal() -> bool:
 
 def with_options(overrides: list[str] | None, options: dict[str, Any]) -> list[str]:
     """--set overrides plus a command's own options (which win; None = not given); JSON keeps values exact."""
-    given = [CommandLineOption(f"{key}={json.dumps(str(value) if isinstance(value, Path) else value)}")
-             for key, value in options.items() if value is not None]
+    given = [
+        CommandLineOption(f"{key}={json.dumps(str(value) if isinstance(value, Path) else value)}")
+        for key, value in options.items()
+        if value is not None
+    ]
     return [*(overrides or []), *given]
 
 

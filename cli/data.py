@@ -9,8 +9,15 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sa2vp_cli.common import (
-    DatasetOption, FromOption, ParamsOption, SetOption, expected_errors_exit_2, fail, progress, settings_from,
+from .common import (
+    DatasetOption,
+    FromOption,
+    ParamsOption,
+    SetOption,
+    expected_errors_exit_2,
+    fail,
+    progress,
+    settings_from,
     with_options,
 )
 
@@ -18,8 +25,10 @@ app = typer.Typer(help="Datasets: the registry, downloads and split files.", no_
 
 NameArgument = Annotated[
     str | None,
-    typer.Argument(help="The dataset, as --dataset/-d gives it: a name or alias (`sa2vp data list`), or "
-                   "folder:<path>. Default: data.dataset."),
+    typer.Argument(
+        help="The dataset, as --dataset/-d gives it: a name or alias (`sa2vp data list`), or "
+        "folder:<path>. Default: data.dataset."
+    ),
 ]
 
 
@@ -51,10 +60,13 @@ def list_datasets(
     table.add_column("source")
     table.add_column("aliases", overflow="fold")
     for info in entries:
-        table.add_row(info.name, info.group, str(info.num_classes), "/".join(info.protocols), info.source,
-                      ", ".join(info.aliases))
-    table.caption = (f"A bare task name means the VTAB-1k task (svhn = {lookup('svhn').name}). Any image folder "
-                     "with one sub-folder per class: folder:<path> (protocol holdout). --details: citations.")
+        table.add_row(
+            info.name, info.group, str(info.num_classes), "/".join(info.protocols), info.source, ", ".join(info.aliases)
+        )
+    table.caption = (
+        f"A bare task name means the VTAB-1k task (svhn = {lookup('svhn').name}). Any image folder "
+        "with one sub-folder per class: folder:<path> (protocol holdout). --details: citations."
+    )
     console = Console()
     if not console.is_terminal:
         console.width = max(console.width, 120)  # pipes and logs: no terminal width to fit, keep rows whole
@@ -100,8 +112,12 @@ def prepare(
     from sa2vp.data import prepare as write_splits
     from sa2vp.data import read_manifest
 
-    options = {"data.dataset": _one_dataset(name, dataset), "data.protocol": protocol, "data.seed": seed,
-               "data.source": from_}
+    options = {
+        "data.dataset": _one_dataset(name, dataset),
+        "data.protocol": protocol,
+        "data.seed": seed,
+        "data.source": from_,
+    }
     settings = settings_from(params, with_options(overrides, options))
     folder = write_splits(settings.data, progress())
     manifest = read_manifest(folder).data

@@ -7,15 +7,16 @@ from typing import Annotated, Any
 
 import typer
 
-from sa2vp_cli.common import check_writable, expected_errors_exit_2, fail
+from .common import check_writable, expected_errors_exit_2, fail
 
 ArtifactsArgument = Annotated[
     Path, typer.Argument(help="The artifact folder `sa2vp train` wrote (<train.output>/model) or its model.json.")
 ]
 ImagesArgument = Annotated[
     list[Path] | None,
-    typer.Argument(help="Image files to explain (default: --n images of --split); with --tsne: more artifacts.",
-                   show_default=False),
+    typer.Argument(
+        help="Image files to explain (default: --n images of --split); with --tsne: more artifacts.", show_default=False
+    ),
 ]
 
 
@@ -23,25 +24,57 @@ ImagesArgument = Annotated[
 def explain(
     artifact: ArtifactsArgument,
     images: ImagesArgument = None,
-    tsne: Annotated[bool, typer.Option("--tsne", help="Only the t-SNE map of the pooled features, one panel per "
-                                       "artifact given: sa2vp explain --tsne A1 A2 …")] = False,
-    split: Annotated[str, typer.Option(help="Split of the artifact's dataset to take images and the t-SNE "
-                                       "points from: train, val, trainval or test.")] = "test",
-    n: Annotated[int, typer.Option("--n", min=1, help="Images of --split to explain, one class after another "
-                                   "(without IMAGES).")] = 8,
-    layers: Annotated[str | None, typer.Option(help="Layers of the similarity maps, e.g. 0,6,11 (Swin: blocks "
-                                               "of the cross stage); default: first, middle and last.")] = None,
-    token: Annotated[str | None, typer.Option(help="The image token of the similarity maps as ROW,COLUMN of the "
-                                              "token grid; default: the most salient one.")] = None,
-    points: Annotated[int, typer.Option(min=3, help="Images of --split in the t-SNE map, at most (spread over "
-                                        "the classes).")] = 1000,
+    tsne: Annotated[
+        bool,
+        typer.Option(
+            "--tsne",
+            help="Only the t-SNE map of the pooled features, one panel per "
+            "artifact given: sa2vp explain --tsne A1 A2 …",
+        ),
+    ] = False,
+    split: Annotated[
+        str,
+        typer.Option(
+            help="Split of the artifact's dataset to take images and the t-SNE "
+            "points from: train, val, trainval or test."
+        ),
+    ] = "test",
+    n: Annotated[
+        int, typer.Option("--n", min=1, help="Images of --split to explain, one class after another (without IMAGES).")
+    ] = 8,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            help="Layers of the similarity maps, e.g. 0,6,11 (Swin: blocks "
+            "of the cross stage); default: first, middle and last."
+        ),
+    ] = None,
+    token: Annotated[
+        str | None,
+        typer.Option(
+            help="The image token of the similarity maps as ROW,COLUMN of the "
+            "token grid; default: the most salient one."
+        ),
+    ] = None,
+    points: Annotated[
+        int, typer.Option(min=3, help="Images of --split in the t-SNE map, at most (spread over the classes).")
+    ] = 1000,
     seed: Annotated[int | None, typer.Option(help="t-SNE seed (default: the artifact's train.seed).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Folder for the PNGs; default: figures/ beside the artifact "
-                                             "folder (its training's output folder).")] = None,
-    no_log: Annotated[bool, typer.Option("--no-log", help="Do not copy the figures into the artifact's MLflow "
-                                         "run.")] = False,
-    tracking_uri: Annotated[str | None, typer.Option("--tracking-uri", help="MLflow store of the artifact's run "
-                                                     "(default: the artifact's tracking.uri).")] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder for the PNGs; default: figures/ beside the artifact folder (its training's output folder)."
+        ),
+    ] = None,
+    no_log: Annotated[
+        bool, typer.Option("--no-log", help="Do not copy the figures into the artifact's MLflow run.")
+    ] = False,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(
+            "--tracking-uri", help="MLflow store of the artifact's run (default: the artifact's tracking.uri)."
+        ),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps (default: cpu).")] = None,
 ) -> None:
     """Draw what a trained model learned: SA²VP's prompt/image similarity maps (paper Fig. 5), Grad-CAM of the
@@ -62,8 +95,20 @@ def explain(
     if tsne:
         _explain_tsne(paths, split, points, seed, folder, not no_log, tracking_uri, device)
     else:
-        _explain_one(artifact, images or [], split, n, chosen_layers, chosen_token, points, seed, folder,
-                     not no_log, tracking_uri, device)
+        _explain_one(
+            artifact,
+            images or [],
+            split,
+            n,
+            chosen_layers,
+            chosen_token,
+            points,
+            seed,
+            folder,
+            not no_log,
+            tracking_uri,
+            device,
+        )
 
 
 def _default_folder(artifact: Path) -> Path:
@@ -103,21 +148,41 @@ def _load(path: Path, device: str | None) -> Any:
     return loaded
 
 
-def _explain_one(artifact: Path, images: list[Path], split: str, n: int, layers: list[int] | None,
-                 token: tuple[int, int] | None, points: int, seed: int | None, folder: Path, log: bool,
-                 tracking_uri: str | None, device: str | None) -> None:
+def _explain_one(
+    artifact: Path,
+    images: list[Path],
+    split: str,
+    n: int,
+    layers: list[int] | None,
+    token: tuple[int, int] | None,
+    points: int,
+    seed: int | None,
+    folder: Path,
+    log: bool,
+    tracking_uri: str | None,
+    device: str | None,
+) -> None:
     from sa2vp.explain import explain, file_images, split_images
 
     loaded = _load(artifact, device)
     check_writable("--out", folder, folder=True)
     batch = file_images(loaded, images) if images else split_images(loaded, split, n)
-    explained = explain(loaded, batch, layers, token, split, points, seed,
-                        similarity_required=layers is not None or token is not None)
+    explained = explain(
+        loaded, batch, layers, token, split, points, seed, similarity_required=layers is not None or token is not None
+    )
     _finish(explained.figures, explained.notes, [loaded], folder, log, tracking_uri)
 
 
-def _explain_tsne(paths: list[Path], split: str, points: int, seed: int | None, folder: Path, log: bool,
-                  tracking_uri: str | None, device: str | None) -> None:
+def _explain_tsne(
+    paths: list[Path],
+    split: str,
+    points: int,
+    seed: int | None,
+    folder: Path,
+    log: bool,
+    tracking_uri: str | None,
+    device: str | None,
+) -> None:
     from sa2vp.explain import split_features, tsne_figure
 
     loaded = [_load(path, device) for path in paths]
@@ -128,8 +193,9 @@ def _explain_tsne(paths: list[Path], split: str, points: int, seed: int | None, 
     _finish({name: figure}, [], loaded, folder, log, tracking_uri)
 
 
-def _finish(figures: dict[str, Any], notes: list[str], loaded: list[Any], folder: Path, log: bool,
-            tracking_uri: str | None) -> None:
+def _finish(
+    figures: dict[str, Any], notes: list[str], loaded: list[Any], folder: Path, log: bool, tracking_uri: str | None
+) -> None:
     """Write the figures (only now, when every one of them could be drawn), then copy them to each run."""
     from sa2vp.explain import log_figures, write_figures
 

@@ -10,20 +10,26 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sa2vp_cli import explain as explaining
-from sa2vp_cli import train as training
-from sa2vp_cli.backbone import app as backbone_app
 from sa2vp.data.progress import LOG_EVERY
-from sa2vp_cli.common import (
-    ParamsOption, SetOption, expected_errors_exit_2, set_log_every, settings_from, setup_logging,
+
+from . import explain as explaining
+from . import train as training
+from .backbone import app as backbone_app
+from .common import (
+    ParamsOption,
+    SetOption,
+    expected_errors_exit_2,
+    set_log_every,
+    settings_from,
+    setup_logging,
 )
-from sa2vp_cli.data import app as data_app
-from sa2vp_cli.suite import app as suite_app
+from .data import app as data_app
+from .suite import app as suite_app
 
 app = typer.Typer(
     name="sa2vp",
     help="SA²VP visual prompt tuning on frozen timm backbones.\n\nExample: sa2vp train -d digits --epochs 20   "
-         "(every command: sa2vp COMMAND --help)",
+    "(every command: sa2vp COMMAND --help)",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
@@ -48,11 +54,19 @@ def _show_version(value: bool) -> None:
 
 @app.callback()
 def main(
-    log_every: Annotated[float, typer.Option(
-        "--log-every", min=0.001, help="Seconds between progress lines when stderr is not a terminal (a log: dvc "
-        "repro, CI); a terminal gets progress bars.")] = LOG_EVERY,
-    version: Annotated[bool, typer.Option(
-        "--version", callback=_show_version, is_eager=True, help="Show the installed version and exit.")] = False,
+    log_every: Annotated[
+        float,
+        typer.Option(
+            "--log-every",
+            min=0.001,
+            help="Seconds between progress lines when stderr is not a terminal (a log: dvc "
+            "repro, CI); a terminal gets progress bars.",
+        ),
+    ] = LOG_EVERY,
+    version: Annotated[
+        bool,
+        typer.Option("--version", callback=_show_version, is_eager=True, help="Show the installed version and exit."),
+    ] = False,
 ) -> None:
     """SA²VP visual prompt tuning on frozen timm backbones."""
     setup_logging()

@@ -11,12 +11,17 @@ from typing import Annotated
 
 import typer
 
-from sa2vp_cli.common import (
-    FromOption, ParamsOption, SetOption, expected_errors_exit_2, progress, settings_from, with_options,
+from .common import (
+    FromOption,
+    ParamsOption,
+    SetOption,
+    expected_errors_exit_2,
+    progress,
+    settings_from,
+    with_options,
 )
 
-app = typer.Typer(help="Benchmark suites: run a dataset × variant cell, write the results table.",
-                  no_args_is_help=True)
+app = typer.Typer(help="Benchmark suites: run a dataset × variant cell, write the results table.", no_args_is_help=True)
 
 
 @app.command("run")
@@ -37,8 +42,10 @@ def run(
     settings = settings_from(params, with_options(overrides, {"data.source": from_}))
     result = run_cell(settings, dataset, variant, progress())
     spread = f" ± {100 * result.std:.2f}" if len(result.seeds) > 1 else ""
-    typer.echo(f"{dataset} / {variant}: test top-1 {100 * result.mean:.2f}{spread} % over seeds "
-               f"{', '.join(map(str, result.seeds))}; {result.trainable_percent:.3f} % of the backbone trained")
+    typer.echo(
+        f"{dataset} / {variant}: test top-1 {100 * result.mean:.2f}{spread} % over seeds "
+        f"{', '.join(map(str, result.seeds))}; {result.trainable_percent:.3f} % of the backbone trained"
+    )
     typer.echo(f"result: {cell_dir(settings, dataset, variant) / RESULT_FILE}")
 
 

@@ -10,9 +10,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sa2vp_cli.common import (
-    CommandLineOption, DatasetOption, FromOption, ParamsOption, SetFileOption, SetOption, check_writable,
-    expected_errors_exit_2, fail, progress, settings_from, with_options,
+from .common import (
+    CommandLineOption,
+    DatasetOption,
+    FromOption,
+    ParamsOption,
+    SetFileOption,
+    SetOption,
+    check_writable,
+    expected_errors_exit_2,
+    fail,
+    progress,
+    settings_from,
+    with_options,
 )
 
 if TYPE_CHECKING:
@@ -23,8 +33,11 @@ ArtifactArgument = Annotated[
 ]
 BackboneWeightsOption = Annotated[
     str | None,
-    typer.Option("--backbone-weights", help="Backbone weights to use instead of the artifact's backbone.weights "
-                 "(hub, random, or a .safetensors/.npz file); they must hash to what the model was trained on."),
+    typer.Option(
+        "--backbone-weights",
+        help="Backbone weights to use instead of the artifact's backbone.weights "
+        "(hub, random, or a .safetensors/.npz file); they must hash to what the model was trained on.",
+    ),
 ]
 DeviceOption = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps (train.device).")]
 
@@ -34,8 +47,9 @@ def train(
     epochs: Annotated[int | None, typer.Option(help="Training epochs (train.epochs).")] = None,
     device: DeviceOption = None,
     output: Annotated[Path | None, typer.Option(help="Folder for checkpoints and the artifact (train.output).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output from its last "
-                                         "checkpoint (same settings).")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint (same settings).")
+    ] = False,
     from_: FromOption = None,
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
@@ -49,12 +63,26 @@ def train(
 
 
 @expected_errors_exit_2
-def _train(dataset: str | None, epochs: int | None, device: str | None, output: Path | None, resume: bool,
-           from_: Path | None, params: Path, overrides: list[str] | None, files: list[Path] | None) -> None:
+def _train(
+    dataset: str | None,
+    epochs: int | None,
+    device: str | None,
+    output: Path | None,
+    resume: bool,
+    from_: Path | None,
+    params: Path,
+    overrides: list[str] | None,
+    files: list[Path] | None,
+) -> None:
     from sa2vp.engine import fit
 
-    options = {"data.dataset": dataset, "train.epochs": epochs, "train.device": device, "train.output": output,
-               "data.source": from_}
+    options = {
+        "data.dataset": dataset,
+        "train.epochs": epochs,
+        "train.device": device,
+        "train.output": output,
+        "data.source": from_,
+    }
     settings = settings_from(params, with_options(overrides, options), files)
     result = fit(settings, resume=resume, progress=progress())
     # The test accuracy is in the log already (the engine's `test:` line, with the best epoch): not said twice.
@@ -70,10 +98,16 @@ def evaluate(
     backbone_weights: BackboneWeightsOption = None,
     device: DeviceOption = None,
     metrics_file: Annotated[Path | None, typer.Option(help="Also write the metrics as JSON here.")] = None,
-    plots_dir: Annotated[Path | None, typer.Option(help="Also write confusion.csv and per_class_accuracy.csv "
-                                                   "here (DVC plots).")] = None,
-    pathway: Annotated[str | None, typer.Option(help="Score an auxiliary pathway alone instead of the model's "
-                                                "prediction: `prompt` (SA²VP's prompt pathway).")] = None,
+    plots_dir: Annotated[
+        Path | None, typer.Option(help="Also write confusion.csv and per_class_accuracy.csv here (DVC plots).")
+    ] = None,
+    pathway: Annotated[
+        str | None,
+        typer.Option(
+            help="Score an auxiliary pathway alone instead of the model's "
+            "prediction: `prompt` (SA²VP's prompt pathway)."
+        ),
+    ] = None,
 ) -> None:
     """Recompute an artifact's metrics on a split of the dataset it was trained on.
 
@@ -95,8 +129,10 @@ def evaluate(
     loaded = load_artifact(artifact, backbone_weights)
     metrics = run_evaluation(loaded, split, device, progress(), pathway)
     label = split if pathway is None else f"{split}, {pathway} pathway"
-    typer.echo(f"{label}: top-1 {100 * metrics.top1:.2f} %  mean per-class {100 * metrics.mean_class:.2f} %  "
-               f"({metrics.count:,} images)")
+    typer.echo(
+        f"{label}: top-1 {100 * metrics.top1:.2f} %  mean per-class {100 * metrics.mean_class:.2f} %  "
+        f"({metrics.count:,} images)"
+    )
     if metrics_file is not None:
         write_atomic(metrics_file, json.dumps({split: metrics.as_dict()}, indent=2) + "\n")
     if plots_dir is not None:
@@ -112,8 +148,10 @@ def predict(
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes to show per image.")] = 5,
     backbone_weights: BackboneWeightsOption = None,
     device: DeviceOption = None,
-    output: Annotated[Path | None, typer.Option(help="Also write the predictions here: a .csv (image, rank, "
-                                                "class, probability) or a .json file.")] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(help="Also write the predictions here: a .csv (image, rank, class, probability) or a .json file."),
+    ] = None,
 ) -> None:
     """Classify image files with a trained artifact: the top-k classes and their probabilities.
 
@@ -151,8 +189,11 @@ def _write_predictions(path: Path, predictions: list[Prediction]) -> None:
 
     from sa2vp.atomic import write_atomic
 
-    rows = [{"image": str(p.image), "rank": rank, "class": name, "probability": probability}
-            for p in predictions for rank, (name, probability) in enumerate(p.top, start=1)]
+    rows = [
+        {"image": str(p.image), "rank": rank, "class": name, "probability": probability}
+        for p in predictions
+        for rank, (name, probability) in enumerate(p.top, start=1)
+    ]
     if path.suffix == ".json":
         write_atomic(path, json.dumps(rows, indent=2) + "\n")
         return
@@ -181,8 +222,12 @@ def ui(
 
     def waiting(seconds: float) -> None:
         # The server takes tens of seconds to answer; its address is printed once it does.
-        typer.echo(f"starting the MLflow UI for {uri} on 127.0.0.1:{port} …" if seconds < 1 else
-                   f"still starting ({seconds:.0f} s) …", err=True)
+        typer.echo(
+            f"starting the MLflow UI for {uri} on 127.0.0.1:{port} …"
+            if seconds < 1
+            else f"still starting ({seconds:.0f} s) …",
+            err=True,
+        )
 
     def ready(page: str) -> None:
         typer.echo(f"MLflow UI for {uri}: {page}  (Ctrl-C stops it)")
@@ -215,14 +260,25 @@ def tune(
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # sa2vp logs one line per trial itself
 
-    options = {"data.dataset": dataset, "tune.n_trials": n_trials, "tune.timeout": timeout, "tune.storage": storage,
-               "tune.study_name": study_name, "tune.epochs": epochs, "data.source": from_}
+    options = {
+        "data.dataset": dataset,
+        "tune.n_trials": n_trials,
+        "tune.timeout": timeout,
+        "tune.storage": storage,
+        "tune.study_name": study_name,
+        "tune.epochs": epochs,
+        "data.source": from_,
+    }
     given = with_options(overrides, options)
     settings = settings_from(params, given, files)
     # A searched setting given a value is pinned; where it was given, in settings_from's precedence (--set last).
     origins = {key: str(path) for path in files or [] for key in read_overrides(path)}
-    origins.update({item.partition("=")[0].strip(): "command line" if isinstance(item, CommandLineOption) else "--set"
-                    for item in given})
+    origins.update(
+        {
+            item.partition("=")[0].strip(): "command line" if isinstance(item, CommandLineOption) else "--set"
+            for item in given
+        }
+    )
     plan = plan_search(settings, given_settings(settings, origins, params))
     result = run_tuning(settings, progress(), plan=plan)
     best = result.study.best_trial

@@ -21,4 +21,4 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     """An exception's message on one line, capped: library messages (torch, timm, safetensors) can span many
     lines, and an `error: …` line must stay one line."""
     text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= limit else text[:limit - 1] + "…"
+    return text if len(text) <= limit else text[: limit - 1] + "…"

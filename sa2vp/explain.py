@@ -30,21 +30,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import matplotlib.pyplot as plt
 import numpy as np
 import torch
 from torch import nn
 
 import sa2vp.figures  # noqa: F401  (selects matplotlib's headless backend before pyplot is imported)
-import matplotlib.pyplot as plt  # noqa: E402
-from sa2vp.data import SPLITS, build_transform, load_image, load_split, split_dir  # noqa: E402
-from sa2vp.engine.artifact import ArtifactRecord, LoadedArtifact  # noqa: E402
-from sa2vp.engine.evaluation import check_same_data  # noqa: E402
-from sa2vp.errors import ArtifactError, one_line  # noqa: E402
-from sa2vp.figures import save_figure  # noqa: E402
-from sa2vp.models import AdaptedModel, SA2VPSwin, SA2VPViT  # noqa: E402
-from sa2vp.models.backbones import token_grid  # noqa: E402
-from sa2vp.models.base import BackboneClassifier  # noqa: E402
-from sa2vp.models.sa2vp_vit import SimilarityMaps, check_layers, token_rows  # noqa: E402
+from sa2vp.data import SPLITS, build_transform, load_image, load_split, split_dir
+from sa2vp.engine.artifact import ArtifactRecord, LoadedArtifact
+from sa2vp.engine.evaluation import check_same_data
+from sa2vp.errors import ArtifactError, one_line
+from sa2vp.figures import save_figure
+from sa2vp.models import AdaptedModel, SA2VPSwin, SA2VPViT
+from sa2vp.models.backbones import token_grid
+from sa2vp.models.base import BackboneClassifier
+from sa2vp.models.sa2vp_vit import SimilarityMaps, check_layers, token_rows
 
 log = logging.getLogger("sa2vp.explain")
 
@@ -56,6 +56,7 @@ SIMILARITY_RANGE = (-1.0, 1.0)  # cosine similarity: one colour scale for every 
 
 
 # --- images --------------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class ImageBatch:
@@ -102,8 +103,11 @@ def split_images(loaded: LoadedArtifact, split: str = "test", n: int = DEFAULT_I
     if not indices:
         raise ArtifactError(f"split {split!r} of {dataset.root} holds no images")
     items = [dataset[i] for i in indices]
-    return ImageBatch(torch.stack([image for image, _ in items]), [label for _, label in items],
-                      [dataset.path(i).name for i in indices])
+    return ImageBatch(
+        torch.stack([image for image, _ in items]),
+        [label for _, label in items],
+        [dataset.path(i).name for i in indices],
+    )
 
 
 def file_images(loaded: LoadedArtifact, paths: Sequence[Path]) -> ImageBatch:
@@ -117,6 +121,7 @@ def file_images(loaded: LoadedArtifact, paths: Sequence[Path]) -> ImageBatch:
 
 
 # --- what the model computes -------------------------------------------------------------------------------
+
 
 def is_sa2vp(model: nn.Module) -> bool:
     return isinstance(model, (SA2VPViT, SA2VPSwin))
@@ -137,12 +142,15 @@ def predicting_forward(model: AdaptedModel) -> Callable[[torch.Tensor], torch.Te
     return model
 
 
-def similarity(model: AdaptedModel, images: ImageBatch, layers: list[int],
-               token: tuple[int, int] | None = None) -> SimilarityMaps:
+def similarity(
+    model: AdaptedModel, images: ImageBatch, layers: list[int], token: tuple[int, int] | None = None
+) -> SimilarityMaps:
     """`similarity_maps` of an SA²VP model; ArtifactError for another method, a bad layer or token."""
     if not is_sa2vp(model):
-        raise ArtifactError("similarity maps are SA²VP's (its prompt pathway against the image's); this model has "
-                            "no prompt pathway — its CAM and t-SNE figures work for every method")
+        raise ArtifactError(
+            "similarity maps are SA²VP's (its prompt pathway against the image's); this model has "
+            "no prompt pathway — its CAM and t-SNE figures work for every method"
+        )
     try:
         check_layers(layers, model.num_layers)
         if token is not None:
@@ -222,8 +230,9 @@ def class_activation_maps(model: AdaptedModel, images: torch.Tensor) -> ClassAct
         cam = LayerGradCam(forward, layer).attribute(images, target=predicted, relu_attributions=True)
     cam = cam.detach()[:, 0].float()
     peak = cam.flatten(1).amax(dim=1).clamp_min(torch.finfo(cam.dtype).tiny)
-    return ClassActivation(cam / peak[:, None, None], predicted.tolist(),
-                           probabilities.gather(1, predicted[:, None])[:, 0].tolist())
+    return ClassActivation(
+        cam / peak[:, None, None], predicted.tolist(), probabilities.gather(1, predicted[:, None])[:, 0].tolist()
+    )
 
 
 def pooled_features(model: AdaptedModel, batches: Iterable[torch.Tensor]) -> np.ndarray:
@@ -245,12 +254,18 @@ def split_features(loaded: LoadedArtifact, split: str, points: int = DEFAULT_POI
     dataset = _split_dataset(loaded, split)
     indices = spread_by_class(dataset.targets, points)
     size = loaded.settings.train.eval_batch_size
-    batches = (torch.stack([dataset[i][0] for i in indices[start:start + size]])
-               for start in range(0, len(indices), size))
+    batches = (
+        torch.stack([dataset[i][0] for i in indices[start : start + size]]) for start in range(0, len(indices), size)
+    )
     features = pooled_features(loaded.model, batches)
     name = loaded.record.dataset.name or "dataset"
-    return TsnePanel(method_label(loaded), f"{name} {split}, {len(indices)} images", features,
-                     [dataset.targets[i] for i in indices], loaded.classes)
+    return TsnePanel(
+        method_label(loaded),
+        f"{name} {split}, {len(indices)} images",
+        features,
+        [dataset.targets[i] for i in indices],
+        loaded.classes,
+    )
 
 
 def tsne_points(features: np.ndarray, seed: int) -> np.ndarray:
@@ -264,11 +279,13 @@ def tsne_points(features: np.ndarray, seed: int) -> np.ndarray:
         raise ArtifactError(f"t-SNE needs at least 3 images, got {count}")
     perplexity = min(30.0, (count - 1) / 3)
     with threadpool_limits(limits=1):
-        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed,
-                    n_jobs=1).fit_transform(features.astype(np.float64))
+        return TSNE(n_components=2, perplexity=perplexity, init="pca", random_state=seed, n_jobs=1).fit_transform(
+            features.astype(np.float64)
+        )
 
 
 # --- figures --------------------------------------------------------------------------------------------------
+
 
 def method_label(loaded: LoadedArtifact) -> str:
     """The method as the paper's figures name it; SA²VP with its window (the global variant is Tab. 5's)."""
@@ -285,28 +302,52 @@ def _imshow(axes: Any, picture: np.ndarray) -> None:
     axes.set_yticks([])
 
 
-def _overlay(axes: Any, picture: np.ndarray, values: np.ndarray, cmap: str, limits: tuple[float, float],
-             alpha: float | np.ndarray) -> Any:
+def _overlay(
+    axes: Any,
+    picture: np.ndarray,
+    values: np.ndarray,
+    cmap: str,
+    limits: tuple[float, float],
+    alpha: float | np.ndarray,
+) -> Any:
     """`picture` in grey under a token grid of `values`, each token a cell over the pixels it covers."""
     height, width = picture.shape[:2]
     _imshow(axes, picture.mean(axis=2, keepdims=True).repeat(3, axis=2))
     # imshow puts pixel centres on integers: the image spans −0.5 … size − 0.5, and so must the grid.
-    return axes.imshow(values, cmap=cmap, vmin=limits[0], vmax=limits[1], alpha=alpha, interpolation="nearest",
-                       extent=(-0.5, width - 0.5, height - 0.5, -0.5))
+    return axes.imshow(
+        values,
+        cmap=cmap,
+        vmin=limits[0],
+        vmax=limits[1],
+        alpha=alpha,
+        interpolation="nearest",
+        extent=(-0.5, width - 0.5, height - 0.5, -0.5),
+    )
 
 
-def _mark_cell(axes: Any, row: int, column: int, grid: tuple[int, int], size: tuple[int, int], colour: str,
-               style: str = "-") -> None:
+def _mark_cell(
+    axes: Any, row: int, column: int, grid: tuple[int, int], size: tuple[int, int], colour: str, style: str = "-"
+) -> None:
     """Outline one token's cell of `grid` on an image of `size` (H, W) pixels."""
     from matplotlib.patches import Rectangle
 
     cell_h, cell_w = size[0] / grid[0], size[1] / grid[1]
-    axes.add_patch(Rectangle((column * cell_w - 0.5, row * cell_h - 0.5), cell_w, cell_h, fill=False,
-                             edgecolor=colour, linewidth=2.0, linestyle=style))
+    axes.add_patch(
+        Rectangle(
+            (column * cell_w - 0.5, row * cell_h - 0.5),
+            cell_w,
+            cell_h,
+            fill=False,
+            edgecolor=colour,
+            linewidth=2.0,
+            linestyle=style,
+        )
+    )
 
 
-def _caption(labels: list[int | None], names: list[str], classes: list[str], index: int,
-             predicted: list[int] | None = None) -> str:
+def _caption(
+    labels: list[int | None], names: list[str], classes: list[str], index: int, predicted: list[int] | None = None
+) -> str:
     true = labels[index]
     parts = [names[index] if true is None else f"true {classes[true]}"]
     if predicted is not None:
@@ -322,13 +363,15 @@ def _title(figure: Any, title: str, note: str) -> None:
     figure.suptitle(title + "\n" + textwrap.fill(note, width), fontsize=9)
 
 
-def similarity_figure(maps: SimilarityMaps, batch: ImageBatch, pictures: np.ndarray, classes: list[str],
-                      title: str, token_note: str) -> Any:
+def similarity_figure(
+    maps: SimilarityMaps, batch: ImageBatch, pictures: np.ndarray, classes: list[str], title: str, token_note: str
+) -> Any:
     """One row per image: the image with its chosen token outlined, then the similarity map at each layer (the
     token outlined in red, the map's peak dashed in white). One colour scale, cosine −1…1, for every panel."""
     rows, columns = len(pictures), 1 + len(maps.layers)
-    figure, grid = plt.subplots(rows, columns, figsize=(PANEL * columns + 1.2, PANEL * rows + 1.0), squeeze=False,
-                                layout="constrained")
+    figure, grid = plt.subplots(
+        rows, columns, figsize=(PANEL * columns + 1.2, PANEL * rows + 1.0), squeeze=False, layout="constrained"
+    )
     size = pictures.shape[1:3]
     image = None
     for r in range(rows):
@@ -347,25 +390,31 @@ def similarity_figure(maps: SimilarityMaps, batch: ImageBatch, pictures: np.ndar
     for axes in grid.flat:
         axes.set_label("panel")
     figure.colorbar(image, ax=grid, shrink=min(0.6, 3.0 / rows), label="cosine similarity")
-    _title(figure, title, f"Each map: the cosine similarity between one image token of the base pathway (red: "
-                          f"{token_note}) and every token of the prompt pathway after that layer; white dashes: the "
-                          "most similar prompt token. A map that peaks at and around the red token shows spatial alignment "
-                          "(paper Fig. 5; compare the global variant).")
+    _title(
+        figure,
+        title,
+        f"Each map: the cosine similarity between one image token of the base pathway (red: "
+        f"{token_note}) and every token of the prompt pathway after that layer; white dashes: the "
+        "most similar prompt token. A map that peaks at and around the red token shows spatial alignment "
+        "(paper Fig. 5; compare the global variant).",
+    )
     return figure
 
 
-def cam_figure(cam: ClassActivation, batch: ImageBatch, pictures: np.ndarray, classes: list[str],
-               title: str) -> Any:
+def cam_figure(cam: ClassActivation, batch: ImageBatch, pictures: np.ndarray, classes: list[str], title: str) -> Any:
     """Two rows: the images (true and predicted class, its probability) and their Grad-CAM of the predicted
     class, the colour more opaque where the map is higher."""
     columns = len(pictures)
-    figure, grid = plt.subplots(2, columns, figsize=(PANEL * columns + 1.2, 2 * PANEL + 1.2), squeeze=False,
-                                layout="constrained")
+    figure, grid = plt.subplots(
+        2, columns, figsize=(PANEL * columns + 1.2, 2 * PANEL + 1.2), squeeze=False, layout="constrained"
+    )
     image = None
     for c in range(columns):
         _imshow(grid[0, c], pictures[c])
-        grid[0, c].set_title(_caption(batch.labels, batch.names, classes, c, cam.predicted)
-                             + f"\np = {cam.confidence[c]:.2f}", fontsize=8)
+        grid[0, c].set_title(
+            _caption(batch.labels, batch.names, classes, c, cam.predicted) + f"\np = {cam.confidence[c]:.2f}",
+            fontsize=8,
+        )
         values = cam.maps[c].cpu().numpy()
         image = _overlay(grid[1, c], pictures[c], values, "inferno", (0.0, 1.0), 0.25 + 0.65 * values)
     grid[0, 0].set_ylabel("image", fontsize=9)
@@ -373,8 +422,12 @@ def cam_figure(cam: ClassActivation, batch: ImageBatch, pictures: np.ndarray, cl
     for axes in grid.flat:
         axes.set_label("panel")
     figure.colorbar(image, ax=grid[1, :], shrink=0.9, label="share of the peak")
-    _title(figure, title, "Grad-CAM of the predicted class on the last layer's token grid: where the evidence for "
-                          "it lies (each image scaled to its own peak).")
+    _title(
+        figure,
+        title,
+        "Grad-CAM of the predicted class on the last layer's token grid: where the evidence for "
+        "it lies (each image scaled to its own peak).",
+    )
     return figure
 
 
@@ -389,8 +442,7 @@ class TsnePanel:
 
 def tsne_figure(panels: Sequence[TsnePanel], seed: int) -> Any:
     """Fig. 3: one t-SNE map per artifact, points coloured by true class (a legend for up to 20 classes)."""
-    figure, grid = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.6), squeeze=False,
-                                layout="constrained")
+    figure, grid = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5.6), squeeze=False, layout="constrained")
     for axes, panel in zip(grid[0], panels, strict=True):
         points = tsne_points(panel.features, seed)
         labels = np.asarray(panel.labels)
@@ -401,18 +453,30 @@ def tsne_figure(panels: Sequence[TsnePanel], seed: int) -> Any:
                 colour = cmap(index if len(panel.classes) <= 20 else index / max(1, len(panel.classes) - 1))
                 axes.scatter(points[chosen, 0], points[chosen, 1], s=9, color=colour, label=name, linewidths=0)
         if len(panel.classes) <= 20:
-            axes.legend(fontsize=7, markerscale=1.8, loc="center left", bbox_to_anchor=(1.0, 0.5),
-                        ncols=2 if len(panel.classes) > 10 else 1, title="class", title_fontsize=7, frameon=False)
+            axes.legend(
+                fontsize=7,
+                markerscale=1.8,
+                loc="center left",
+                bbox_to_anchor=(1.0, 0.5),
+                ncols=2 if len(panel.classes) > 10 else 1,
+                title="class",
+                title_fontsize=7,
+                frameon=False,
+            )
         axes.set_xticks([])
         axes.set_yticks([])
         axes.set_title(f"{panel.title}\n{panel.subtitle}", fontsize=10)
         axes.set_label("panel")
-    _title(figure, "t-SNE of the pooled last-layer features", "what the head reads; one point per image, coloured "
-                                                              "by its true class")
+    _title(
+        figure,
+        "t-SNE of the pooled last-layer features",
+        "what the head reads; one point per image, coloured by its true class",
+    )
     return figure
 
 
 # --- one artifact, end to end --------------------------------------------------------------------------------
+
 
 @dataclass
 class Explanation:
@@ -420,9 +484,16 @@ class Explanation:
     notes: list[str] = field(default_factory=list)  # what was left out, and why
 
 
-def explain(loaded: LoadedArtifact, batch: ImageBatch, layers: list[int] | None = None,
-            token: tuple[int, int] | None = None, split: str = "test", points: int = DEFAULT_POINTS,
-            seed: int | None = None, similarity_required: bool = False) -> Explanation:
+def explain(
+    loaded: LoadedArtifact,
+    batch: ImageBatch,
+    layers: list[int] | None = None,
+    token: tuple[int, int] | None = None,
+    split: str = "test",
+    points: int = DEFAULT_POINTS,
+    seed: int | None = None,
+    similarity_required: bool = False,
+) -> Explanation:
     """Every figure of one artifact: similarity maps (SA²VP; else skipped with a note, or an ArtifactError when
     `similarity_required`), Grad-CAM of `batch`, and the t-SNE map of `split` (None: no t-SNE)."""
     model, result = loaded.model.eval(), Explanation()
@@ -432,16 +503,24 @@ def explain(loaded: LoadedArtifact, batch: ImageBatch, layers: list[int] | None 
     if is_sa2vp(model):
         chosen = layers if layers is not None else default_layers(model.num_layers)
         maps = similarity(model, batch, chosen, token)
-        where = f"the token at row {token[0]}, column {token[1]}" if token is not None else (
-            "the patch the CLS token attends to most in the last layer" if isinstance(model, SA2VPViT)
-            else "where the predicted class's CAM peaks")
+        where = (
+            f"the token at row {token[0]}, column {token[1]}"
+            if token is not None
+            else (
+                "the patch the CLS token attends to most in the last layer"
+                if isinstance(model, SA2VPViT)
+                else "where the predicted class's CAM peaks"
+            )
+        )
         result.figures["similarity.png"] = similarity_figure(
-            maps, batch, pictures, loaded.classes, f"{label}: prompt tokens against an image token", where)
+            maps, batch, pictures, loaded.classes, f"{label}: prompt tokens against an image token", where
+        )
     elif similarity_required:
         similarity(model, batch, layers or [0], token)  # raises: not SA²VP
     else:
-        result.notes.append(f"similarity maps skipped: a {loaded.settings.model.method} model has no prompt "
-                            "pathway (they are SA²VP's)")
+        result.notes.append(
+            f"similarity maps skipped: a {loaded.settings.model.method} model has no prompt pathway (they are SA²VP's)"
+        )
     cam = class_activation_maps(model, batch.tensors)
     result.figures["cam.png"] = cam_figure(cam, batch, pictures, loaded.classes, f"{label}: where it looks")
     if split is not None:
@@ -472,8 +551,10 @@ def log_figures(record: ArtifactRecord, files: Sequence[Path], tracking_uri: str
         for path in files:
             run.log_file(path, FIGURES_PATH)
     except FileNotFoundError as exc:  # MLflow would have created an empty store there
-        return (f"not logged to MLflow: {source} {given!r} names {exc.filename}, which does not "
-                "exist (run from the project folder, or pass --tracking-uri)")
+        return (
+            f"not logged to MLflow: {source} {given!r} names {exc.filename}, which does not "
+            "exist (run from the project folder, or pass --tracking-uri)"
+        )
     except (MlflowException, OSError) as exc:
         return f"not logged to MLflow: run {run_id} in {given!r} ({source}): {one_line(exc)}"
     return f"logged to MLflow run {run_id} in {given}, under {FIGURES_PATH}/"

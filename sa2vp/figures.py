@@ -11,12 +11,12 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after choosing the headless backend)
-import numpy as np  # noqa: E402
-from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
 
-from sa2vp.atomic import atomic_path  # noqa: E402
-from sa2vp.tracking import SHORT_NAMES  # noqa: E402
+from sa2vp.atomic import atomic_path
+from sa2vp.tracking import SHORT_NAMES
 
 log = logging.getLogger("sa2vp.figures")
 
@@ -35,8 +35,15 @@ def confusion_figure(confusion: Any, classes: Iterable[str], title: str) -> Any:
     if len(names) <= 20:
         for (row, col), value in np.ndenumerate(confusion):
             if value:
-                axes.text(col, row, str(value), ha="center", va="center", fontsize=7,
-                          color="white" if value > confusion.max() / 2 else "black")
+                axes.text(
+                    col,
+                    row,
+                    str(value),
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if value > confusion.max() / 2 else "black",
+                )
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
     axes.set_title(title)
@@ -55,15 +62,16 @@ def save_figure(figure: Any, path: Path) -> Path:
 # --- tuning -----------------------------------------------------------------------------------------------
 
 
-
 def tuning_figures(study: Any, space: Mapping[str, Any]) -> dict[str, Any]:
     """A study's figures by file name: the optimisation history, the parameter importances and a map of the
     trials over two searched settings (γ and the window c where both are searched). A figure the trials
     cannot make yet (too few completed, nothing varies) is left out, with a log line saying why."""
     names = [key for key in ("model.gamma", "model.window") if key in space]
     pair = names if len(names) == 2 else list(space)[:2]
-    makers = {"optimization_history.png": lambda: history_figure(study),
-              "param_importances.png": lambda: importance_figure(study)}
+    makers = {
+        "optimization_history.png": lambda: history_figure(study),
+        "param_importances.png": lambda: importance_figure(study),
+    }
     if len(pair) == 2:
         name = "pair_" + "_".join(key.rsplit(".", 1)[-1] for key in pair) + ".png"
         makers[name] = lambda: pair_figure(study, pair[0], pair[1], space)
@@ -108,8 +116,13 @@ def history_figure(study: Any) -> Any:
     values = [100 * t.value for t in completed]
     axes.plot(numbers, values, "o", color="tab:blue", label="completed trial")
     if pruned:
-        axes.plot([t.number for t in pruned], [100 * _pruned_value(t) for t in pruned], "x", color="tab:gray",
-                  label="pruned (last epoch)")
+        axes.plot(
+            [t.number for t in pruned],
+            [100 * _pruned_value(t) for t in pruned],
+            "x",
+            color="tab:gray",
+            label="pruned (last epoch)",
+        )
     axes.step(numbers, np.maximum.accumulate(values), where="post", color="tab:red", label="best so far")
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     low, high = min(t.number for t in study.trials), max(t.number for t in study.trials)
@@ -156,21 +169,49 @@ def pair_figure(study: Any, x: str, y: str, space: Mapping[str, Any]) -> Any:
     if not done:
         raise ValueError(f"no completed trial tried both {x} and {y}")
     figure, axes = plt.subplots(figsize=(8, 6))
-    positions = {key: _axis(axes, key, space.get(key), [t.params[key] for t in tried], horizontal=key == x)
-                 for key in (x, y)}
-    points = axes.scatter([positions[x](t.params[x]) for t in done], [positions[y](t.params[y]) for t in done],
-                          c=[100 * t.value for t in done], cmap="viridis", s=80, edgecolors="black", zorder=3)
+    positions = {
+        key: _axis(axes, key, space.get(key), [t.params[key] for t in tried], horizontal=key == x) for key in (x, y)
+    }
+    points = axes.scatter(
+        [positions[x](t.params[x]) for t in done],
+        [positions[y](t.params[y]) for t in done],
+        c=[100 * t.value for t in done],
+        cmap="viridis",
+        s=80,
+        edgecolors="black",
+        zorder=3,
+    )
     figure.colorbar(points, ax=axes, label="validation top-1 (%)")
     left = [t for t in tried if t.number not in numbers]
     if left:
-        axes.scatter([positions[x](t.params[x]) for t in left], [positions[y](t.params[y]) for t in left],
-                     marker="x", color="tab:gray", label="pruned", zorder=2)
+        axes.scatter(
+            [positions[x](t.params[x]) for t in left],
+            [positions[y](t.params[y]) for t in left],
+            marker="x",
+            color="tab:gray",
+            label="pruned",
+            zorder=2,
+        )
     best = max(done, key=lambda t: t.value)
-    axes.scatter([positions[x](best.params[x])], [positions[y](best.params[y])], marker="*", s=400,
-                 facecolors="none", edgecolors="tab:red", linewidths=2, label=f"best (trial {best.number})", zorder=4)
+    axes.scatter(
+        [positions[x](best.params[x])],
+        [positions[y](best.params[y])],
+        marker="*",
+        s=400,
+        facecolors="none",
+        edgecolors="tab:red",
+        linewidths=2,
+        label=f"best (trial {best.number})",
+        zorder=4,
+    )
     for trial in tried:
-        axes.annotate(str(trial.number), (positions[x](trial.params[x]), positions[y](trial.params[y])),
-                      textcoords="offset points", xytext=(6, 6), fontsize=8)
+        axes.annotate(
+            str(trial.number),
+            (positions[x](trial.params[x]), positions[y](trial.params[y])),
+            textcoords="offset points",
+            xytext=(6, 6),
+            fontsize=8,
+        )
     axes.set_xlabel(_label(x))
     axes.set_ylabel(_label(y))
     axes.set_title(f"trials by {_short(x)} and {_short(y)}\n{study.study_name}", fontsize=11)
@@ -184,7 +225,8 @@ def _axis(axes: Any, key: str, dimension: Any, values: list[Any], horizontal: bo
     """Set up one axis for `key`'s tried `values`; returns value → coordinate. Discrete settings (choices,
     integer ranges, any non-float value) get one tick per tried value and nothing between them."""
     discrete = getattr(dimension, "type", None) in ("choice", "int") or not all(
-        isinstance(value, float) for value in values)
+        isinstance(value, float) for value in values
+    )
     if discrete:
         order = sorted(set(values), key=lambda value: (isinstance(value, str), value))
         index = {value: position for position, value in enumerate(order)}

@@ -85,8 +85,13 @@ def render_images(task: GlyphTask, labels: np.ndarray, size: int, rng: np.random
     # one pixel is 2 / size). The ranges cover thin sharp pen strokes to thick strokes blurred by upscaling.
     half_width, softness, ink, background, noise = (
         torch.from_numpy(values).float().view(-1, 1, 1)
-        for values in (rng.uniform(0.08, 0.24, count), rng.uniform(0.04, 0.2, count), rng.uniform(0.6, 1.0, count),
-                       rng.uniform(0.0, 0.1, count) * rng.random(count), rng.uniform(0.0, 0.06, count))
+        for values in (
+            rng.uniform(0.08, 0.24, count),
+            rng.uniform(0.04, 0.2, count),
+            rng.uniform(0.6, 1.0, count),
+            rng.uniform(0.0, 0.1, count) * rng.random(count),
+            rng.uniform(0.0, 0.06, count),
+        )
     )
     grain = torch.from_numpy(rng.standard_normal((count, size, size))).float()
     images = torch.empty(count, size, size)
@@ -283,8 +288,14 @@ def _build(settings: BackboneSettings, num_classes: int, patch_drop: float) -> n
         raise BackboneError(f"backbone: cannot build {settings.name!r} with {kwargs}: {exc}") from exc
 
 
-def _train(model: nn.Module, task: GlyphTask, config: PretrainSettings,
-           to_input: Callable[[torch.Tensor], torch.Tensor], size: int, progress: Progress) -> None:
+def _train(
+    model: nn.Module,
+    task: GlyphTask,
+    config: PretrainSettings,
+    to_input: Callable[[torch.Tensor], torch.Tensor],
+    size: int,
+    progress: Progress,
+) -> None:
     per_epoch = task.num_classes * config.images_per_class
     steps_per_epoch = math.ceil(per_epoch / config.batch_size)
     total = config.epochs * steps_per_epoch
@@ -308,8 +319,9 @@ def _train(model: nn.Module, task: GlyphTask, config: PretrainSettings,
                 advance(1)
 
 
-def _epoch(task: GlyphTask, config: PretrainSettings, size: int,
-           epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def _epoch(
+    task: GlyphTask, config: PretrainSettings, size: int, epoch: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One epoch of class-balanced batches, rendered batch by batch: every epoch sees new renderings (the
     source task is unlimited, like a large pretraining set) and memory stays that of one batch."""
     rng = _rng(config.seed, _TRAIN, epoch)

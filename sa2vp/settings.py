@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic_core import to_jsonable_python
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import to_jsonable_python
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 log = logging.getLogger(__name__)
@@ -62,17 +62,18 @@ class PretrainSettings(_Section):
     cooldown: float = Field(
         0.3, gt=0.0, le=1.0, description="Fraction of the steps, at the end, over which `lr` decays linearly to 0."
     )
-    label_smoothing: float = Field(
-        0.1, ge=0.0, lt=1.0, description="Label smoothing of the source-task cross-entropy."
-    )
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="Label smoothing of the source-task cross-entropy.")
     patch_drop: float = Field(
-        0.5, ge=0.0, lt=1.0,
+        0.5,
+        ge=0.0,
+        lt=1.0,
         description="Fraction of patch tokens dropped at random from each image while pretraining (timm's "
         "patch_drop_rate; ViTs only, 0 for other architectures): about halves a step's cost for as much learnt "
         "per step. The materialised backbone keeps every token.",
     )
     threads: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="CPU threads of torch while pretraining (restored afterwards); default: torch's own (the core "
         "count). A fixed count makes the weights independent of the machine's cores (float sums depend on how "
         "work is split), and 1 keeps a long run on a small shared machine from stalling: two multi-threaded "
@@ -99,8 +100,9 @@ class BackboneSettings(_Section):
         "or a path to a weights file (.safetensors, or Google's original .npz).",
     )
     img_size: int | None = Field(
-        None, ge=8, description="Input resolution; default: the pretrained configuration's. Belongs to `name` "
-        "(see model_kwargs).",
+        None,
+        ge=8,
+        description="Input resolution; default: the pretrained configuration's. Belongs to `name` (see model_kwargs).",
     )
     model_kwargs: dict[str, Any] = Field(
         default_factory=dict,
@@ -127,13 +129,17 @@ class BackboneSettings(_Section):
         "Pins the exact weights an experiment was run on (the offline default pins its committed backbone).",
     )
     dropout: float | None = Field(
-        None, ge=0.0, lt=1.0,
+        None,
+        ge=0.0,
+        lt=1.0,
         description="Dropout of the backbone's own layers, active only while the backbone is in training mode "
         "(model.backbone_dropout): ViT — on the embeddings of every pathway and after both layers of every MLP "
         "(attention dropout stays 0). Default: the release's, 0.1 for ViT, 0 for Swin.",
     )
     drop_path: float | None = Field(
-        None, ge=0.0, lt=1.0,
+        None,
+        ge=0.0,
+        lt=1.0,
         description="Stochastic depth of the backbone's blocks, rising linearly to this rate over the blocks, "
         "active only while the backbone is in training mode (model.backbone_dropout). Default: the release's, "
         "0.2 for Swin, 0 for ViT.",
@@ -150,8 +156,10 @@ class VPTSettings(_Section):
     """Visual prompt tuning (Jia et al. 2022), methods `vpt-shallow` and `vpt-deep`."""
 
     tokens: int = Field(
-        10, ge=1, description="p: learned prompt tokens inserted after the class (and register) tokens; vpt-deep "
-        "learns a new set of p for every layer."
+        10,
+        ge=1,
+        description="p: learned prompt tokens inserted after the class (and register) tokens; vpt-deep "
+        "learns a new set of p for every layer.",
     )
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout on the prompt tokens (training only; VPT: 0.1).")
 
@@ -163,7 +171,8 @@ class LoRASettings(_Section):
     alpha: float = Field(8.0, gt=0.0, description="α: the update is scaled by α / r.")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA branch's input (training only).")
     targets: list[str] = Field(
-        default_factory=lambda: ["qkv"], min_length=1,
+        default_factory=lambda: ["qkv"],
+        min_length=1,
         description="Names (last part of the module path) of the backbone's nn.Linear layers to adapt: `qkv` is "
         "timm's fused attention input projection (ViT and Swin); `proj`, `fc1`, `fc2` are the others.",
     )
@@ -228,7 +237,9 @@ class SA2VPSettings(_Section):
         "clip", description="Window positions outside the grid: `clip` (dropped) or `zero` (zero keys)."
     )
     dropout: float = Field(
-        0.1, ge=0.0, lt=1.0,
+        0.1,
+        ge=0.0,
+        lt=1.0,
         description="Dropout of SA²VP's own layers in training: on the cross attention's output, and inside every "
         "adapter after the activation and after W_up (release: 0.1).",
     )
@@ -319,9 +330,7 @@ class DataSettings(_Section):
     val_fraction: float = Field(
         0.1, gt=0.0, lt=1.0, description="hta and holdout: fraction of each class held out for validation."
     )
-    test_fraction: float = Field(
-        0.2, gt=0.0, lt=1.0, description="holdout: fraction of each class held out for test."
-    )
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0, description="holdout: fraction of each class held out for test.")
     transform: Literal["vtab", "fgvc"] | None = Field(
         None,
         description="`vtab`: resize to the input size, no augmentation; `fgvc`: resize to 256/224 of it, then "
@@ -336,7 +345,9 @@ class DataSettings(_Section):
         True, description="Check downloaded and in-place files against the publishers' checksums where known."
     )
     render_size: int = Field(
-        224, ge=8, description="digits, shapes-count, shapes-loc: side in pixels of the images written by prepare "
+        224,
+        ge=8,
+        description="digits, shapes-count, shapes-loc: side in pixels of the images written by prepare "
         "(the backbone's input size).",
     )
 
@@ -377,7 +388,8 @@ class TrainSettings(_Section):
         "AMD, where MKL keeps its own code (benchmarks/CPU_REPRODUCIBILITY.md). No effect on a GPU.",
     )
     cpu_threads: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="Threads torch computes with on the CPU. Unset: one per core under `native`, 2 under `portable` "
         "(whose bytes depend on the count, so every machine must use the same one).",
     )
@@ -479,8 +491,9 @@ class TuneSettings(_Section):
     )
     study_name: str | None = Field(None, description="Default: <dataset>-<method>-<backbone>.")
     enqueue_defaults: bool = Field(
-        True, description="Start a new study with each searched setting at its start as the first trial (tuning "
-        "never ends below the settings as given)."
+        True,
+        description="Start a new study with each searched setting at its start as the first trial (tuning "
+        "never ends below the settings as given).",
     )
     output: Path = Field(Path("runs/tune"), description="Folder for best.yaml and the trials' temporary files.")
 
@@ -517,8 +530,10 @@ def space_entries(space: Mapping[str, Any] | None) -> dict[str, dict[str, Any] |
                 entries[key] = None
             elif not isinstance(entry, Mapping) or not set(entry) <= set(SPACE_FIELDS):
                 extra = sorted(set(entry) - set(SPACE_FIELDS)) if isinstance(entry, Mapping) else entry
-                raise ValueError(f"{key}: {extra!r} is not a field of a search dimension; expected a mapping of "
-                                 f"{', '.join(SPACE_FIELDS)}, or null (not searched)")
+                raise ValueError(
+                    f"{key}: {extra!r} is not a field of a search dimension; expected a mapping of "
+                    f"{', '.join(SPACE_FIELDS)}, or null (not searched)"
+                )
             else:
                 entries[key] = dict(entry)
 
@@ -538,7 +553,8 @@ class TrackingSettings(_Section):
     run_name: str | None = Field(None, description="Name of the run; default: dataset, method and backbone.")
     enabled: bool = Field(True, description="Log to MLflow at all (false: files only).")
     log_model: bool = Field(
-        True, description="Also log the trained model as an MLflow model (pyfunc, `runs:/<run id>/classifier`: "
+        True,
+        description="Also log the trained model as an MLflow model (pyfunc, `runs:/<run id>/classifier`: "
         "the Models tab, the registry, `mlflow models serve`); about a second per run.",
     )
 
@@ -554,12 +570,14 @@ class SuiteSettings(_Section):
         "settings in `overrides` (an ablation such as `global: {model.window: global}`).",
     )
     seeds: list[int] = Field(
-        default_factory=lambda: [42], min_length=1,
+        default_factory=lambda: [42],
+        min_length=1,
         description="train.seed of the final runs; the report gives mean ± std over them.",
     )
     tune: bool = Field(
-        True, description="Tune each cell on its validation split first (the protocol); false: train with the "
-        "settings as given (each method's defaults)."
+        True,
+        description="Tune each cell on its validation split first (the protocol); false: train with the "
+        "settings as given (each method's defaults).",
     )
     overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
@@ -585,8 +603,10 @@ class SuiteSettings(_Section):
         methods = set(get_args(SA2VPSettings.model_fields["method"].annotation))
         unknown = [v for v in self.variants if v not in methods and v not in self.overrides]
         if unknown:
-            raise ValueError(f"variants {unknown}: each must be a method ({', '.join(sorted(methods))}) or have "
-                             "settings under suite.overrides")
+            raise ValueError(
+                f"variants {unknown}: each must be a method ({', '.join(sorted(methods))}) or have "
+                "settings under suite.overrides"
+            )
         return self
 
 
@@ -668,8 +688,9 @@ def read_overrides(path: Path) -> dict[str, Any]:
     data = read_params(path)
     overrides = data.get("settings", data)
     if not isinstance(overrides, dict) or not all(isinstance(k, str) and "." in k for k in overrides):
-        raise SettingsError(f"{path}: expected a mapping of dotted settings (model.gamma: 0.5), optionally under "
-                            "`settings:`")
+        raise SettingsError(
+            f"{path}: expected a mapping of dotted settings (model.gamma: 0.5), optionally under `settings:`"
+        )
     return dict(overrides)
 
 
@@ -710,8 +731,12 @@ ARCHITECTURE_KEYS = ("model_kwargs", "img_size")
 FILE_KEYS = ("weights", "sha256")
 
 
-def _keys_of_another_backbone(params: Path | str | None, overrides: Mapping[str, Any],
-                              origins: Mapping[str, Origin], environment: Mapping[str, str]) -> frozenset[str]:
+def _keys_of_another_backbone(
+    params: Path | str | None,
+    overrides: Mapping[str, Any],
+    origins: Mapping[str, Origin],
+    environment: Mapping[str, str],
+) -> frozenset[str]:
     """The params file's backbone settings (dotted) to leave out because an override or SA2VP_* variable gives
     another backbone.name: ARCHITECTURE_KEYS unless it gives one of them, FILE_KEYS unless it gives them (a
     weights of `hub` or `random` is no file: it stays). Logs a notice naming them."""
@@ -730,13 +755,25 @@ def _keys_of_another_backbone(params: Path | str | None, overrides: Mapping[str,
         return frozenset()
     given = {*overrides, *environment}
     architecture_given = any(f"backbone.{key}" in given for key in ARCHITECTURE_KEYS)
-    bound = [key for key in (*ARCHITECTURE_KEYS, *FILE_KEYS) if key in section and f"backbone.{key}" not in given
-             and not (key in ARCHITECTURE_KEYS and architecture_given)
-             and not (key == "weights" and section[key] in ("hub", "random"))]
+    bound = [
+        key
+        for key in (*ARCHITECTURE_KEYS, *FILE_KEYS)
+        if key in section
+        and f"backbone.{key}" not in given
+        and not (key in ARCHITECTURE_KEYS and architecture_given)
+        and not (key == "weights" and section[key] in ("hub", "random"))
+    ]
     if bound:
-        log.info("backbone.name=%s (%s) replaces %s's %s: its %s, written for that backbone, are left out (now: "
-                 "the defaults%s); give them as overrides too to keep them", new, origin, params, old,
-                 ", ".join(f"backbone.{key}" for key in bound), ", hub weights" if "weights" in bound else "")
+        log.info(
+            "backbone.name=%s (%s) replaces %s's %s: its %s, written for that backbone, are left out (now: "
+            "the defaults%s); give them as overrides too to keep them",
+            new,
+            origin,
+            params,
+            old,
+            ", ".join(f"backbone.{key}" for key in bound),
+            ", hub weights" if "weights" in bound else "",
+        )
     return frozenset(f"backbone.{key}" for key in bound)
 
 
@@ -745,8 +782,11 @@ def environment_settings(environ: Mapping[str, str] | None = None) -> dict[str, 
 
     Matched without regard to case, as pydantic-settings reads them."""
     environ = os.environ if environ is None else environ
-    return {name[len(ENV_PREFIX):].lower().replace(ENV_DELIMITER, "."): name
-            for name in environ if name.upper().startswith(ENV_PREFIX)}
+    return {
+        name[len(ENV_PREFIX) :].lower().replace(ENV_DELIMITER, "."): name
+        for name in environ
+        if name.upper().startswith(ENV_PREFIX)
+    }
 
 
 @functools.cache
@@ -768,8 +808,10 @@ def _check_environment(environment: Mapping[str, str]) -> None:
     # pydantic-settings reads only the variables of known sections; a typo in the section would be ignored.
     for key, name in environment.items():
         if key.split(".", 1)[0] not in Settings.model_fields:
-            raise SettingsError(f"environment {name}: unknown setting {key}{did_you_mean(key)} "
-                                f"(SA2VP_* variables are settings: SA2VP_<SECTION>__<KEY>)")
+            raise SettingsError(
+                f"environment {name}: unknown setting {key}{did_you_mean(key)} "
+                f"(SA2VP_* variables are settings: SA2VP_<SECTION>__<KEY>)"
+            )
 
 
 @dataclass(frozen=True)
@@ -794,8 +836,11 @@ class _Sources:
             if _related(given, key):
                 shown = given if unknown and given.startswith(key + ".") else key
                 hint = did_you_mean(shown) if unknown else ""
-                return f"environment {name}: {message}{hint}" if shown == given else \
-                    f"environment {name}: {shown}: {message}{hint}"
+                return (
+                    f"environment {name}: {message}{hint}"
+                    if shown == given
+                    else f"environment {name}: {shown}: {message}{hint}"
+                )
         text = f"{key}: {message}{did_you_mean(key) if unknown else ''}"
         return f"{self.params}: {text}" if self.params is not None else text
 

@@ -54,13 +54,15 @@ def cell_settings(settings: Settings, dataset: str, variant: str) -> Settings:
         dotted["model.method"] = variant
     dotted.update(suite.overrides.get(variant, {}))
     folder = cell_dir(settings, dataset, variant)
-    dotted.update({
-        "data.dataset": dataset,
-        "tune.output": str(folder / "tune"),
-        "tune.study_name": f"{suite.name}-{_slug(dataset)}-{variant}",
-        "train.output": str(folder / "train"),
-        "tracking.run_name": None,
-    })
+    dotted.update(
+        {
+            "data.dataset": dataset,
+            "tune.output": str(folder / "tune"),
+            "tune.study_name": f"{suite.name}-{_slug(dataset)}-{variant}",
+            "train.output": str(folder / "train"),
+            "tracking.run_name": None,
+        }
+    )
     if "://" not in settings.tune.storage:  # a journal file per cell; a database URL is shared, by study name
         dotted["tune.storage"] = str(folder / "tune" / "optuna.journal")
     return load_settings(None, dotted)
@@ -127,15 +129,21 @@ def run_cell(settings: Settings, dataset: str, variant: str, progress: Progress 
     if settings.suite.tune and plan.space:
         result = tune(cell, progress, plan=plan)
         tuned, val_top1 = result.best_params, result.best_value
-    final = {**flatten_settings(cell), **tuned, "train.train_split": "trainval", "train.val_split": None,
-             "train.test_split": "test"}
+    final = {
+        **flatten_settings(cell),
+        **tuned,
+        "train.train_split": "trainval",
+        "train.val_split": None,
+        "train.test_split": "test",
+    }
     top1, mean_class, artifact = [], [], None
     pathways: dict[str, list[float]] = {}
     for seed in settings.suite.seeds:
         output = folder / f"seed-{seed}"
         run_settings = load_settings(None, {**final, "train.seed": seed, "train.output": str(output)})
-        trained = fit(run_settings, progress=progress,
-                      run_name=f"{settings.suite.name}/{_slug(dataset)}/{variant}/seed-{seed}")
+        trained = fit(
+            run_settings, progress=progress, run_name=f"{settings.suite.name}/{_slug(dataset)}/{variant}/seed-{seed}"
+        )
         assert trained.test is not None
         top1.append(trained.test.top1)
         mean_class.append(trained.test.mean_class)
@@ -148,10 +156,17 @@ def run_cell(settings: Settings, dataset: str, variant: str, progress: Progress 
     # The trained parameters are the same for every seed: the last artifact's record says how many.
     record = json.loads((artifact / "model.json").read_text(encoding="utf-8"))
     result = CellResult(
-        dataset=dataset, group=lookup(dataset).group, variant=variant, method=cell.model.method,
-        seeds=list(settings.suite.seeds), test_top1=top1, test_mean_class=mean_class,
+        dataset=dataset,
+        group=lookup(dataset).group,
+        variant=variant,
+        method=cell.model.method,
+        seeds=list(settings.suite.seeds),
+        test_top1=top1,
+        test_mean_class=mean_class,
         trainable_parameters=int(record["trainable"]["parameters"]),
-        trainable_percent=float(record["trainable"]["percent_of_backbone"]), tuned=tuned, val_top1=val_top1,
+        trainable_percent=float(record["trainable"]["percent_of_backbone"]),
+        tuned=tuned,
+        val_top1=val_top1,
         test_pathways_top1=pathways,
     )
     write_atomic(folder / RESULT_FILE, json.dumps(result.as_dict(), indent=2) + "\n")
@@ -172,8 +187,10 @@ def read_results(settings: Settings) -> list[CellResult]:
         for dataset in settings.suite.datasets:
             path = cell_dir(settings, dataset, variant) / RESULT_FILE
             if not path.is_file():
-                raise SettingsError(f"{path}: no result for {dataset} / {variant}; run `sa2vp suite run {dataset} "
-                                    f"{variant}` (or `dvc repro`) first")
+                raise SettingsError(
+                    f"{path}: no result for {dataset} / {variant}; run `sa2vp suite run {dataset} "
+                    f"{variant}` (or `dvc repro`) first"
+                )
             results.append(CellResult.read(path))
     return results
 
@@ -185,17 +202,29 @@ def write_report(settings: Settings) -> Report:
     results = read_results(settings)
     suite = settings.suite
     groups = list(dict.fromkeys(r.group for r in results))
-    rows = [_row(variant, [r for r in results if r.variant == variant], groups)
-            for variant in suite.variants]
+    rows = [_row(variant, [r for r in results if r.variant == variant], groups) for variant in suite.variants]
     folder = Path(suite.report)
     markdown = write_atomic(folder / "results.md", _markdown(settings, rows, groups))
     csv = write_atomic(folder / "results.csv", _csv(rows))
     run = start_run(settings.tracking, f"suite-{suite.name}", {"suite": suite.name})
-    run.log_params({"suite.name": suite.name, "suite.datasets": suite.datasets, "suite.variants": suite.variants,
-                    "suite.seeds": suite.seeds, "suite.tune": suite.tune, "backbone.name": settings.backbone.name})
+    run.log_params(
+        {
+            "suite.name": suite.name,
+            "suite.datasets": suite.datasets,
+            "suite.variants": suite.variants,
+            "suite.seeds": suite.seeds,
+            "suite.tune": suite.tune,
+            "backbone.name": settings.backbone.name,
+        }
+    )
     for row in rows:
-        run.log_metrics({f"{row['variant']}/{key}": value for key, value in row.items()
-                         if isinstance(value, float) and key != "params_percent"})
+        run.log_metrics(
+            {
+                f"{row['variant']}/{key}": value
+                for key, value in row.items()
+                if isinstance(value, float) and key != "params_percent"
+            }
+        )
     run.log_file(markdown)
     run.log_file(csv)
     run.log_figure(_figure(rows, groups), "suite/group_means.png")
@@ -224,13 +253,14 @@ def _row(variant: str, cells: list[CellResult], groups: list[str]) -> dict[str, 
 def _markdown(settings: Settings, rows: list[dict[str, Any]], groups: list[str]) -> str:
     suite = settings.suite
     seeds = len(suite.seeds)
+    seed_note = f"mean ± std over seeds {', '.join(map(str, suite.seeds))}" if seeds > 1 else f"seed {suite.seeds[0]}"
     columns = [*suite.datasets, *(f"{g} mean" for g in groups), "mean"]
     header = ["variant", "params %", *columns]
     lines = [
         f"# {suite.name}: test top-1 (%)",
         "",
         f"Backbone `{settings.backbone.name}`; {'tuned on each validation split, then ' if suite.tune else ''}"
-        f"trained on train+val; {'mean ± std over seeds ' + ', '.join(map(str, suite.seeds)) if seeds > 1 else 'seed ' + str(suite.seeds[0])}.",
+        f"trained on train+val; {seed_note}.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
@@ -245,9 +275,13 @@ def _markdown(settings: Settings, rows: list[dict[str, Any]], groups: list[str])
         lines.append("| " + " | ".join(cells) + " |")
     pathways = [row for row in rows if any(key.endswith(" pathway") for key in row)]
     if pathways:  # SA²VP's prompt pathway through the shared head: is it learning?
-        lines += ["", "Auxiliary pathways alone, test top-1 (%), mean over seeds (the prediction uses the base pathway):",
-                  "", "| variant | " + " | ".join(suite.datasets) + " |",
-                  "|---|" + "---:|" * len(suite.datasets)]
+        lines += [
+            "",
+            "Auxiliary pathways alone, test top-1 (%), mean over seeds (the prediction uses the base pathway):",
+            "",
+            "| variant | " + " | ".join(suite.datasets) + " |",
+            "|---|" + "---:|" * len(suite.datasets),
+        ]
         for row in pathways:
             names = sorted({key.split(" ", 1)[1] for key in row if key.endswith(" pathway")})
             for name in names:
@@ -303,12 +337,14 @@ def _tsne_of_variants(settings: Settings, folder: Path) -> Path | None:
     if not settings.suite.datasets:
         return None
     dataset, seed = settings.suite.datasets[0], settings.suite.seeds[0]
-    artifacts = {variant: cell_dir(settings, dataset, variant) / f"seed-{seed}" / "model"
-                 for variant in settings.suite.variants}
+    artifacts = {
+        variant: cell_dir(settings, dataset, variant) / f"seed-{seed}" / "model" for variant in settings.suite.variants
+    }
     present = {variant: path for variant, path in artifacts.items() if (path / "model.json").is_file()}
     if len(present) < len(artifacts):
-        log.info("t-SNE of %s: no artifact for %s (left out)", dataset,
-                 ", ".join(sorted(artifacts.keys() - present.keys())))
+        log.info(
+            "t-SNE of %s: no artifact for %s (left out)", dataset, ", ".join(sorted(artifacts.keys() - present.keys()))
+        )
     if not present:
         return None
     try:

@@ -92,7 +92,7 @@ class Run:
 
         items = [Param(key, _param_value(value)) for key, value in params.items()]
         for start in range(0, len(items), BATCH):
-            self.client.log_batch(self.run_id, params=items[start:start + BATCH])
+            self.client.log_batch(self.run_id, params=items[start : start + BATCH])
 
     @_logged
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
@@ -103,7 +103,7 @@ class Run:
         now = int(time.time() * 1000)
         items = [Metric(key, float(value), now, step or 0) for key, value in metrics.items()]
         for start in range(0, len(items), BATCH):
-            self.client.log_batch(self.run_id, metrics=items[start:start + BATCH])
+            self.client.log_batch(self.run_id, metrics=items[start : start + BATCH])
 
     @_logged
     def set_tags(self, tags: Mapping[str, Any]) -> None:
@@ -151,9 +151,11 @@ class Run:
             with self._in_store_folder():
                 log_model(self.client, self.run_id, local, {**source_tags(), **git_tags()})
         except (MlflowException, OSError) as exc:
-            raise TrackingError(f"tracking.uri={self.uri!r}: cannot log the MLflow model {MODEL_NAME!r} of run "
-                                f"{self.run_id} ({one_line(exc)}); the artifact itself is in {local}; set "
-                                "tracking.log_model=false to train without it") from exc
+            raise TrackingError(
+                f"tracking.uri={self.uri!r}: cannot log the MLflow model {MODEL_NAME!r} of run "
+                f"{self.run_id} ({one_line(exc)}); the artifact itself is in {local}; set "
+                "tracking.log_model=false to train without it"
+            ) from exc
 
     @_logged
     def log_inputs(self, manifest: Any, splits: Mapping[str, str | None]) -> None:
@@ -163,8 +165,9 @@ class Run:
         for role, split in splits.items():
             if split is not None:
                 roles.setdefault(split, []).append(role)  # one input per split, even if it has two roles
-        self.client.log_inputs(self.run_id, datasets=[_dataset_input(manifest, split, ",".join(names))
-                                                      for split, names in roles.items()])
+        self.client.log_inputs(
+            self.run_id, datasets=[_dataset_input(manifest, split, ",".join(names)) for split, names in roles.items()]
+        )
 
     def logged_steps(self, key: str) -> set[int]:
         """The steps at which metric `key` is already logged (none on a disabled run)."""
@@ -183,8 +186,10 @@ class Run:
             return "(tracking disabled)"
         run = self.client.get_run(self.run_id)
         if self.uri.startswith(("http://", "https://")):
-            return (f"{self.uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
-                    f"?{MACHINE_LEARNING_VIEW}")
+            return (
+                f"{self.uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
+                f"?{MACHINE_LEARNING_VIEW}"
+            )
         return f"run {self.run_id} in {self.uri} (browse with `sa2vp ui`)"
 
 
@@ -197,9 +202,13 @@ def _dataset_input(manifest: Any, split: str, context: str) -> Any:
     data = manifest.data
     digest = str(data.get("content_hash", "")).removeprefix("sha256:")[:MAX_DIGEST]
     count = data.get("splits", {}).get(split, {}).get("count")
-    dataset = Dataset(name=f"{data.get('dataset')}/{split}", digest=digest, source_type="local",
-                      source=json.dumps({"uri": str(Path(manifest.folder).resolve())}),
-                      profile=json.dumps({"num_rows": count, "num_classes": len(manifest.classes)}))
+    dataset = Dataset(
+        name=f"{data.get('dataset')}/{split}",
+        digest=digest,
+        source_type="local",
+        source=json.dumps({"uri": str(Path(manifest.folder).resolve())}),
+        profile=json.dumps({"num_rows": count, "num_classes": len(manifest.classes)}),
+    )
     return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
 
 
@@ -239,8 +248,12 @@ def start_run(
             client.log_batch(run_id, tags=[RunTag(key, value) for key, value in owner.items()])
         else:
             experiment_id = _experiment_id(client, settings.experiment, settings.uri)
-            all_tags = {**source_tags(), **git_tags(), **{k: str(v) for k, v in (tags or {}).items() if v is not None},
-                        **owner}
+            all_tags = {
+                **source_tags(),
+                **git_tags(),
+                **{k: str(v) for k, v in (tags or {}).items() if v is not None},
+                **owner,
+            }
             if parent_run_id is not None:
                 all_tags["mlflow.parentRunId"] = parent_run_id
             info = client.create_run(experiment_id, run_name=run_name, tags=all_tags).info
@@ -248,8 +261,10 @@ def start_run(
         if output is not None:
             end_stale_runs(client, experiment_id, output, keep=run_id)
     except (MlflowException, OSError) as exc:
-        raise TrackingError(f"tracking.uri={settings.uri!r}: cannot log to MLflow ({one_line(exc)}); check the URI "
-                            "or the server, or set tracking.enabled=false") from exc
+        raise TrackingError(
+            f"tracking.uri={settings.uri!r}: cannot log to MLflow ({one_line(exc)}); check the URI "
+            "or the server, or set tracking.enabled=false"
+        ) from exc
     return Run(client, run_id, uri, _relative_store_folder(uri, info.artifact_uri))
 
 
@@ -287,8 +302,9 @@ def _experiment_id(client: Any, name: str, given_uri: str) -> str:
     given = _sqlite_database(given_uri)
     if given is not None:
         folder = given.parent / ARTIFACTS_FOLDER if given.is_absolute() else Path(ARTIFACTS_FOLDER)
-        _set_artifact_location(_sqlite_database(absolute_uri(given_uri)), experiment_id,
-                               (folder / experiment_id).as_posix())
+        _set_artifact_location(
+            _sqlite_database(absolute_uri(given_uri)), experiment_id, (folder / experiment_id).as_posix()
+        )
     return experiment_id
 
 
@@ -306,8 +322,9 @@ def _set_artifact_location(database: Path | None, experiment_id: str, location: 
 
     assert database is not None
     with contextlib.closing(sqlite3.connect(database, timeout=30)) as connection, connection:
-        connection.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?",
-                           (location, int(experiment_id)))
+        connection.execute(
+            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = ?", (location, int(experiment_id))
+        )
 
 
 def _sqlite_database(uri: str) -> Path | None:
@@ -315,7 +332,7 @@ def _sqlite_database(uri: str) -> Path | None:
     prefix = "sqlite:///"
     if not uri.startswith(prefix):
         return None
-    path = uri[len(prefix):].partition("?")[0]
+    path = uri[len(prefix) :].partition("?")[0]
     return None if path in ("", ":memory:") else Path(path)
 
 
@@ -351,14 +368,14 @@ def source_tags() -> dict[str, str]:
 
 
 # Settings by the names the method file gives them (SA²VP's γ, λ and window c), in run names and figures.
-SHORT_NAMES = {"model.gamma": "γ", "model.window": "c", "model.lam": "λ", "train.lr": "lr",
-               "train.weight_decay": "wd"}
+SHORT_NAMES = {"model.gamma": "γ", "model.window": "c", "model.lam": "λ", "train.lr": "lr", "train.weight_decay": "wd"}
 
 
 def trial_run_name(number: int, values: Mapping[str, Any]) -> str:
     """A tuning trial's run name: its number and the values it tries, `trial-3 γ=0.21 c=5 lr=3e-3`."""
-    tried = " ".join(f"{SHORT_NAMES.get(key, key.rsplit('.', 1)[-1])}={_compact(value)}" for key, value in
-                     values.items())
+    tried = " ".join(
+        f"{SHORT_NAMES.get(key, key.rsplit('.', 1)[-1])}={_compact(value)}" for key, value in values.items()
+    )
     return f"trial-{number} {tried}".strip()
 
 
@@ -406,8 +423,10 @@ def check_store(uri: str) -> None:
     store's folder must be writable and an existing database openable; a server must answer."""
     problem = _store_problem(absolute_uri(uri))
     if problem is not None:
-        raise TrackingError(f"tracking.uri={uri!r}: {problem}; fix tracking.uri (or the store), or set "
-                            "tracking.enabled=false to run without MLflow")
+        raise TrackingError(
+            f"tracking.uri={uri!r}: {problem}; fix tracking.uri (or the store), or set "
+            "tracking.enabled=false to run without MLflow"
+        )
 
 
 def _store_problem(uri: str) -> str | None:
@@ -416,7 +435,7 @@ def _store_problem(uri: str) -> str | None:
     if uri.startswith(("http://", "https://")):
         return _server_problem(uri)
     if uri.startswith("sqlite:///"):
-        return _sqlite_problem(uri[len("sqlite:///"):].partition("?")[0])
+        return _sqlite_problem(uri[len("sqlite:///") :].partition("?")[0])
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):  # MLflow's file store: a folder
         problem = writable_problem(Path(parsed.path if parsed.scheme else uri))
@@ -465,8 +484,14 @@ def _server_problem(uri: str) -> str | None:
         return f"no tracking server answers at {uri} ({getattr(exc, 'reason', exc)})"
 
 
-def serve_ui(uri: str, port: int, experiment: str | None = None, on_ready: Callable[[str], None] | None = None,
-             on_waiting: Callable[[float], None] | None = None, ready_timeout: float = READY_TIMEOUT) -> int:
+def serve_ui(
+    uri: str,
+    port: int,
+    experiment: str | None = None,
+    on_ready: Callable[[str], None] | None = None,
+    on_waiting: Callable[[float], None] | None = None,
+    ready_timeout: float = READY_TIMEOUT,
+) -> int:
     """Run `mlflow ui` on the store at `uri` (bound to 127.0.0.1) until it ends or this process is asked to
     stop; returns its exit code (0 when stopped on request).
 
@@ -502,8 +527,13 @@ def serve_ui(uri: str, port: int, experiment: str | None = None, on_ready: Calla
     # Handlers first: a stop that arrives while the server starts must not leave it running.
     previous = {signum: signal.signal(signum, forward) for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     try:
-        server = subprocess.Popen(command, stdin=subprocess.DEVNULL, start_new_session=True, env=environment,
-                                  cwd=None if database is None else database.parent)
+        server = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+            env=environment,
+            cwd=None if database is None else database.parent,
+        )
         if stopped:
             _signal_group(server.pid, signal.SIGTERM)
         address = _wait_until_answering(server, port, stopped, ready_timeout, on_waiting)
@@ -524,12 +554,19 @@ def _check_port_free(port: int) -> None:
         try:
             probe.bind(("127.0.0.1", port))
         except OSError as exc:
-            raise TrackingError(f"--port {port}: 127.0.0.1:{port} is in use ({exc.strerror or exc}), perhaps by "
-                                "another MLflow UI; choose a free port") from None
+            raise TrackingError(
+                f"--port {port}: 127.0.0.1:{port} is in use ({exc.strerror or exc}), perhaps by "
+                "another MLflow UI; choose a free port"
+            ) from None
 
 
-def _wait_until_answering(server: subprocess.Popen[bytes], port: int, stopped: list[int], timeout: float,
-                          on_waiting: Callable[[float], None] | None) -> str | None:
+def _wait_until_answering(
+    server: subprocess.Popen[bytes],
+    port: int,
+    stopped: list[int],
+    timeout: float,
+    on_waiting: Callable[[float], None] | None,
+) -> str | None:
     """The server's address once it answers; None when it ended or was stopped first. Raises TrackingError
     after `timeout` seconds without an answer (the caller stops the server)."""
     import urllib.request
@@ -550,8 +587,9 @@ def _wait_until_answering(server: subprocess.Popen[bytes], port: int, stopped: l
         except OSError:  # not listening yet, or not answering yet
             pass
         if waited > timeout:
-            raise TrackingError(f"the MLflow UI did not answer on {address} within {timeout:.0f} s; see its output "
-                                "above")
+            raise TrackingError(
+                f"the MLflow UI did not answer on {address} within {timeout:.0f} s; see its output above"
+            )
         time.sleep(0.25)
     return None
 
@@ -566,8 +604,9 @@ def experiment_page(address: str, experiment: str | None) -> str:
     if experiment is not None:
         query = urllib.parse.urlencode({"experiment_name": experiment})
         try:
-            with urllib.request.urlopen(f"{address}/api/2.0/mlflow/experiments/get-by-name?{query}",
-                                        timeout=PROBE_TIMEOUT) as response:
+            with urllib.request.urlopen(
+                f"{address}/api/2.0/mlflow/experiments/get-by-name?{query}", timeout=PROBE_TIMEOUT
+            ) as response:
                 found = json.load(response)["experiment"]["experiment_id"]
             return f"{address}/#/experiments/{found}?{MACHINE_LEARNING_VIEW}"
         except (urllib.error.URLError, OSError, ValueError, KeyError):  # no such experiment: the list
@@ -615,8 +654,8 @@ def absolute_uri(uri: str) -> str:
     URI for the life of the process, so a relative `sqlite:///mlflow.db` would keep pointing at the folder
     of its first use after a chdir (notebooks, tests running commands in-process)."""
     prefix = "sqlite:///"
-    if uri.startswith(prefix) and not uri[len(prefix):].startswith("/") and uri != f"{prefix}:memory:":
-        return prefix + str(Path.cwd() / uri[len(prefix):])
+    if uri.startswith(prefix) and not uri[len(prefix) :].startswith("/") and uri != f"{prefix}:memory:":
+        return prefix + str(Path.cwd() / uri[len(prefix) :])
     return uri
 
 
@@ -626,8 +665,13 @@ def git_tags(cwd: Path | None = None) -> dict[str, str]:
         commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, timeout=10)
         # dvc.lock is DVC's record of what the pipeline produced, rewritten by `dvc repro` while it runs: a change
         # there is the run's own output, not a change to the code or settings it ran from.
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/",
-                                ":(top,exclude,glob)**/dvc.lock"], cwd=cwd, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "--", ":/", ":(top,exclude,glob)**/dvc.lock"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.SubprocessError):
         return {}
     if commit.returncode != 0:

@@ -38,8 +38,19 @@ from sa2vp.engine.trainer import RESUMABLE_CHANGES
 from sa2vp.errors import TrainingDiverged
 from sa2vp.models import search_space
 from sa2vp.settings import (
-    Choice, FloatRange, IntRange, SearchDimension, Settings, SettingsError, describe_validation_error,
-    did_you_mean, environment_settings, flatten_settings, load_settings, settings_from_dump, space_entries,
+    Choice,
+    FloatRange,
+    IntRange,
+    SearchDimension,
+    Settings,
+    SettingsError,
+    describe_validation_error,
+    did_you_mean,
+    environment_settings,
+    flatten_settings,
+    load_settings,
+    settings_from_dump,
+    space_entries,
 )
 from sa2vp.tracking import Run, start_run, trial_run_name
 
@@ -76,20 +87,26 @@ class SearchPlan:
 
     def line(self) -> str:
         """One line: `searching model.lam 0.5…1 from 0.8, …; pinned model.gamma=0.5 (params.yaml)`."""
-        searched = ", ".join(f"{key} {_range(dim)} from {_short(self.start.get(key))}"
-                             for key, dim in self.space.items()) or "nothing"
+        searched = (
+            ", ".join(f"{key} {_range(dim)} from {_short(self.start.get(key))}" for key, dim in self.space.items())
+            or "nothing"
+        )
         pinned = ", ".join(f"{key}={_short(self.values.get(key))} ({why})" for key, why in self.pinned.items())
         return f"searching {searched}" + (f"; pinned {pinned}" if pinned else "")
 
     def record(self) -> dict[str, Any]:
         """The plan as data (best.yaml, the MLflow parent run): tuned → dimension, pinned → value and source."""
-        return {"tuned": {key: {**dim.model_dump(mode="json"), "start": self.start.get(key)}
-                          for key, dim in self.space.items()},
-                "pinned": {key: {"value": self.values.get(key), "from": why} for key, why in self.pinned.items()}}
+        return {
+            "tuned": {
+                key: {**dim.model_dump(mode="json"), "start": self.start.get(key)} for key, dim in self.space.items()
+            },
+            "pinned": {key: {"value": self.values.get(key), "from": why} for key, why in self.pinned.items()},
+        }
 
 
-def plan_search(settings: Settings, given: Mapping[str, str] | None = None,
-                pinned: Mapping[str, str] | None = None) -> SearchPlan:
+def plan_search(
+    settings: Settings, given: Mapping[str, str] | None = None, pinned: Mapping[str, str] | None = None
+) -> SearchPlan:
     """The method's space changed by tune.space, less what is pinned.
 
     `given`: settings given a value → where (`given_settings`); a searched one is pinned, unless its tune.space
@@ -116,8 +133,10 @@ def plan_search(settings: Settings, given: Mapping[str, str] | None = None,
             space[key] = _dimension(key, default.get(key), fields, method)
             ranged.add(key)
         elif key not in space:
-            raise SettingsError(f"tune.space.{key}: method {method!r} does not search {key}; give its dimension "
-                                "(type: float or int with low and high, or choices)")
+            raise SettingsError(
+                f"tune.space.{key}: method {method!r} does not search {key}; give its dimension "
+                "(type: float or int with low and high, or choices)"
+            )
     current = flatten_settings(settings)
     why = {key: reason for key, reason in (given or {}).items() if key in space and key not in ranged}
     why.update({key: reason for key, reason in (pinned or {}).items() if key in space})
@@ -136,22 +155,27 @@ def _dimension(key: str, default: SearchDimension | None, fields: dict[str, Any]
     if default is not None and kind in (None, default.type):
         extra = sorted(set(fields) - set(type(default).model_fields))
         if extra:
-            raise SettingsError(f"tune.space.{key}: a {default.type} dimension has no {', '.join(extra)} (its fields: "
-                                f"{', '.join(type(default).model_fields)}); to change its kind, give type too")
+            raise SettingsError(
+                f"tune.space.{key}: a {default.type} dimension has no {', '.join(extra)} (its fields: "
+                f"{', '.join(type(default).model_fields)}); to change its kind, give type too"
+            )
         merged = {**default.model_dump(), **fields}
     elif kind is not None:
         merged = {**fields, "type": kind}
     else:
-        raise SettingsError(f"tune.space.{key}: method {method!r} does not search {key}; give its type (float, int "
-                            "or choice) with the rest of its dimension")
+        raise SettingsError(
+            f"tune.space.{key}: method {method!r} does not search {key}; give its type (float, int "
+            "or choice) with the rest of its dimension"
+        )
     try:
         return TypeAdapter(SearchDimension).validate_python(merged)
     except ValidationError as exc:
         raise SettingsError(f"tune.space.{key}: {describe_validation_error(exc)}") from None
 
 
-def given_settings(settings: Settings, origins: Mapping[str, str] | None = None,
-                   params: Path | str | None = None) -> dict[str, str]:
+def given_settings(
+    settings: Settings, origins: Mapping[str, str] | None = None, params: Path | str | None = None
+) -> dict[str, str]:
     """Every setting given a value rather than left at the schema's default → where it was given.
 
     Given-ness is pydantic's `model_fields_set` of each section, which every source (params file, SA2VP_*
@@ -186,15 +210,20 @@ def _source(key: str, origins: Mapping[str, str], environment: Mapping[str, str]
 
 
 # Settings every trial sets itself (`_objective`): searching them would be silently undone.
-FIXED_BY_TUNING = {"train.epochs": "tune.epochs sets a trial's epochs", "train.train_split": "trials train on train",
-                   "train.val_split": "trials are scored on val", "train.test_split": "trials skip the test split",
-                   "train.output": "trials write to tune.output"}
+FIXED_BY_TUNING = {
+    "train.epochs": "tune.epochs sets a trial's epochs",
+    "train.train_split": "trials train on train",
+    "train.val_split": "trials are scored on val",
+    "train.test_split": "trials skip the test split",
+    "train.output": "trials write to tune.output",
+}
 # An integer range with more values than this is checked at its ends only.
 MAX_CHECKED_INTS = 256
 
 
-def check_space(settings: Settings, space: Mapping[str, SearchDimension],
-                start: Mapping[str, Any] | None = None) -> None:
+def check_space(
+    settings: Settings, space: Mapping[str, SearchDimension], start: Mapping[str, Any] | None = None
+) -> None:
     """Refuse a search space that names something other than a setting, a setting the trials fix, or a value
     the settings refuse (each choice, each integer of a range, a float range's ends, the start) — with one line."""
     known = flatten_settings(settings)
@@ -241,8 +270,9 @@ def study_identity(settings: Settings, plan: SearchPlan) -> dict[str, Any]:
     """What a study's trials score: the settings every trial trains with (the searched ones aside) and the
     search space, as flat JSON values. A study resumes only with the same."""
     base = _trial_base(settings, settings.tune.output)
-    identity = {key: value for key, value in base.items()
-                if not key.startswith(STUDY_NEUTRAL) and key not in plan.space}
+    identity = {
+        key: value for key, value in base.items() if not key.startswith(STUDY_NEUTRAL) and key not in plan.space
+    }
     identity.update({f"tune.space.{key}": dim.model_dump(mode="json") for key, dim in plan.space.items()})
     return json.loads(json.dumps(identity, sort_keys=True))
 
@@ -264,9 +294,12 @@ def _existing_study(settings: Settings) -> optuna.Study | None:
     if "://" not in settings.tune.storage and not Path(settings.tune.storage).is_file():
         return None  # (opening a journal creates its file)
     try:
-        return optuna.load_study(study_name=study_name(settings), storage=_storage(settings.tune.storage),
-                                 sampler=optuna.samplers.TPESampler(seed=settings.tune.sampler_seed),
-                                 pruner=_pruner(settings))
+        return optuna.load_study(
+            study_name=study_name(settings),
+            storage=_storage(settings.tune.storage),
+            sampler=optuna.samplers.TPESampler(seed=settings.tune.sampler_seed),
+            pruner=_pruner(settings),
+        )
     except KeyError:
         return None
 
@@ -279,8 +312,12 @@ def open_study(settings: Settings, identity: Mapping[str, Any] | None = None) ->
     if study is None:
         try:
             study = optuna.create_study(
-                storage=_storage(settings.tune.storage), study_name=study_name(settings), direction="maximize",
-                sampler=optuna.samplers.TPESampler(seed=settings.tune.sampler_seed), pruner=_pruner(settings))
+                storage=_storage(settings.tune.storage),
+                study_name=study_name(settings),
+                direction="maximize",
+                sampler=optuna.samplers.TPESampler(seed=settings.tune.sampler_seed),
+                pruner=_pruner(settings),
+            )
         except optuna.exceptions.DuplicatedStudyError:  # another machine made it meanwhile (a shared database)
             study = _existing_study(settings)
             assert study is not None
@@ -299,20 +336,29 @@ def check_resumable(study: optuna.Study, settings: Settings, identity: Mapping[s
     if recorded == _digest(identity) or (recorded is None and not study.trials):
         return
     where = settings.tune.storage
-    remedy = (f"--set tune.study_name=<new name> starts another study beside it, or delete {where}"
-              if "://" not in where else "--set tune.study_name=<new name> starts another study beside it")
+    remedy = (
+        f"--set tune.study_name=<new name> starts another study beside it, or delete {where}"
+        if "://" not in where
+        else "--set tune.study_name=<new name> starts another study beside it"
+    )
     before = study.user_attrs.get(IDENTITY_ATTR)
     if not isinstance(before, dict):
-        raise SettingsError(f"tune.storage {where}: study {study.study_name!r} has {len(study.trials)} trials but "
-                            f"no record of the settings they were run with (an older sa2vp); {remedy}")
+        raise SettingsError(
+            f"tune.storage {where}: study {study.study_name!r} has {len(study.trials)} trials but "
+            f"no record of the settings they were run with (an older sa2vp); {remedy}"
+        )
     changed = [key for key in sorted(set(before) | set(identity)) if before.get(key) != identity.get(key)]
     # a setting pinned on one side and searched on the other: one difference, not two
     changed = [key for key in changed if key.removeprefix("tune.space.") == key or key[11:] not in changed]
-    shown = ", ".join(f"{key} {_identity_value(key, before)} → {_identity_value(key, identity)}"
-                      for key in changed[:SHOWN_DIFFERENCES])
+    shown = ", ".join(
+        f"{key} {_identity_value(key, before)} → {_identity_value(key, identity)}"
+        for key in changed[:SHOWN_DIFFERENCES]
+    )
     more = f" and {len(changed) - SHOWN_DIFFERENCES} more" if len(changed) > SHOWN_DIFFERENCES else ""
-    raise SettingsError(f"tune.storage {where}: study {study.study_name!r} was run with other settings "
-                        f"({shown}{more}); resume it with the same ones, or {remedy}")
+    raise SettingsError(
+        f"tune.storage {where}: study {study.study_name!r} was run with other settings "
+        f"({shown}{more}); resume it with the same ones, or {remedy}"
+    )
 
 
 def _identity_value(key: str, identity: Mapping[str, Any]) -> str:
@@ -323,8 +369,13 @@ def _identity_value(key: str, identity: Mapping[str, Any]) -> str:
     return f"searched {_range(TypeAdapter(SearchDimension).validate_python(searched))}" if searched else "not searched"
 
 
-def tune(settings: Settings, progress: Progress = NO_PROGRESS, n_trials: int | None = None,
-         timeout: float | None = None, plan: SearchPlan | None = None) -> TuneResult:
+def tune(
+    settings: Settings,
+    progress: Progress = NO_PROGRESS,
+    n_trials: int | None = None,
+    timeout: float | None = None,
+    plan: SearchPlan | None = None,
+) -> TuneResult:
     """Add trials to the study, then write tune.output/best.yaml and log the study to a parent MLflow run.
 
     `plan`: what to search; default `plan_search` with the settings that were given a value pinned."""
@@ -334,8 +385,10 @@ def tune(settings: Settings, progress: Progress = NO_PROGRESS, n_trials: int | N
     space = plan.space
     if not space:
         pinned = f" (pinned: {', '.join(plan.pinned)})" if plan.pinned else ""
-        raise SettingsError(f"tune.space: nothing to search for method {settings.model.method!r}{pinned}; give "
-                            "tune.space, or leave a searched setting unset")
+        raise SettingsError(
+            f"tune.space: nothing to search for method {settings.model.method!r}{pinned}; give "
+            "tune.space, or leave a searched setting unset"
+        )
     check_space(settings, space, plan.start)  # before the study exists: a bad space would fail every trial
     identity = study_identity(settings, plan)
     earlier_study = _existing_study(settings)
@@ -350,28 +403,45 @@ def tune(settings: Settings, progress: Progress = NO_PROGRESS, n_trials: int | N
     if settings.tune.enqueue_defaults and not study.trials:
         inside = {key: plan.start[key] for key, dim in space.items() if _contains(dim, plan.start[key])}
         for key in sorted(set(space) - set(inside)):
-            log.info("first trial: %s=%r is outside its search range, so the sampler chooses it", key,
-                     plan.start[key])
+            log.info("first trial: %s=%r is outside its search range, so the sampler chooses it", key, plan.start[key])
         study.enqueue_trial(inside, user_attrs={"defaults": True})
-    parent = start_run(settings.tracking, f"tune-{study.study_name}",
-                       {"study_name": study.study_name, "storage": settings.tune.storage, "dataset":
-                        settings.data.dataset, "method": settings.model.method, "backbone": settings.backbone.name})
-    parent.log_params({**flatten_settings(settings), "study_name": study.study_name,
-                       "search.tuned": json.dumps(plan.record()["tuned"]),
-                       "search.pinned": json.dumps(plan.record()["pinned"])})
+    parent = start_run(
+        settings.tracking,
+        f"tune-{study.study_name}",
+        {
+            "study_name": study.study_name,
+            "storage": settings.tune.storage,
+            "dataset": settings.data.dataset,
+            "method": settings.model.method,
+            "backbone": settings.backbone.name,
+        },
+    )
+    parent.log_params(
+        {
+            **flatten_settings(settings),
+            "study_name": study.study_name,
+            "search.tuned": json.dumps(plan.record()["tuned"]),
+            "search.pinned": json.dumps(plan.record()["pinned"]),
+        }
+    )
     total = n_trials or settings.tune.n_trials
-    log.info("study %s (%d earlier trials): %d trials over %s", study.study_name, earlier, total,
-             ", ".join(space))
+    log.info("study %s (%d earlier trials): %d trials over %s", study.study_name, earlier, total, ", ".join(space))
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.optimize(_objective(settings, space, parent, progress), n_trials=total,
-                           timeout=timeout or settings.tune.timeout, catch=(TrainingDiverged, SettingsError, ValueError),
-                           callbacks=[_report(total)])
+            study.optimize(
+                _objective(settings, space, parent, progress),
+                n_trials=total,
+                timeout=timeout or settings.tune.timeout,
+                catch=(TrainingDiverged, SettingsError, ValueError),
+                callbacks=[_report(total)],
+            )
         completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         if not completed:
-            raise TrainingDiverged(f"study {study.study_name}: no trial completed (see the failed trials' errors "
-                                   "in MLflow); check the settings and tune.space")
+            raise TrainingDiverged(
+                f"study {study.study_name}: no trial completed (see the failed trials' errors "
+                "in MLflow); check the settings and tune.space"
+            )
         best = study.best_trial
         best_file = _write_best(settings, study, best, plan)
         parent.log_params({f"best.{key}": value for key, value in best.params.items()})
@@ -388,9 +458,14 @@ def tune(settings: Settings, progress: Progress = NO_PROGRESS, n_trials: int | N
 
 def _trial_base(settings: Settings, output: Path) -> dict[str, Any]:
     """The flat settings a trial trains with, before the searched ones (FIXED_BY_TUNING set as trials set them)."""
-    return {**flatten_settings(settings), "train.epochs": settings.tune.epochs or settings.train.epochs,
-            "train.train_split": "train", "train.test_split": None, "train.output": str(output),
-            "tracking.log_model": False}  # a trial's model is not kept: no MLflow model either
+    return {
+        **flatten_settings(settings),
+        "train.epochs": settings.tune.epochs or settings.train.epochs,
+        "train.train_split": "train",
+        "train.test_split": None,
+        "train.output": str(output),
+        "tracking.log_model": False,
+    }  # a trial's model is not kept: no MLflow model either
 
 
 def _objective(settings: Settings, space: dict[str, SearchDimension], parent: Run, progress: Progress) -> Any:
@@ -405,9 +480,13 @@ def _objective(settings: Settings, space: dict[str, SearchDimension], parent: Ru
 
         try:
             # Each epoch's lines say which trial they belong to (`trial 3 · epoch 1/2: …`).
-            result = fit(trial_settings, on_epoch=on_epoch, parent_run_id=parent.run_id or None,
-                         progress=labelled(progress, f"trial {trial.number}"),
-                         run_name=trial_run_name(trial.number, chosen))
+            result = fit(
+                trial_settings,
+                on_epoch=on_epoch,
+                parent_run_id=parent.run_id or None,
+                progress=labelled(progress, f"trial {trial.number}"),
+                run_name=trial_run_name(trial.number, chosen),
+            )
         finally:
             shutil.rmtree(output, ignore_errors=True)  # trials keep their results in MLflow, not on disk
         trial.set_user_attr("mlflow_run_id", result.run_id)
@@ -459,8 +538,10 @@ def _write_best(settings: Settings, study: optuna.Study, best: optuna.trial.Froz
         "tuned": record["tuned"],
         "pinned": record["pinned"],
     }
-    text = ("# Written by `sa2vp tune`: the best trial's settings, and the pinned ones. Train with them:\n"
-            f"#   sa2vp train --set-file {settings.tune.output / BEST_FILE}\n") + yaml.safe_dump(document, sort_keys=False)
+    text = (
+        "# Written by `sa2vp tune`: the best trial's settings, and the pinned ones. Train with them:\n"
+        f"#   sa2vp train --set-file {settings.tune.output / BEST_FILE}\n"
+    ) + yaml.safe_dump(document, sort_keys=False)
     return write_atomic(settings.tune.output / BEST_FILE, text)
 
 

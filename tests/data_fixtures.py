@@ -20,12 +20,15 @@ import scipy.io
 from PIL import Image
 
 TEST_DATA_CONFIG = {
-    "input_size": (3, 32, 32), "interpolation": "bicubic", "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5),
+    "input_size": (3, 32, 32),
+    "interpolation": "bicubic",
+    "mean": (0.5, 0.5, 0.5),
+    "std": (0.5, 0.5, 0.5),
     "crop_pct": 0.9,
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def image_bytes(shade: int, fmt: str = "JPEG", size: int = 12) -> bytes:
     """A small RGB image (a gradient tinted by `shade`) encoded in `fmt`."""
     x = np.linspace(0, 255, size, dtype=np.float32)
@@ -49,8 +52,10 @@ def _lines(items: Iterable[tuple[str, int]]) -> str:
 
 # --- VTAB-1k ----------------------------------------------------------------------------------------------
 
-def make_vtab_task(parent: Path, task: str = "svhn", num_classes: int = 10, train: int = 2, val: int = 1,
-                   test: int = 1) -> Path:
+
+def make_vtab_task(
+    parent: Path, task: str = "svhn", num_classes: int = 10, train: int = 2, val: int = 1, test: int = 1
+) -> Path:
     """`<parent>/<task>/` as in vtab-1k.zip: images plus train800/val200/train800val200/test lists."""
     folder = parent / task
     lists: dict[str, list[tuple[str, int]]] = {"train800": [], "val200": [], "test": []}
@@ -77,6 +82,7 @@ def zip_folder(folder: Path, archive: Path, prefix: str) -> Path:
 
 # --- torchvision layouts ----------------------------------------------------------------------------------
 
+
 def make_svhn(root: Path, per_split: int = 20) -> Path:
     """`train_32x32.mat` and `test_32x32.mat`: X (32, 32, 3, N) uint8, y (N, 1) with 10 meaning digit 0."""
     rng = np.random.default_rng(0)
@@ -95,11 +101,18 @@ def make_cifar10(root: Path, per_batch: int = 10) -> Path:
     rng = np.random.default_rng(1)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         labels = [i % 10 for i in range(per_batch)]
-        batch = {"batch_label": name, "labels": labels, "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 "filenames": [f"img_{i}.png" for i in range(per_batch)]}
+        batch = {
+            "batch_label": name,
+            "labels": labels,
+            "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            "filenames": [f"img_{i}.png" for i in range(per_batch)],
+        }
         (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
-    meta = {"label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship",
-                            "truck"], "num_cases_per_batch": per_batch, "num_vis": 3072}
+    meta = {
+        "label_names": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"],
+        "num_cases_per_batch": per_batch,
+        "num_vis": 3072,
+    }
     (folder / "batches.meta").write_bytes(pickle.dumps(meta, protocol=2))
     return root
 
@@ -142,6 +155,7 @@ def make_gtsrb(root: Path, num_classes: int = 43, train: int = 4, test: int = 1)
 
 # --- FGVC -------------------------------------------------------------------------------------------------
 
+
 def make_cub_images(folder: Path, num_classes: int = 200, per_class: int = 3) -> dict[str, dict[str, int]]:
     """CUB-200-2011's images under `folder/images/<id>.<Name>/*.jpg`; returns VPT-style splits (1-based ids)."""
     splits: dict[str, dict[str, int]] = {"train": {}, "val": {}, "test": {}}
@@ -176,6 +190,7 @@ def tar_folder(folder: Path, archive: Path, arcname: str) -> Path:
 
 
 # --- image folders ----------------------------------------------------------------------------------------
+
 
 def make_image_folder(root: Path, classes: dict[str, int], corrupt: bool = False) -> Path:
     """One sub-folder per class of small images in mixed formats and modes; optionally one truncated JPEG."""

@@ -46,8 +46,10 @@ from urllib.parse import parse_qs, unquote, urlsplit
 FileKey = tuple[str, str, str]  # (repo_type: "model" | "dataset" | "space", repo_id, filename)
 
 _RESOLVE = re.compile(r"^/(?:(?P<kind>datasets|spaces)/)?(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
-_API = re.compile(r"^/api/(?P<kind>models|datasets|spaces)/(?P<repo>[^/]+/[^/]+)/(?P<op>paths-info|tree)/"
-                  r"(?P<rev>[^/]+)(?:/(?P<path>.*))?$")
+_API = re.compile(
+    r"^/api/(?P<kind>models|datasets|spaces)/(?P<repo>[^/]+/[^/]+)/(?P<op>paths-info|tree)/"
+    r"(?P<rev>[^/]+)(?:/(?P<path>.*))?$"
+)
 
 
 class Request(NamedTuple):  # equal to the plain tuple (method, origin, path)
@@ -99,8 +101,9 @@ class HubServer:
             threading.Thread(target=server.serve_forever, name=f"hub-{server.origin}", daemon=True).start()
         return self
 
-    def __exit__(self, kind: type[BaseException] | None, value: BaseException | None,
-                 traceback: TracebackType | None) -> None:
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
         for server in self._servers:  # afterwards the ports refuse connections: a hub that went away
             server.shutdown()
             server.server_close()
@@ -109,16 +112,23 @@ class HubServer:
         """The environment for a process whose huggingface_hub should talk to this server only."""
         drop = ("HF_", "HUGGING_FACE_", "SA2VP_")  # no real token, cache, offline flag or project setting
         env = {k: v for k, v in os.environ.items() if not k.startswith(drop) and not k.lower().endswith("_proxy")}
-        env.update(HF_ENDPOINT=self.endpoint, HF_HOME=str(hf_home), HF_HUB_DISABLE_TELEMETRY="1",
-                   NO_PROXY="127.0.0.1", no_proxy="127.0.0.1", **extra)
+        env.update(
+            HF_ENDPOINT=self.endpoint,
+            HF_HOME=str(hf_home),
+            HF_HUB_DISABLE_TELEMETRY="1",
+            NO_PROXY="127.0.0.1",
+            no_proxy="127.0.0.1",
+            **extra,
+        )
         return env
 
 
 def run_sa2vp(args: Sequence[str], cwd: Path, env: Mapping[str, str]) -> subprocess.CompletedProcess[str]:
     """Run the installed `sa2vp` command (this environment's script) in `cwd`; output captured as text."""
     command = Path(sysconfig.get_path("scripts")) / "sa2vp"
-    return subprocess.run([str(command), *args], cwd=cwd, env=dict(env), capture_output=True, text=True,
-                          timeout=120, check=False)
+    return subprocess.run(
+        [str(command), *args], cwd=cwd, env=dict(env), capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 class _Origin(ThreadingHTTPServer):
@@ -133,16 +143,16 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as the client's connection pool expects; every reply has a length
     server: _Origin
 
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base class's name
+    def log_message(self, format: str, *args: object) -> None:
         pass  # `requests` records what matters; nothing on stderr
 
-    def do_HEAD(self) -> None:  # noqa: N802 - http.server's naming
+    def do_HEAD(self) -> None:
         self._handle("HEAD")
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self._handle("GET")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._handle("POST")
 
     def _handle(self, method: str) -> None:
@@ -186,20 +196,28 @@ class _Handler(BaseHTTPRequestHandler):
         commit = commit_hash(repo_type, repo_id)
         file = files.get(filename)
         if file is None:
-            return self._error(404, "EntryNotFound", f"{filename} does not exist on \"{revision}\"",
-                               {"X-Repo-Commit": commit})
-        self._reply(302, b"", {
-            "Location": f"{self.server.hub.cdn_endpoint}/lfs/{file.sha256}",
-            "X-Repo-Commit": commit,
-            "ETag": f'"{file.git_oid}"',
-            "X-Linked-Etag": f'"{file.sha256}"',
-            "X-Linked-Size": str(len(file.data)),
-        })
+            return self._error(
+                404, "EntryNotFound", f'{filename} does not exist on "{revision}"', {"X-Repo-Commit": commit}
+            )
+        self._reply(
+            302,
+            b"",
+            {
+                "Location": f"{self.server.hub.cdn_endpoint}/lfs/{file.sha256}",
+                "X-Repo-Commit": commit,
+                "ETag": f'"{file.git_oid}"',
+                "X-Linked-Etag": f'"{file.sha256}"',
+                "X-Linked-Size": str(len(file.data)),
+            },
+        )
 
     def _error(self, status: int, code: str, message: str, headers: Mapping[str, str] | None = None) -> None:
         body = json.dumps({"error": message}).encode()
-        self._reply(status, body, {"Content-Type": "application/json", "X-Error-Code": code,
-                                   "X-Error-Message": message, **(headers or {})})
+        self._reply(
+            status,
+            body,
+            {"Content-Type": "application/json", "X-Error-Code": code, "X-Error-Message": message, **(headers or {})},
+        )
 
     def _json(self, value: object) -> None:
         self._reply(200, json.dumps(value).encode(), {"Content-Type": "application/json"})
@@ -237,5 +255,5 @@ def _paths_info(files: Mapping[str, _File], paths: Iterable[str]) -> list[dict[s
 def _tree(files: Mapping[str, _File], under: str, recursive: bool) -> list[dict[str, object]]:
     prefix = f"{under.strip('/')}/" if under.strip("/") else ""
     names = sorted({*files, *_folders(files)})
-    inside = [n for n in names if n.startswith(prefix) and (recursive or "/" not in n[len(prefix):])]
+    inside = [n for n in names if n.startswith(prefix) and (recursive or "/" not in n[len(prefix) :])]
     return [files[n].entry(n) if n in files else _folder_entry(n) for n in inside]

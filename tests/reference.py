@@ -17,7 +17,6 @@ def naive_cross_attention(q, k, v, grid, window, num_prefix=1, border="clip", he
         q, k, v = (t.transpose(1, 2).reshape(batch, 1, length, heads * head_dim) for t in (q, k, v))
     n_heads, dim = q.shape[1], q.shape[3]
     scale = dim**-0.5
-    height, width = grid
     rows = []
     for b in range(batch):
         per_head = []

@@ -77,8 +77,12 @@ class ReleaseCrossAttention(nn.Module):
         rows, cols = self.grid
         y, x = divmod(patch, cols)
         radius = self.window // 2
-        return [1 + yy * cols + xx for yy in range(y - radius, y + radius + 1) for xx in range(x - radius, x + radius + 1)
-                if 0 <= yy < rows and 0 <= xx < cols]
+        return [
+            1 + yy * cols + xx
+            for yy in range(y - radius, y + radius + 1)
+            for xx in range(x - radius, x + radius + 1)
+            if 0 <= yy < rows and 0 <= xx < cols
+        ]
 
     def forward(self, kv: torch.Tensor, q_in: torch.Tensor) -> torch.Tensor:
         def split(t: torch.Tensor) -> torch.Tensor:
@@ -96,8 +100,9 @@ class ReleaseCrossAttention(nn.Module):
 
 
 class ReleaseCrossBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, grid: tuple[int, int], window: int, adapter_dim: int,
-                 dropout: float) -> None:
+    def __init__(
+        self, dim: int, heads: int, grid: tuple[int, int], window: int, adapter_dim: int, dropout: float
+    ) -> None:
         super().__init__()
         self.attention_norm = nn.LayerNorm(dim, eps=1e-6)
         self.attn = ReleaseCrossAttention(dim, heads, grid, window, dropout)
@@ -129,14 +134,21 @@ class ReleaseSA2VP(nn.Module):
         self.ppt_proj = nn.Linear(model.prompt_map.proj.in_features, dim)
         self.layer = nn.ModuleList(ReleaseBlock(dim, heads, mlp_dim, dropout, attention_dropout) for _ in vit.blocks)
         self.cross_attn = nn.ModuleList(
-            ReleaseCrossBlock(dim, heads, grid, model.cross[i].window, model.cross[i].adapter.down.out_features,
-                              model.settings.dropout)
+            ReleaseCrossBlock(
+                dim,
+                heads,
+                grid,
+                model.cross[i].window,
+                model.cross[i].adapter.down.out_features,
+                model.settings.dropout,
+            )
             for i in range(len(vit.blocks))
         )
         self.prompt_list = sorted(model.deep)
         self.b2p_list = sorted(model.to_prompt)
-        self.deep_ppt = nn.ParameterList(nn.Parameter(torch.zeros_like(model.deep_maps[str(i)].tokens))
-                                         for i in self.prompt_list)
+        self.deep_ppt = nn.ParameterList(
+            nn.Parameter(torch.zeros_like(model.deep_maps[str(i)].tokens)) for i in self.prompt_list
+        )
         self.deep_proj = nn.ModuleList(nn.Linear(model.prompt_map.proj.in_features, dim) for _ in self.prompt_list)
         self.cross_conv = nn.ParameterList(nn.Parameter(torch.zeros(dim)) for _ in self.prompt_list)
         self.encoder_norm = nn.LayerNorm(dim, eps=1e-6)
@@ -169,11 +181,20 @@ class ReleaseSA2VP(nn.Module):
 
 def trainable_pairs(model: SA2VPViT) -> dict[str, str]:
     """Library trainable parameter name → the release model's name for the same tensor."""
-    pairs = {"prompt_map.tokens": "ppt", "prompt_map.proj.weight": "ppt_proj.weight",
-             "prompt_map.proj.bias": "ppt_proj.bias", "head.weight": "head.weight", "head.bias": "head.bias"}
+    pairs = {
+        "prompt_map.tokens": "ppt",
+        "prompt_map.proj.weight": "ppt_proj.weight",
+        "prompt_map.proj.bias": "ppt_proj.bias",
+        "head.weight": "head.weight",
+        "head.bias": "head.bias",
+    }
     for k, i in enumerate(sorted(model.deep)):
-        pairs |= {f"deep_maps.{i}.tokens": f"deep_ppt.{k}", f"deep_maps.{i}.proj.weight": f"deep_proj.{k}.weight",
-                  f"deep_maps.{i}.proj.bias": f"deep_proj.{k}.bias", f"deep_scales.{i}": f"cross_conv.{k}"}
+        pairs |= {
+            f"deep_maps.{i}.tokens": f"deep_ppt.{k}",
+            f"deep_maps.{i}.proj.weight": f"deep_proj.{k}.weight",
+            f"deep_maps.{i}.proj.bias": f"deep_proj.{k}.bias",
+            f"deep_scales.{i}": f"cross_conv.{k}",
+        }
     for i in range(len(model.cross)):
         for ours, theirs in (("norm", "ffn_norm"), ("down", "ffn.fc1"), ("up", "ffn.fc2")):
             for kind in ("weight", "bias"):
@@ -194,8 +215,9 @@ def from_sa2vp(model: SA2VPViT, dropout: float, attention_dropout: float = 0.0) 
     for i, block in enumerate(vit.blocks):
         weights, biases = block.attn.qkv.weight.split(dim), block.attn.qkv.bias.split(dim)
         attn, cross = release.layer[i].attn, release.cross_attn[i].attn
-        for (mine, theirs), w, b in zip(((attn.query, cross.to_q), (attn.key, cross.to_k), (attn.value, cross.to_v)),
-                                        weights, biases):
+        for (mine, theirs), w, b in zip(
+            ((attn.query, cross.to_q), (attn.key, cross.to_k), (attn.value, cross.to_v)), weights, biases, strict=True
+        ):
             for layer in (mine, theirs):
                 layer.weight.copy_(w)
                 layer.bias.copy_(b)

@@ -87,6 +87,7 @@ def test_unknown_model_name_suggests_close_ones():
 
 def _google_layout(vit) -> dict[str, np.ndarray]:
     """A timm ViT's weights in the layout of Google's original ViT .npz checkpoints."""
+
     def n(t):
         return t.detach().numpy()
 

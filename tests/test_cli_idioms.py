@@ -42,11 +42,26 @@ PYTHON = sys.executable
 
 # A ViT small enough to pretrain in a fraction of a second on a generated task of 4 glyph classes.
 TINY_PRETRAINING = [
-    "--set", "backbone.name=vit_tiny_patch16_224", "--set", "backbone.img_size=16", "--set", "backbone.weights=random",
-    "--set", 'backbone.model_kwargs={"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}',
-    "--set", "backbone.origin=synthetic", "--set", "backbone.pretrain.classes=4",
-    "--set", "backbone.pretrain.images_per_class=128", "--set", "backbone.pretrain.batch_size=8",
-    "--set", "backbone.pretrain.eval_images_per_class=2", "--set", "backbone.pretrain.threads=1",
+    "--set",
+    "backbone.name=vit_tiny_patch16_224",
+    "--set",
+    "backbone.img_size=16",
+    "--set",
+    "backbone.weights=random",
+    "--set",
+    'backbone.model_kwargs={"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}',
+    "--set",
+    "backbone.origin=synthetic",
+    "--set",
+    "backbone.pretrain.classes=4",
+    "--set",
+    "backbone.pretrain.images_per_class=128",
+    "--set",
+    "backbone.pretrain.batch_size=8",
+    "--set",
+    "backbone.pretrain.eval_images_per_class=2",
+    "--set",
+    "backbone.pretrain.threads=1",
 ]
 
 
@@ -103,10 +118,14 @@ def leaf_commands() -> list[tuple[list[str], Any]]:
 
 # --- item 4: progress -----------------------------------------------------------------------------------------
 
-PERIODIC = re.compile(r"^(?P<what>.+): (?P<done>[\d,]+)/(?P<total>[\d,]+) (?P<unit>\S+) "
-                      r"\((?P<pct>\d+)%, [\d.,]+ \S+/s, eta (\d+ s|\d+ min \d+ s|\d+ h \d+ min|unknown)\)$")
-FINAL = re.compile(r"^(?P<what>.+): (?P<done>[\d,]+)/(?P<total>[\d,]+) (?P<unit>\S+) "
-                   r"\(100%, [\d.,]+ \S+/s, done in .+\)$")
+PERIODIC = re.compile(
+    r"^(?P<what>.+): (?P<done>[\d,]+)/(?P<total>[\d,]+) (?P<unit>\S+) "
+    r"\((?P<pct>\d+)%, [\d.,]+ \S+/s, eta (\d+ s|\d+ min \d+ s|\d+ h \d+ min|unknown)\)$"
+)
+FINAL = re.compile(
+    r"^(?P<what>.+): (?P<done>[\d,]+)/(?P<total>[\d,]+) (?P<unit>\S+) "
+    r"\(100%, [\d.,]+ \S+/s, done in .+\)$"
+)
 
 
 def test_a_log_gets_a_line_every_interval_even_while_a_step_makes_no_progress() -> None:
@@ -130,14 +149,16 @@ def test_a_log_gets_a_line_every_interval_even_while_a_step_makes_no_progress() 
 
 def test_backbone_pretraining_in_a_log_reports_progress_every_interval(tmp_path: Path) -> None:
     # What `dvc repro` of pipelines/backbone runs, with a tiny task; stderr is not a terminal here.
-    result = run_in(tmp_path, "--log-every", "0.02", "backbone", "materialise", "--out", "b.safetensors",
-                    *TINY_PRETRAINING)
+    result = run_in(
+        tmp_path, "--log-every", "0.02", "backbone", "materialise", "--out", "b.safetensors", *TINY_PRETRAINING
+    )
     assert result.exit_code == 0, (result.output, result.exception)
     lines = result.stderr.splitlines()
     steps = [PERIODIC.match(line) for line in lines if line.startswith("pretraining on ")]
     assert sum(match is not None for match in steps) >= 2, lines  # lines while it runs, with count, % and eta
-    assert any(FINAL.match(line) and line.startswith("pretraining on 1 × 512 generated glyphs: 64/64 steps")
-               for line in lines), lines
+    assert any(
+        FINAL.match(line) and line.startswith("pretraining on 1 × 512 generated glyphs: 64/64 steps") for line in lines
+    ), lines
     assert (tmp_path / "b.safetensors").is_file()
 
 
@@ -175,14 +196,25 @@ def test_a_terminal_gets_a_bar(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_python_m_sa2vp_and_version_without_loading_the_cli_from_the_library(tmp_path: Path) -> None:
     installed = version("sa2vp")
-    done = subprocess.run([PYTHON, "-m", "sa2vp", "--version"], capture_output=True, text=True, cwd=tmp_path,
-                          timeout=120)
+    done = subprocess.run(
+        [PYTHON, "-m", "sa2vp", "--version"], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
     assert done.returncode == 0 and done.stdout.strip() == f"sa2vp {installed}", (done.stdout, done.stderr)
-    helped = subprocess.run([PYTHON, "-m", "sa2vp", "data", "--help"], capture_output=True, text=True,
-                            cwd=tmp_path, timeout=120)
+    helped = subprocess.run(
+        [PYTHON, "-m", "sa2vp", "data", "--help"], capture_output=True, text=True, cwd=tmp_path, timeout=120
+    )
     assert helped.returncode == 0 and "prepare" in helped.stdout and "Usage: sa2vp data" in helped.stdout
-    light = subprocess.run([PYTHON, "-c", "import sys, sa2vp; print(sa2vp.__version__, 'sa2vp_cli' in sys.modules, "
-                            "'torch' in sys.modules)"], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    light = subprocess.run(
+        [
+            PYTHON,
+            "-c",
+            "import sys, sa2vp; print(sa2vp.__version__, 'sa2vp_cli' in sys.modules, 'torch' in sys.modules)",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
     assert light.stdout.split() == [installed, "False", "False"], light
 
 
@@ -205,8 +237,9 @@ def test_the_dataset_option_is_spelled_the_same_in_every_command(tmp_path: Path)
     # and -d is the dataset everywhere: data prepare with it, refused the same way by train before any work
     result = run_in(tmp_path, "data", "prepare", "-d", "digits", "--set", "data.render_size=8")
     assert result.exit_code == 0 and "data/splits/digits/holdout-seed42" in result.stdout, result.output
-    assert "unknown dataset 'no-such-set'" in one_error_line(run_in(tmp_path, "train", "-d", "no-such-set",
-                                                                     "--set", "tracking.enabled=false"))
+    assert "unknown dataset 'no-such-set'" in one_error_line(
+        run_in(tmp_path, "train", "-d", "no-such-set", "--set", "tracking.enabled=false")
+    )
     twice = one_error_line(run_in(tmp_path, "data", "prepare", "digits", "-d", "shapes-count"))
     assert twice == "the dataset is given twice, as 'digits' and as --dataset 'shapes-count': give it once"
 
@@ -229,14 +262,25 @@ def _closed_port() -> int:
 
 def test_a_hub_dataset_without_network_fails_at_once_naming_an_option_the_command_has(tmp_path: Path) -> None:
     # The installed command in a process of its own: huggingface_hub reads HF_ENDPOINT when it is imported.
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("HF_", "SA2VP_")) and not k.lower().endswith("_proxy")}
-    env.update(HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}", HF_HOME=str(tmp_path / "hf"),
-               HF_HUB_DISABLE_TELEMETRY="1", NO_PROXY="127.0.0.1")
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("HF_", "SA2VP_")) and not k.lower().endswith("_proxy")
+    }
+    env.update(
+        HF_ENDPOINT=f"http://127.0.0.1:{_closed_port()}",
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_DISABLE_TELEMETRY="1",
+        NO_PROXY="127.0.0.1",
+    )
     sa2vp = str(Path(PYTHON).with_name("sa2vp"))
     started = time.monotonic()
-    done = subprocess.run([sa2vp, "train", "-d", "svhn", "--set", "tracking.enabled=false"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sa2vp, "train", "-d", "svhn", "--set", "tracking.enabled=false"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     seconds = time.monotonic() - started
     assert done.returncode == 2, done.stderr
     assert "Retry" not in done.stderr and "thrown while requesting" not in done.stderr, done.stderr
@@ -254,8 +298,9 @@ def test_train_says_its_test_result_once(project: Path, caplog: pytest.LogCaptur
     result = invoke_sa2vp(project, "train", "--epochs", "1")
     record = json.loads((project / "runs/train/model/model.json").read_text())
     accuracy = f"{100 * record['training']['test']['top1']:.2f}"
-    said = [line for line in [*result.stdout.splitlines(), *caplog.messages]
-            if line.startswith("test") and accuracy in line]
+    said = [
+        line for line in [*result.stdout.splitlines(), *caplog.messages] if line.startswith("test") and accuracy in line
+    ]
     assert len(said) == 1, said
 
 
@@ -272,17 +317,29 @@ def offline_default(tmp_path: Path) -> Path:
 
 def test_switching_the_backbone_family_is_one_set(offline_default: Path, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    result = run_in(offline_default, "model", "summary", "--set", "backbone.name=swin_tiny_patch4_window7_224",
-                    "--set", "backbone.weights=random", "--num-classes", "10")
+    result = run_in(
+        offline_default,
+        "model",
+        "summary",
+        "--set",
+        "backbone.name=swin_tiny_patch4_window7_224",
+        "--set",
+        "backbone.weights=random",
+        "--num-classes",
+        "10",
+    )
     assert result.exit_code == 0, (result.output, result.exception)
     assert "SA²VP on swin_tiny_patch4_window7_224 (random" in result.stdout and "stage 2: to_prompt" in result.stdout
     (notice,) = [m for m in caplog.messages if m.startswith("backbone.name=swin_tiny_patch4_window7_224 (--set)")]
-    assert "params.yaml's vit_tiny_patch16_224: its backbone.model_kwargs, backbone.img_size, backbone.sha256, " \
-           "written for that backbone, are left out" in notice, notice
+    assert (
+        "params.yaml's vit_tiny_patch16_224: its backbone.model_kwargs, backbone.img_size, backbone.sha256, "
+        "written for that backbone, are left out" in notice
+    ), notice
 
 
-def test_only_what_was_not_given_for_the_new_backbone_is_left_out(offline_default: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_only_what_was_not_given_for_the_new_backbone_is_left_out(
+    offline_default: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     params = offline_default / "params.yaml"
     file = yaml.safe_load(params.read_text())["backbone"]
     same = load_settings(params, {"backbone.name": file["name"]})  # the same name: nothing changes
@@ -317,8 +374,13 @@ def python_blocks(markdown: str) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```$", markdown, flags=re.DOTALL | re.MULTILINE)
 
 
-def test_the_readme_python_runs_as_written(offline_default: Path, artifact: Path, digits_root: Path,  # noqa: F811
-                                           monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+def test_the_readme_python_runs_as_written(
+    offline_default: Path,
+    artifact: Path,
+    digits_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
     blocks = python_blocks((REPO / "README.md").read_text(encoding="utf-8"))
     assert len(blocks) >= 2 and any("sa2vp.predict(" in block for block in blocks)
     # where the README's reader is after `sa2vp train` with the offline default: its data and its artifact
@@ -327,13 +389,13 @@ def test_the_readme_python_runs_as_written(offline_default: Path, artifact: Path
     monkeypatch.chdir(offline_default)
     namespace: dict[str, Any] = {"__name__": "__readme__"}
     for number, block in enumerate(blocks, start=1):
-        exec(compile(block, f"<README.md, python block {number}>", "exec"), namespace)  # noqa: S102  (our README)
+        exec(compile(block, f"<README.md, python block {number}>", "exec"), namespace)
     printed = capsys.readouterr().out.splitlines()
     assert len(printed) == 4 and printed[0].startswith("data/digits/images/0/") and "[('" in printed[0], printed
     assert namespace["loss"].ndim == 0 and set(namespace["parts"]) == {"base", "prompt"}
 
 
-def test_predict_reads_a_tensor_as_it_reads_the_file(artifact: Path, digits_root: Path) -> None:  # noqa: F811
+def test_predict_reads_a_tensor_as_it_reads_the_file(artifact: Path, digits_root: Path) -> None:
     import sa2vp
 
     loaded = sa2vp.load_artifact(artifact)
@@ -352,8 +414,11 @@ def test_predict_reads_a_tensor_as_it_reads_the_file(artifact: Path, digits_root
         sa2vp.predict(loaded, (pixels.float() / 255 - 0.5) / 0.25)  # already normalised: would be quietly wrong
 
 
-def test_predict_writes_its_predictions_to_a_file(artifact: Path, digits_root: Path,  # noqa: F811
-                                                  tmp_path: Path) -> None:
+def test_predict_writes_its_predictions_to_a_file(
+    artifact: Path,
+    digits_root: Path,
+    tmp_path: Path,
+) -> None:
     image = next((digits_root / "digits/images/4").glob("*.png"))
     result = run_in(tmp_path, "predict", str(artifact), str(image), "-k", "2", "--output", "out/p.csv")
     assert result.exit_code == 0, (result.output, result.exception)
@@ -364,18 +429,32 @@ def test_predict_writes_its_predictions_to_a_file(artifact: Path, digits_root: P
 # --- issue 13 follow-up: outputs checked writable before the work -----------------------------------------------
 
 
-@pytest.mark.parametrize("args, expected", [
-    (["evaluate", "missing/model", "--metrics-file", "blocker/m.json"], "--metrics-file blocker/m.json: cannot write "
-     "there ("),
-    (["evaluate", "missing/model", "--plots-dir", "blocker/plots"], "--plots-dir blocker/plots: cannot write there ("),
-    (["evaluate", "missing/model", "--plots-dir", "blocker"], "--plots-dir blocker: cannot write there ("),
-    (["evaluate", "missing/model", "--metrics-file", "."], "--metrics-file .: is a folder; name a file"),
-    (["predict", "missing/model", "x.png", "--output", "blocker/p.csv"],
-     "--output blocker/p.csv: cannot write there ("),
-    (["predict", "missing/model", "x.png", "--output", "p.txt"], "--output p.txt: expected a .csv or .json file name"),
-])
-def test_an_output_that_cannot_be_written_is_refused_before_any_work(tmp_path: Path, args: list[str],
-                                                                     expected: str) -> None:
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (
+            ["evaluate", "missing/model", "--metrics-file", "blocker/m.json"],
+            "--metrics-file blocker/m.json: cannot write there (",
+        ),
+        (
+            ["evaluate", "missing/model", "--plots-dir", "blocker/plots"],
+            "--plots-dir blocker/plots: cannot write there (",
+        ),
+        (["evaluate", "missing/model", "--plots-dir", "blocker"], "--plots-dir blocker: cannot write there ("),
+        (["evaluate", "missing/model", "--metrics-file", "."], "--metrics-file .: is a folder; name a file"),
+        (
+            ["predict", "missing/model", "x.png", "--output", "blocker/p.csv"],
+            "--output blocker/p.csv: cannot write there (",
+        ),
+        (
+            ["predict", "missing/model", "x.png", "--output", "p.txt"],
+            "--output p.txt: expected a .csv or .json file name",
+        ),
+    ],
+)
+def test_an_output_that_cannot_be_written_is_refused_before_any_work(
+    tmp_path: Path, args: list[str], expected: str
+) -> None:
     # The artifact does not even exist: the output is checked first, before anything is loaded or computed.
     (tmp_path / "blocker").write_text("a file where a folder is needed")
     message = one_error_line(run_in(tmp_path, *args))

@@ -19,8 +19,17 @@ def run(*args, cwd, env=None):
 
 def test_summary_prints_the_trainable_parameters(tmp_path):
     # in-process (the same app; the two tests below run the installed script)
-    result = invoke_sa2vp(tmp_path, "model", "summary", "--set", "backbone.name=vit_tiny_patch16_224",
-                          "--set", "backbone.weights=random", "--num-classes", "10")
+    result = invoke_sa2vp(
+        tmp_path,
+        "model",
+        "summary",
+        "--set",
+        "backbone.name=vit_tiny_patch16_224",
+        "--set",
+        "backbone.weights=random",
+        "--num-classes",
+        "10",
+    )
     assert "total (head excluded)" in result.stdout and "to_prompt=[0, 4, 8]" in result.stdout
 
 

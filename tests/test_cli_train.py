@@ -37,8 +37,11 @@ def test_every_command_has_help(command: str, tmp_path: Path) -> None:
         (["predict", "missing/model", "x.png"], "missing/model: not an sa2vp artifact"),
     ],
 )
-def test_a_bad_setting_or_path_is_one_line_exit_2_and_nothing_written(project: Path, args: list[str],  # noqa: F811
-                                                                       message: str) -> None:
+def test_a_bad_setting_or_path_is_one_line_exit_2_and_nothing_written(
+    project: Path,
+    args: list[str],
+    message: str,
+) -> None:
     # In-process (the same Typer app the `sa2vp` script runs; test_cli_model covers the script itself).
     from typer.testing import CliRunner
 
@@ -58,7 +61,7 @@ def test_a_bad_setting_or_path_is_one_line_exit_2_and_nothing_written(project: P
     assert sorted(p.name for p in project.iterdir()) == before  # no runs/, no mlflow.db
 
 
-def test_train_evaluate_predict_round_trip(project: Path, digits_root: Path) -> None:  # noqa: F811
+def test_train_evaluate_predict_round_trip(project: Path, digits_root: Path) -> None:
     done = run_sa2vp(project, "train", "--epochs", "1")
     assert "epoch 1/1" in done.stderr and "test: top1" in done.stderr  # plain lines when not on a terminal
     metrics = json.loads((project / "runs/train/metrics.json").read_text())
@@ -87,12 +90,17 @@ def _checkpoint_epoch(path: Path) -> int:
         return 0
 
 
-def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(project: Path) -> None:  # noqa: F811
+def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(project: Path) -> None:
     epochs = ["--epochs", "3", "--set", "model.dropout=0.3"]  # dropout: the RNG state must survive too
     run_sa2vp(project, "train", *epochs, "--output", "runs/whole")
 
-    killed = subprocess.Popen([SA2VP, "train", *epochs, "--output", "runs/killed"], cwd=project,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    killed = subprocess.Popen(
+        [SA2VP, "train", *epochs, "--output", "runs/killed"],
+        cwd=project,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     checkpoint = project / "runs/killed/checkpoint.pt"
     deadline = time.monotonic() + 240
     while _checkpoint_epoch(checkpoint) < 1 and killed.poll() is None and time.monotonic() < deadline:
@@ -127,11 +135,16 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_training_logs_to_a_real_tracking_server_started_by_sa2vp_ui(project: Path) -> None:  # noqa: F811
+def test_training_logs_to_a_real_tracking_server_started_by_sa2vp_ui(project: Path) -> None:
     port = _free_port()
-    server = subprocess.Popen([SA2VP, "ui", "--port", str(port), "--set", "tracking.uri=sqlite:///server.db"],
-                              cwd=project, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              start_new_session=True)
+    server = subprocess.Popen(
+        [SA2VP, "ui", "--port", str(port), "--set", "tracking.uri=sqlite:///server.db"],
+        cwd=project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 120
@@ -160,11 +173,22 @@ def test_training_logs_to_a_real_tracking_server_started_by_sa2vp_ui(project: Pa
             os.killpg(server.pid, signal.SIGKILL)
 
 
-def test_a_swin_backbone_trains_and_evaluates_through_the_same_commands(project: Path) -> None:  # noqa: F811
-    swin = json.dumps({"patch_size": 2, "embed_dim": 16, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 2, 4],
-                       "window_size": 2})
-    invoke_sa2vp(project, "train", "--epochs", "1", "--set", "backbone.name=swin_tiny_patch4_window7_224",
-                 "--set", f"backbone.model_kwargs={swin}", "--set", "model.gamma=0.5")
+def test_a_swin_backbone_trains_and_evaluates_through_the_same_commands(project: Path) -> None:
+    swin = json.dumps(
+        {"patch_size": 2, "embed_dim": 16, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 2, 4], "window_size": 2}
+    )
+    invoke_sa2vp(
+        project,
+        "train",
+        "--epochs",
+        "1",
+        "--set",
+        "backbone.name=swin_tiny_patch4_window7_224",
+        "--set",
+        f"backbone.model_kwargs={swin}",
+        "--set",
+        "model.gamma=0.5",
+    )
     assert "loss_prompt" in (project / "runs/train/history.csv").read_text().splitlines()[0]  # both pathways
     record = json.loads((project / "runs/train/model/model.json").read_text())
     assert record["backbone"]["name"] == "swin_tiny_patch4_window7_224"
@@ -172,7 +196,7 @@ def test_a_swin_backbone_trains_and_evaluates_through_the_same_commands(project:
     assert f"top-1 {100 * record['training']['test']['top1']:.2f} %" in evaluated.stdout
 
 
-def test_tune_records_failed_trials_goes_on_and_resumes_its_study(project: Path) -> None:  # noqa: F811
+def test_tune_records_failed_trials_goes_on_and_resumes_its_study(project: Path) -> None:
     import optuna
     import yaml
     from optuna.storages import JournalStorage
@@ -180,17 +204,32 @@ def test_tune_records_failed_trials_goes_on_and_resumes_its_study(project: Path)
 
     # The enqueued first trial is the current settings (lr 0.01); a trial the sampler gives lr 1e30 diverges and
     # must not stop the study.
-    space = json.dumps({"model.gamma": {"type": "float", "low": 0.01, "high": 2.0, "log": True},
-                        "train.lr": {"type": "choice", "choices": [0.01, 1e30]}})
-    common = ["--set", "tune.epochs=1", "--set", "tune.sampler_seed=6", "--set", f"tune.space={space}",
-              "--storage", "runs/study.journal",
-              "--study-name", "s"]
+    space = json.dumps(
+        {
+            "model.gamma": {"type": "float", "low": 0.01, "high": 2.0, "log": True},
+            "train.lr": {"type": "choice", "choices": [0.01, 1e30]},
+        }
+    )
+    common = [
+        "--set",
+        "tune.epochs=1",
+        "--set",
+        "tune.sampler_seed=6",
+        "--set",
+        f"tune.space={space}",
+        "--storage",
+        "runs/study.journal",
+        "--study-name",
+        "s",
+    ]
     done = invoke_sa2vp(project, "tune", "--n-trials", "2", *common)
     assert "model.gamma" in done.stdout and "val top-1" in done.stdout
     best = yaml.safe_load((project / "runs/tune/best.yaml").read_text())
     assert best["trial"] == 0 and best["settings"]["train.lr"] == 0.01 and best["settings"]["model.gamma"] == 0.1
     invoke_sa2vp(project, "tune", "--n-trials", "1", *common)  # resumes: adds one trial to the same study
-    study = optuna.load_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(project / "runs/study.journal"))))
+    study = optuna.load_study(
+        study_name="s", storage=JournalStorage(JournalFileBackend(str(project / "runs/study.journal")))
+    )
     states = [(float(t.params["train.lr"]), t.state.name) for t in study.trials]  # YAML reads 1e+30 as text
     assert len(states) == 3 and states[0] == (0.01, "COMPLETE") and ((1e30, "FAIL") in states), states
     assert all(state == ("COMPLETE" if lr == 0.01 else "FAIL") for lr, state in states), states
@@ -203,8 +242,10 @@ def test_tune_records_failed_trials_goes_on_and_resumes_its_study(project: Path)
 
 
 @pytest.mark.parametrize("method", ["linear", "full", "vpt-shallow", "vpt-deep", "lora", "adaptformer"])
-def test_every_method_trains_and_evaluates_through_the_commands(project: Path, method: str) -> None:  # noqa: F811
-    invoke_sa2vp(project, "train", "--epochs", "1", "--set", f"model.method={method}", "--set", "tracking.enabled=false")
+def test_every_method_trains_and_evaluates_through_the_commands(project: Path, method: str) -> None:
+    invoke_sa2vp(
+        project, "train", "--epochs", "1", "--set", f"model.method={method}", "--set", "tracking.enabled=false"
+    )
     record = json.loads((project / "runs/train/model/model.json").read_text())
     assert record["trainable"]["parameters"] > 0 or method == "linear"
     evaluated = invoke_sa2vp(project, "evaluate", "runs/train/model", "--metrics-file", "m.json")

@@ -23,7 +23,8 @@ from sa2vp.engine.runtime import PORTABLE_THREADS, _cpu_vendor
 from tests.train_fixtures import digits_root, project, run_sa2vp  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.skipif(
-    platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkl.is_available()
+    platform.machine().lower() not in ("x86_64", "amd64")
+    or not torch.backends.mkl.is_available()
     or _cpu_vendor() not in ("GenuineIntel", None),
     reason="portable CPU numerics are defined for Intel x86-64 CPUs with torch's MKL",
 )
@@ -76,9 +77,16 @@ def _steps(*configs: tuple[str, dict[str, str], int]) -> list[dict[str, Any]]:
     children = []
     for numerics, machine, threads in configs:
         env = {k: v for k, v in os.environ.items() if k not in LIBRARY_SWITCHES + THREAD_SETTINGS} | machine
-        children.append(subprocess.Popen([sys.executable, "-c", CHILD, numerics, str(threads)], env=env, text=True,
-                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                         cwd=Path(__file__).resolve().parents[1]))
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-c", CHILD, numerics, str(threads)],
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                cwd=Path(__file__).resolve().parents[1],
+            )
+        )
     results = []
     for child in children:
         out, err = child.communicate(timeout=180)
@@ -89,8 +97,10 @@ def _steps(*configs: tuple[str, dict[str, str], int]) -> list[dict[str, Any]]:
 
 def test_portable_numerics_give_the_same_bytes_on_an_avx2_machine_with_other_cores() -> None:
     here, there, native_here, native_there = _steps(
-        ("portable", AVX512_MACHINE, 1), ("portable", AVX2_MACHINE, 4),
-        ("native", AVX512_MACHINE, 1), ("native", AVX2_MACHINE, 1),
+        ("portable", AVX512_MACHINE, 1),
+        ("portable", AVX2_MACHINE, 4),
+        ("native", AVX512_MACHINE, 1),
+        ("native", AVX2_MACHINE, 1),
     )
     # In effect before the first tensor op: ATen's AVX2 kernels, MKL's AVX2 CNR branch, oneDNN off, 2 threads
     # whatever the machine's count.
@@ -110,8 +120,18 @@ def test_portable_numerics_give_the_same_bytes_on_an_avx2_machine_with_other_cor
 
 
 def test_the_train_and_evaluate_commands_apply_portable_numerics_before_computing(project: Path) -> None:
-    trained = run_sa2vp(project, "train", "--set", "train.cpu_numerics=portable", "--set", "train.epochs=1",
-                        "--set", "tracking.enabled=false", "--set", "train.device=cpu")
+    trained = run_sa2vp(
+        project,
+        "train",
+        "--set",
+        "train.cpu_numerics=portable",
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "tracking.enabled=false",
+        "--set",
+        "train.device=cpu",
+    )
     pinned = "CPU numerics portable: ATen AVX2 kernels, MKL CNR AVX2, oneDNN off, "  # then the thread count
     evaluated = run_sa2vp(project, "evaluate", "runs/train/model", "--split", "test")
     for done in (trained, evaluated):  # nothing computed before the pins in either command

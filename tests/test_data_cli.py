@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
-from data_fixtures import make_image_folder, make_vtab_task, zip_folder
 from typer.testing import CliRunner
 
 from sa2vp_cli.main import app
+from tests.data_fixtures import make_image_folder, make_vtab_task, zip_folder
 
 runner = CliRunner()
 
@@ -56,14 +56,17 @@ def test_download_from_local_archive(tmp_path: Path) -> None:
     assert (tmp_path / "data/vtab-1k/resisc45/train800.txt").is_file()
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (["data", "prepare", "svnh"], "unknown dataset 'svnh'; did you mean"),
-    (["data", "prepare", "vtab-dtd", "--protocol", "fgvc"], "not available for vtab-dtd; allowed: vtab1k"),
-    (["data", "prepare", "folder:nowhere"], "nowhere: image folder not found"),
-    (["data", "download", "svhn", "--from", "missing.zip"], "data.source=missing.zip: no such file"),
-    (["data", "prepare", "nabirds"], "must be downloaded by hand"),
-    (["data", "prepare", "digits", "--set", "data.val_fraction=2"], "data.val_fraction"),
-])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["data", "prepare", "svnh"], "unknown dataset 'svnh'; did you mean"),
+        (["data", "prepare", "vtab-dtd", "--protocol", "fgvc"], "not available for vtab-dtd; allowed: vtab1k"),
+        (["data", "prepare", "folder:nowhere"], "nowhere: image folder not found"),
+        (["data", "download", "svhn", "--from", "missing.zip"], "data.source=missing.zip: no such file"),
+        (["data", "prepare", "nabirds"], "must be downloaded by hand"),
+        (["data", "prepare", "digits", "--set", "data.val_fraction=2"], "data.val_fraction"),
+    ],
+)
 def test_expected_errors_are_one_line_exit_2(args: list[str], expected: str) -> None:
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output

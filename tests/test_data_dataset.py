@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from data_fixtures import TEST_DATA_CONFIG, image_bytes, make_image_folder
 from PIL import Image
 from torch.utils.data import DataLoader
 
 from sa2vp.data import CorruptImageError, DataError, build_transform, load_image, load_split, prepare
 from sa2vp.settings import DataSettings
+from tests.data_fixtures import TEST_DATA_CONFIG, image_bytes, make_image_folder
 
 
 def _asymmetric(size: tuple[int, int] = (48, 40)) -> Image.Image:
@@ -48,7 +48,9 @@ def test_transform_from_timm_data_config() -> None:
     import timm.data
     from timm.models import get_pretrained_cfg
 
-    config = timm.data.resolve_data_config(pretrained_cfg=get_pretrained_cfg("vit_base_patch16_224.orig_in21k").to_dict())
+    config = timm.data.resolve_data_config(
+        pretrained_cfg=get_pretrained_cfg("vit_base_patch16_224.orig_in21k").to_dict()
+    )
     out = build_transform(config, "fgvc", train=False)(_asymmetric())
     assert out.shape == (3, 224, 224)
     with pytest.raises(DataError, match="interpolation 'sinc'"):

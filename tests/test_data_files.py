@@ -9,13 +9,20 @@ import zipfile
 from pathlib import Path
 
 import pytest
-from data_fixtures import make_vtab_task, zip_folder
-from hub_server import HubServer, run_sa2vp
 
 from sa2vp.data import ChecksumError, UnsafeArchiveError
 from sa2vp.data.files import (
-    MARKER, download_url, extract, mark_complete, read_marker, staging, verify_checksum, write_atomic,
+    MARKER,
+    download_url,
+    extract,
+    mark_complete,
+    read_marker,
+    staging,
+    verify_checksum,
+    write_atomic,
 )
+from tests.data_fixtures import make_vtab_task, zip_folder
+from tests.hub_server import HubServer, run_sa2vp
 
 
 def _zip(path: Path, members: dict[str, bytes]) -> Path:
@@ -59,8 +66,11 @@ def test_tar_with_link_pointing_outside_is_refused(tmp_path: Path) -> None:
 
 
 def test_extract_selects_and_strips(tmp_path: Path) -> None:
-    archive = _tar(tmp_path / "a.tgz", {"top/x/one.txt": b"1", "top/two.txt": b"2", "other.txt": b"3"},
-                   links={"top/link": "two.txt"})
+    archive = _tar(
+        tmp_path / "a.tgz",
+        {"top/x/one.txt": b"1", "top/two.txt": b"2", "other.txt": b"3"},
+        links={"top/link": "two.txt"},
+    )
     count = extract(archive, tmp_path / "out", lambda n: n[4:] if n.startswith("top/") else None)
     assert count == 2
     assert (tmp_path / "out/x/one.txt").read_bytes() == b"1" and (tmp_path / "out/link").read_bytes() == b"2"

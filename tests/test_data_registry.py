@@ -11,9 +11,27 @@ from sa2vp.data import DATASETS, UnknownDatasetError, by_group, lookup
 from sa2vp.data.splits import resolve_protocol, split_dir
 from sa2vp.settings import DataSettings, SettingsError, load_settings
 
-VTAB_FOLDERS = ["caltech101", "cifar", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397",
-                "patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy", "clevr_count", "clevr_dist", "dmlab",
-                "kitti", "dsprites_loc", "dsprites_ori", "smallnorb_azi", "smallnorb_ele"]
+VTAB_FOLDERS = [
+    "caltech101",
+    "cifar",
+    "dtd",
+    "oxford_flowers102",
+    "oxford_iiit_pet",
+    "svhn",
+    "sun397",
+    "patch_camelyon",
+    "eurosat",
+    "resisc45",
+    "diabetic_retinopathy",
+    "clevr_count",
+    "clevr_dist",
+    "dmlab",
+    "kitti",
+    "dsprites_loc",
+    "dsprites_ori",
+    "smallnorb_azi",
+    "smallnorb_ele",
+]
 
 
 def test_benchmarks_are_complete() -> None:
@@ -27,11 +45,21 @@ def test_benchmarks_are_complete() -> None:
         assert info.protocols and info.title and info.licence and info.num_classes
 
 
-@pytest.mark.parametrize(("name", "expected"), [
-    ("svhn", "vtab-svhn"), ("SVHN", "vtab-svhn"), ("vtab_svhn", "vtab-svhn"), ("cifar", "vtab-cifar100"),
-    ("oxford_iiit_pet", "vtab-oxford-iiit-pet"), ("cub200", "fgvc-cub200"), ("cifar10", "hta-cifar10"),
-    ("hta-svhn", "hta-svhn"), ("Stanford_Dogs", "fgvc-stanford-dogs"), ("digits", "digits"),
-])
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("svhn", "vtab-svhn"),
+        ("SVHN", "vtab-svhn"),
+        ("vtab_svhn", "vtab-svhn"),
+        ("cifar", "vtab-cifar100"),
+        ("oxford_iiit_pet", "vtab-oxford-iiit-pet"),
+        ("cub200", "fgvc-cub200"),
+        ("cifar10", "hta-cifar10"),
+        ("hta-svhn", "hta-svhn"),
+        ("Stanford_Dogs", "fgvc-stanford-dogs"),
+        ("digits", "digits"),
+    ],
+)
 def test_lookup_names_and_aliases(name: str, expected: str) -> None:
     assert lookup(name).name == expected
 

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import TEST_DATA_CONFIG
 from PIL import Image
 from scipy import ndimage
 from typer.testing import CliRunner
@@ -19,6 +18,7 @@ from sa2vp.data.files import MARKER
 from sa2vp.data.sources import shapes
 from sa2vp.settings import DataSettings
 from sa2vp_cli.main import app
+from tests.data_fixtures import TEST_DATA_CONFIG
 
 NAMES = ("shapes-count", "shapes-loc")
 # Between the brightest background pixel and the dimmest shape pixel (shapes.BACKGROUND, NOISE, LEVEL).
@@ -38,8 +38,7 @@ def _count(pixels: np.ndarray) -> int:
 def _cell(pixels: np.ndarray, grid: int = 4) -> int:
     """The label the image shows for shapes-loc: the grid cell of the centre of the one blob with a hole."""
     labelled, count = _blobs(pixels)
-    hollow = [i for i in range(1, count + 1)
-              if (ndimage.binary_fill_holes(labelled == i) != (labelled == i)).any()]
+    hollow = [i for i in range(1, count + 1) if (ndimage.binary_fill_holes(labelled == i) != (labelled == i)).any()]
     assert len(hollow) == 1, f"expected one hollow shape, found {len(hollow)}"
     rows, cols = np.nonzero(labelled == hollow[0])
     size = pixels.shape[0]
@@ -141,8 +140,9 @@ def test_errors_name_the_setting(tmp_path: Path) -> None:
         prepare(DataSettings(dataset="shapes-loc", root=tmp_path, render_size=16))
 
 
-def test_an_interrupted_generation_leaves_nothing_that_looks_done(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_interrupted_generation_leaves_nothing_that_looks_done(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     real = shapes.render_image
 
     def fail_at_100(info: object, seed: int, index: int, label: int, size: int) -> np.ndarray:

@@ -10,20 +10,36 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import (
-    make_cifar10, make_cub_images, make_dtd, make_gtsrb, make_image_folder, make_json_zip, make_svhn, make_vtab_task,
-    tar_folder, write_vpt_json, zip_folder,
-)
-from hub_server import HubServer, run_sa2vp
 from PIL import Image
 
 from sa2vp.data import (
-    SPLITS, ChecksumError, CorruptImageError, MissingDataError, SplitError, lookup, prepare,
-    read_manifest, read_split,
+    SPLITS,
+    ChecksumError,
+    CorruptImageError,
+    MissingDataError,
+    SplitError,
+    lookup,
+    prepare,
+    read_manifest,
+    read_split,
 )
 from sa2vp.data.files import MARKER
 from sa2vp.data.sources import fgvc, vtab1k
 from sa2vp.settings import DataSettings
+from tests.data_fixtures import (
+    make_cifar10,
+    make_cub_images,
+    make_dtd,
+    make_gtsrb,
+    make_image_folder,
+    make_json_zip,
+    make_svhn,
+    make_vtab_task,
+    tar_folder,
+    write_vpt_json,
+    zip_folder,
+)
+from tests.hub_server import HubServer, run_sa2vp
 
 
 def _settings(tmp_path: Path, **kwargs: object) -> DataSettings:
@@ -59,6 +75,7 @@ def _assert_deterministic(settings: DataSettings) -> Path:
 
 
 # --- vtab1k -----------------------------------------------------------------------------------------------
+
 
 @pytest.fixture
 def vtab_zip(tmp_path: Path) -> Path:
@@ -124,6 +141,7 @@ def test_vtab1k_missing_image_and_bad_label_are_named(tmp_path: Path) -> None:
 
 # --- fgvc -------------------------------------------------------------------------------------------------
 
+
 def test_fgvc_in_place_and_hta_on_it(tmp_path: Path) -> None:
     folder = tmp_path / "data" / "fgvc" / "CUB_200_2011"
     write_vpt_json(folder, make_cub_images(folder, per_class=4))
@@ -146,15 +164,15 @@ def test_fgvc_in_place_and_hta_on_it(tmp_path: Path) -> None:
     assert other_seed["val"] != hta_splits["val"] and other_seed["test"] == hta_splits["test"]
 
 
-def test_fgvc_download_extracts_publisher_archive_and_hub_json(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_fgvc_download_extracts_publisher_archive_and_hub_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     publisher = tmp_path / "publisher" / "CUB_200_2011"
     splits = make_cub_images(publisher, per_class=3)
     (publisher / "README").write_text("CUB")
     archive = tar_folder(publisher, tmp_path / "CUB_200_2011.tgz", "CUB_200_2011")
     md5 = hashlib.md5(archive.read_bytes()).hexdigest()
-    info = dataclasses.replace(lookup("fgvc-cub200"), urls=(archive.as_uri(),),
-                               checksums={"CUB_200_2011.tgz": f"md5:{md5}"})
+    info = dataclasses.replace(
+        lookup("fgvc-cub200"), urls=(archive.as_uri(),), checksums={"CUB_200_2011.tgz": f"md5:{md5}"}
+    )
     monkeypatch.setattr("sa2vp.data.splits.lookup", lambda name: info)
     json_zip = make_json_zip(tmp_path / "json.zip", {"CUB_200_2011": splits, "nabirds": {"train": {}}})
     monkeypatch.setattr(fgvc, "hub_file", lambda *args: json_zip)
@@ -175,6 +193,7 @@ def test_nabirds_says_what_to_download_by_hand(tmp_path: Path) -> None:
 
 # --- hta through torchvision's classes ---------------------------------------------------------------------
 
+
 def test_hta_cifar10_batches_exported_through_torchvision(tmp_path: Path) -> None:
     root = tmp_path / "data" / "torchvision" / "cifar10"
     make_cifar10(root, per_batch=10)
@@ -190,9 +209,15 @@ def test_hta_cifar10_batches_exported_through_torchvision(tmp_path: Path) -> Non
     import torchvision
 
     tv = torchvision.datasets.CIFAR10
-    reference = type("Unchecked", (tv,), {"train_list": [[f, None] for f, _ in tv.train_list],
-                                          "test_list": [[f, None] for f, _ in tv.test_list],
-                                          "meta": {**tv.meta, "md5": None}})(str(root), train=True)
+    reference = type(
+        "Unchecked",
+        (tv,),
+        {
+            "train_list": [[f, None] for f, _ in tv.train_list],
+            "test_list": [[f, None] for f, _ in tv.test_list],
+            "meta": {**tv.meta, "md5": None},
+        },
+    )(str(root), train=True)
     image, label = reference[13]
     assert ("images/train/00013.png", label) in splits["trainval"]
     assert np.array_equal(np.asarray(Image.open(root / "images" / "train" / "00013.png")), np.asarray(image))
@@ -223,6 +248,7 @@ def test_hta_dtd_and_gtsrb_in_place(tmp_path: Path) -> None:
 
 
 # --- holdout: image folders and digits ---------------------------------------------------------------------
+
 
 def test_folder_holdout_is_stratified_and_seeded(tmp_path: Path) -> None:
     images = make_image_folder(tmp_path / "pets", {"cat": 10, "dog": 20})

@@ -3,6 +3,7 @@ MLflow store, the artifact (small, exact, loadable), evaluation and prediction f
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -29,7 +30,7 @@ def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor() -> None
     assert schedule(60) == pytest.approx(1e-4 + (1 - 1e-4) * 0.5)
     assert schedule(110) == pytest.approx(1e-4)
     values = [schedule(s) for s in range(10, 111)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
 
 
 def test_weight_decay_applies_to_matrices_only() -> None:
@@ -58,10 +59,11 @@ def test_cpu_runs_in_fp32_and_refuses_fp16() -> None:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, digits_root: Path):  # noqa: F811
+def trained(tmp_path_factory: pytest.TempPathFactory, digits_root: Path):
     folder = tmp_path_factory.mktemp("trained")
-    from tests.train_fixtures import TINY_PARAMS
     import yaml
+
+    from tests.train_fixtures import TINY_PARAMS
 
     params = json.loads(json.dumps(TINY_PARAMS))
     params["data"]["root"] = str(digits_root)
@@ -88,8 +90,10 @@ def test_a_run_is_tracked_with_params_curves_figures_artifact_and_tags(trained) 
     assert tags["dataset_manifest_hash"].startswith("sha256:") and len(tags["backbone_sha256"]) == 64
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
     assert {"model", "test_confusion_matrix.png", "test_per_class_accuracy.json"} <= artifacts
-    assert {a.path for a in client.list_artifacts(result.run_id, "model")} == {"model/model.json",
-                                                                               "model/model.safetensors"}
+    assert {a.path for a in client.list_artifacts(result.run_id, "model")} == {
+        "model/model.json",
+        "model/model.safetensors",
+    }
 
 
 def test_the_artifact_holds_only_trainable_weights_and_how_to_rebuild_the_model(trained) -> None:
@@ -112,7 +116,7 @@ def test_evaluate_reproduces_the_test_accuracy_exactly(trained) -> None:
     assert metrics.top1 == result.test.top1
 
 
-def test_predict_gives_sorted_probabilities_for_image_files(trained, digits_root: Path) -> None:  # noqa: F811
+def test_predict_gives_sorted_probabilities_for_image_files(trained, digits_root: Path) -> None:
     _, result = trained
     images = sorted((digits_root / "digits" / "images" / "7").glob("*.png"))[:3]
     predictions = predict(load_artifact(result.artifact), images, top_k=4)
@@ -126,12 +130,12 @@ def test_predict_gives_sorted_probabilities_for_image_files(trained, digits_root
 
 def test_an_artifact_on_other_backbone_weights_is_refused(trained, tmp_path: Path) -> None:
     _, result = trained
+    import timm
     from safetensors.torch import save_file
 
-    import timm
-
-    other = timm.create_model("vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
-                              num_classes=0)
+    other = timm.create_model(
+        "vit_tiny_patch16_224", img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=0
+    )
     save_file(other.state_dict(), str(tmp_path / "other.safetensors"))
     with pytest.raises(ArtifactError, match="trained on"):
         load_artifact(result.artifact, backbone_weights=str(tmp_path / "other.safetensors"))
@@ -144,7 +148,7 @@ def test_resume_with_changed_settings_is_refused(trained) -> None:
         fit(changed, resume=True)
 
 
-def test_a_diverging_loss_stops_the_run_with_a_clear_error(project: Path) -> None:  # noqa: F811
+def test_a_diverging_loss_stops_the_run_with_a_clear_error(project: Path) -> None:
     settings = tiny_settings(project, **{"train.lr": 1e30, "train.warmup_epochs": 0, "train.epochs": 1})
     with pytest.raises(TrainingDiverged, match="lower train.lr"):
         fit(settings)
@@ -154,9 +158,10 @@ def test_a_diverging_loss_stops_the_run_with_a_clear_error(project: Path) -> Non
     assert not (project / "runs" / "train" / "model").exists()
 
 
-def test_gradient_accumulation_steps_once_per_group_of_batches(project: Path) -> None:  # noqa: F811
-    settings = tiny_settings(project, **{"train.epochs": 1, "train.accumulate": 4, "train.test_split": None,
-                                         "tracking.enabled": False})
+def test_gradient_accumulation_steps_once_per_group_of_batches(project: Path) -> None:
+    settings = tiny_settings(
+        project, **{"train.epochs": 1, "train.accumulate": 4, "train.test_split": None, "tracking.enabled": False}
+    )
     result = fit(settings)
     checkpoint = torch.load(result.output / "checkpoint.pt", weights_only=True)
     batches = -(-1257 // 64)  # digits holdout train split: 1257 images

@@ -14,22 +14,35 @@ import torch
 import yaml
 from mlflow import MlflowClient
 from PIL import Image
+from timm.models.swin_transformer import SwinTransformer
 
 from sa2vp.data import prepare
 from sa2vp.engine import fit, load_artifact
-from timm.models.swin_transformer import SwinTransformer
-
 from sa2vp.explain import (
-    _cam_tap, class_activation_maps, explain, split_features, split_images, spread_by_class, tsne_figure,
+    _cam_tap,
+    class_activation_maps,
+    explain,
+    split_features,
+    split_images,
+    spread_by_class,
+    tsne_figure,
 )
 from sa2vp.models import SA2VPSwin, SA2VPViT
 from sa2vp.models.backbones import freeze
 from sa2vp.settings import SA2VPSettings, load_settings
 from tests.train_fixtures import TINY_PARAMS, invoke_sa2vp, tiny_settings
 
-SWIN = {"backbone.name": "swin_tiny_patch4_window7_224", "model.gamma": 0.5,
-        "backbone.model_kwargs": {"patch_size": 2, "embed_dim": 16, "depths": [1, 1, 2, 1], "num_heads": [1, 2, 2, 4],
-                                  "window_size": 2}}
+SWIN = {
+    "backbone.name": "swin_tiny_patch4_window7_224",
+    "model.gamma": 0.5,
+    "backbone.model_kwargs": {
+        "patch_size": 2,
+        "embed_dim": 16,
+        "depths": [1, 1, 2, 1],
+        "num_heads": [1, 2, 2, 4],
+        "window_size": 2,
+    },
+}
 FIGURES = {"similarity.png", "cam.png", "tsne.png"}
 
 
@@ -46,17 +59,25 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     prepare(load_settings(project / "params.yaml").data)
     artifacts = {"project": project}
     for name, overrides in (("vit", {}), ("swin", SWIN), ("linear", {"model.method": "linear"})):
-        settings = tiny_settings(project, **{"train.epochs": 1, "train.train_split": "train", "train.val_split": None,
-                                             "train.output": str(project / "runs" / name), **overrides})
+        settings = tiny_settings(
+            project,
+            **{
+                "train.epochs": 1,
+                "train.train_split": "train",
+                "train.val_split": None,
+                "train.output": str(project / "runs" / name),
+                **overrides,
+            },
+        )
         artifacts[name] = fit(settings).artifact
     return artifacts
 
 
-def _panels(figure) -> int:  # noqa: ANN001
+def _panels(figure) -> int:
     return sum(axes.get_label() == "panel" for axes in figure.axes)
 
 
-def _invoke(cwd: Path, *args: str, check: bool = True):  # noqa: ANN202
+def _invoke(cwd: Path, *args: str, check: bool = True):
     return invoke_sa2vp(cwd, "explain", *args, check=check)
 
 
@@ -65,6 +86,7 @@ def _files(folder: Path) -> list[str]:
 
 
 # --- the figures ---------------------------------------------------------------------------------------------
+
 
 def test_sa2vp_vit_figures_have_their_panels_and_are_written_logged_and_reproducible(trained: dict[str, Path]) -> None:
     loaded = load_artifact(trained["vit"])
@@ -119,8 +141,9 @@ def test_another_method_gets_cam_and_tsne_and_a_line_for_the_similarity_maps(tra
 
 
 @pytest.mark.parametrize("name", ["vit", "swin", "linear"])
-def test_the_cam_tap_leaves_the_prediction_unchanged_and_the_maps_are_normalised(trained: dict[str, Path],
-                                                                                name: str) -> None:
+def test_the_cam_tap_leaves_the_prediction_unchanged_and_the_maps_are_normalised(
+    trained: dict[str, Path], name: str
+) -> None:
     model = load_artifact(trained[name]).model
     images = torch.randn(3, 3, 16, 16)
     with torch.no_grad():
@@ -145,29 +168,51 @@ def test_tsne_of_two_artifacts_is_two_panels_logged_to_both_runs(trained: dict[s
     assert [a.get_title().splitlines()[0] for a in figure.axes] == ["SA²VP, window c=3", "linear"]
 
     out = trained["project"] / "compare"
-    done = _invoke(trained["project"], "--tsne", str(trained["vit"]), str(trained["linear"]), "--points", "30",
-                   "--out", str(out))
+    done = _invoke(
+        trained["project"], "--tsne", str(trained["vit"]), str(trained["linear"]), "--points", "30", "--out", str(out)
+    )
     assert _files(out) == ["tsne_comparison.png"]
     client = MlflowClient(f"sqlite:///{trained['project'] / 'mlflow.db'}")
     for name in ("vit", "linear"):
         run_id = json.loads((trained[name] / "model.json").read_text())["training"]["mlflow_run_id"]
-        assert "figures/explain/tsne_comparison.png" in {a.path for a in client.list_artifacts(run_id, "figures/explain")}
+        assert "figures/explain/tsne_comparison.png" in {
+            a.path for a in client.list_artifacts(run_id, "figures/explain")
+        }
         assert f"logged to MLflow run {run_id}" in done.stdout
 
 
 def test_the_suite_report_adds_the_tsne_of_its_variants(trained: dict[str, Path], tmp_path: Path) -> None:
     from sa2vp.suites import CellResult, cell_dir, write_report
 
-    settings = load_settings(None, {
-        "suite.name": "t", "suite.output": str(tmp_path / "results"), "suite.report": str(tmp_path / "report"),
-        "suite.datasets": ["digits"], "suite.variants": ["sa2vp", "linear"], "suite.seeds": [0],
-        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment": "suites"})
+    settings = load_settings(
+        None,
+        {
+            "suite.name": "t",
+            "suite.output": str(tmp_path / "results"),
+            "suite.report": str(tmp_path / "report"),
+            "suite.datasets": ["digits"],
+            "suite.variants": ["sa2vp", "linear"],
+            "suite.seeds": [0],
+            "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+            "tracking.experiment": "suites",
+        },
+    )
     for variant, name in (("sa2vp", "vit"), ("linear", "linear")):
         folder = cell_dir(settings, "digits", variant)
         shutil.copytree(trained[name], folder / "seed-0" / "model")
-        result = CellResult(dataset="digits", group="toy", variant=variant, method=variant, seeds=[0],
-                            test_top1=[0.5], test_mean_class=[0.5], trainable_parameters=1, trainable_percent=1.0,
-                            tuned={}, val_top1=None)
+        result = CellResult(
+            dataset="digits",
+            group="toy",
+            variant=variant,
+            method=variant,
+            seeds=[0],
+            test_top1=[0.5],
+            test_mean_class=[0.5],
+            trainable_parameters=1,
+            trainable_percent=1.0,
+            tuned={},
+            val_top1=None,
+        )
         (folder / "result.json").write_text(json.dumps(result.as_dict()))
     report = write_report(settings)
     assert (tmp_path / "report" / "tsne_digits.png").is_file()
@@ -177,12 +222,22 @@ def test_the_suite_report_adds_the_tsne_of_its_variants(trained: dict[str, Path]
 
 # --- the similarity maps peak where the input puts them ------------------------------------------------------
 
+
 def test_vit_similarity_peaks_at_the_prompt_token_made_equal_to_the_image_token() -> None:
     torch.manual_seed(0)
-    backbone = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16,
-                                 patch_size=4, embed_dim=32, depth=2, num_heads=2)  # a 4×4 grid
-    model = SA2VPViT(backbone.requires_grad_(False), 5,
-                     SA2VPSettings(window=3, deep_layers=[], to_prompt_layers=[0], dropout=0.0)).eval()
+    backbone = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=16,
+        patch_size=4,
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+    )  # a 4×4 grid
+    model = SA2VPViT(
+        backbone.requires_grad_(False), 5, SA2VPSettings(window=3, deep_layers=[], to_prompt_layers=[0], dropout=0.0)
+    ).eval()
     images = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
         for block in backbone.blocks:  # every frozen block the identity, no positions, no exchange (γ = 0):
@@ -198,7 +253,7 @@ def test_vit_similarity_peaks_at_the_prompt_token_made_equal_to_the_image_token(
         prompt.proj.weight.zero_()
         prompt.proj.bias.zero_()
         prompt.proj.weight[:, 0] = image_token
-        prompt.proj.weight[:, 1] = torch.randn(32) * image_token.norm() / 32 ** 0.5
+        prompt.proj.weight[:, 1] = torch.randn(32) * image_token.norm() / 32**0.5
         prompt.tokens[0, :, 1] = 0.3
         prompt.tokens[0, 1 + 2 * 4 + 0, 0] = 1.0
     maps = model.similarity_maps(images, [0, 1], token=(1, 2))
@@ -212,14 +267,22 @@ def test_vit_similarity_peaks_at_the_prompt_token_made_equal_to_the_image_token(
 
 def test_swin_similarity_peaks_where_a_hooked_block_puts_the_image_token() -> None:
     torch.manual_seed(0)
-    swin = SwinTransformer(img_size=(32, 48), num_classes=0, drop_path_rate=0.0, patch_size=2, embed_dim=16,
-                           depths=(1, 1, 3, 1), num_heads=(1, 2, 2, 4), window_size=4)  # grids 16×24 … 2×3
+    swin = SwinTransformer(
+        img_size=(32, 48),
+        num_classes=0,
+        drop_path_rate=0.0,
+        patch_size=2,
+        embed_dim=16,
+        depths=(1, 1, 3, 1),
+        num_heads=(1, 2, 2, 4),
+        window_size=4,
+    )  # grids 16×24 … 2×3
     model = SA2VPSwin(freeze(swin), 5, SA2VPSettings(prompt_rank=8, adapter_dim=8, dropout=0.0)).eval()
     assert model.similarity_grid == (4, 6) and model.num_layers == 3  # cross stage 2
     model.gamma = 0.0  # no exchange after the hooked block: the maps read its outputs as they are
     calls: list[torch.Tensor] = []
 
-    def constructed(module, args, output):  # noqa: ANN001, ANN202
+    def constructed(module, args, output):
         calls.append(output)
         if len(calls) == 2:  # the prompt pathway (the base runs first): its tokens small, one the image token's
             made = torch.full_like(output, 0.01)
@@ -239,6 +302,7 @@ def test_swin_similarity_peaks_where_a_hooked_block_puts_the_image_token() -> No
 
 # --- bad input: one line, exit 2, nothing written ------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -251,8 +315,9 @@ def test_swin_similarity_peaks_where_a_hooked_block_puts_the_image_token() -> No
         (["--tsne", "{vit}", "nowhere/model"], "nowhere/model: not an sa2vp artifact"),
     ],
 )
-def test_bad_input_is_one_line_exit_2_and_nothing_written(trained: dict[str, Path], tmp_path: Path,
-                                                          args: list[str], message: str) -> None:
+def test_bad_input_is_one_line_exit_2_and_nothing_written(
+    trained: dict[str, Path], tmp_path: Path, args: list[str], message: str
+) -> None:
     args = [arg.format(vit=trained["vit"]) for arg in args]
     out = tmp_path / "out"
     done = _invoke(tmp_path, *args, "--out", str(out), check=False)
@@ -268,8 +333,10 @@ def test_a_missing_store_is_a_line_and_the_figures_are_still_written(trained: di
     record["settings"]["tracking"]["uri"] = "sqlite:///elsewhere.db"
     (tmp_path / "model" / "model.json").write_text(json.dumps(record))
     done = _invoke(tmp_path, "model", "--n", "2", "--points", "20")
-    assert f"not logged to MLflow: the artifact's tracking.uri 'sqlite:///elsewhere.db' names {tmp_path}/elsewhere.db" \
+    assert (
+        f"not logged to MLflow: the artifact's tracking.uri 'sqlite:///elsewhere.db' names {tmp_path}/elsewhere.db"
         in done.stdout
+    )
     assert not (tmp_path / "elsewhere.db").exists()  # no empty store made
     assert _files(tmp_path / "figures") == sorted(FIGURES)
 

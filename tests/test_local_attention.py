@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from reference import naive_cross_attention
 
 from sa2vp.models.local_attention import choose_kernel, spatial_cross_attention
+from tests.reference import naive_cross_attention
 
 TOLERANCE = 1e-5
 
@@ -46,7 +46,7 @@ def test_fast_path_matches_naive_reference(grid, window, head_mode, border, kern
 
     assert fast_out.dtype == torch.float32
     assert (fast_out - ref_out).abs().max().item() <= TOLERANCE
-    for name, fast, ref in zip("qkv", fast_grads, ref_grads):
+    for name, fast, ref in zip("qkv", fast_grads, ref_grads, strict=True):
         assert (fast - ref).abs().max().item() <= TOLERANCE, f"gradient of {name}"
 
 

@@ -25,10 +25,18 @@ from sa2vp.settings import Choice, SA2VPSettings, Settings, SettingsError, flatt
 from tests.train_fixtures import TINY_PARAMS, digits_root, project, tiny_settings  # noqa: F401  (fixtures)
 
 NUM_CLASSES = 5
-TINY_VIT = {"backbone.name": "vit_tiny_patch16_224", "backbone.weights": "random", "backbone.img_size": 16,
-            "backbone.model_kwargs": TINY_PARAMS["backbone"]["model_kwargs"]}  # 4×4 grid, d = 32, 2 blocks
-TINY_SWIN = {"backbone.name": "swin_tiny_patch4_window7_224", "backbone.weights": "random", "backbone.img_size": 32,
-             "backbone.model_kwargs": {"embed_dim": 16, "depths": [1, 2], "num_heads": [1, 2], "window_size": 4}}
+TINY_VIT = {
+    "backbone.name": "vit_tiny_patch16_224",
+    "backbone.weights": "random",
+    "backbone.img_size": 16,
+    "backbone.model_kwargs": TINY_PARAMS["backbone"]["model_kwargs"],
+}  # 4×4 grid, d = 32, 2 blocks
+TINY_SWIN = {
+    "backbone.name": "swin_tiny_patch4_window7_224",
+    "backbone.weights": "random",
+    "backbone.img_size": 32,
+    "backbone.model_kwargs": {"embed_dim": 16, "depths": [1, 2], "num_heads": [1, 2], "window_size": 4},
+}
 BASELINES = ["linear", "full", "vpt-shallow", "vpt-deep", "lora", "adaptformer"]
 ALL = ["sa2vp", *BASELINES]
 
@@ -37,9 +45,10 @@ def tiny(method: str, backbone: dict[str, Any] = TINY_VIT, **overrides: Any) -> 
     return load_settings(None, {**backbone, "model.method": method, **overrides})
 
 
-def build(method: str, backbone: dict[str, Any] = TINY_VIT, seed: int = 0, **overrides: Any):  # noqa: ANN201
-    return build_seeded(load_settings(None, {**backbone, "model.method": method, "train.seed": seed, **overrides}),
-                        NUM_CLASSES)
+def build(method: str, backbone: dict[str, Any] = TINY_VIT, seed: int = 0, **overrides: Any):
+    return build_seeded(
+        load_settings(None, {**backbone, "model.method": method, "train.seed": seed, **overrides}), NUM_CLASSES
+    )
 
 
 def batch(backbone: dict[str, Any] = TINY_VIT, size: int = 8, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -63,6 +72,7 @@ def perturb(model: torch.nn.Module, seed: int = 1) -> None:
 
 
 # --- registry, settings, search spaces -----------------------------------------------------------------------
+
 
 def test_the_registry_and_the_settings_schema_list_the_same_methods():
     assert set(METHODS) == set(get_args(SA2VPSettings.model_fields["method"].annotation)) == set(ALL)
@@ -97,15 +107,24 @@ def test_nested_method_settings_come_from_overrides_environment_and_files(tmp_pa
     assert (settings.model.lora.rank, settings.model.adaptformer.dim, settings.model.adaptformer.scale) == (16, 8, 0.25)
     defaults = SA2VPSettings()
     assert (defaults.vpt.tokens, defaults.vpt.dropout, defaults.prompt_adapter) == (10, 0.1, True)
-    assert (defaults.lora.rank, defaults.lora.alpha, defaults.lora.dropout, defaults.lora.targets) == (8, 8, 0.0, ["qkv"])
+    assert (defaults.lora.rank, defaults.lora.alpha, defaults.lora.dropout, defaults.lora.targets) == (
+        8,
+        8,
+        0.0,
+        ["qkv"],
+    )
     assert (defaults.adaptformer.dim, defaults.adaptformer.scale, defaults.adaptformer.dropout) == (64, 0.1, 0.1)
 
 
 @pytest.mark.parametrize(
     "key, value, expected",
     [
-        ("model.method", "vpt", "model.method: Input should be 'sa2vp', 'linear', 'full', 'vpt-shallow', 'vpt-deep', "
-                                "'lora' or 'adaptformer'"),
+        (
+            "model.method",
+            "vpt",
+            "model.method: Input should be 'sa2vp', 'linear', 'full', 'vpt-shallow', 'vpt-deep', "
+            "'lora' or 'adaptformer'",
+        ),
         ("model.vpt.tokens", 0, "model.vpt.tokens: Input should be greater than or equal to 1"),
         ("model.vpt.token", 5, "model.vpt.token: unknown setting"),
         ("model.lora.rank", 0, "model.lora.rank: Input should be greater than or equal to 1"),
@@ -123,8 +142,9 @@ def test_invalid_method_settings_name_the_key(key, value, expected):
 def test_build_errors_name_the_setting_and_what_is_allowed():
     with pytest.raises(BackboneError, match=r"backbone.name='swin_tiny.*vpt-\* supports ViT backbones"):
         build_model(tiny("vpt-deep", TINY_SWIN), NUM_CLASSES)
-    with pytest.raises(SettingsError, match="model.lora.targets: 'query' names no nn.Linear .* allowed: fc1, fc2, "
-                                            "proj, qkv"):
+    with pytest.raises(
+        SettingsError, match="model.lora.targets: 'query' names no nn.Linear .* allowed: fc1, fc2, proj, qkv"
+    ):
         build_model(tiny("lora", **{"model.lora.targets": ["qkv", "query"]}), NUM_CLASSES)
 
 
@@ -140,6 +160,7 @@ def test_no_model_module_imports_peft_at_import_time():
 
 
 # --- what trains ---------------------------------------------------------------------------------------------
+
 
 def intended(method: str, name: str) -> bool:
     """Whether parameter `name` is one `method` trains (the head always is)."""
@@ -186,7 +207,7 @@ def test_exactly_the_intended_parameters_train_and_get_gradients(method, backbon
 LEARNING_RATES = {"full": 3e-3, "sa2vp-no-adapter": 3e-3}
 
 
-@pytest.mark.parametrize("method", ALL + ["sa2vp-no-adapter"])
+@pytest.mark.parametrize("method", [*ALL, "sa2vp-no-adapter"])
 def test_training_the_methods_own_parameters_lowers_the_loss(method):
     """A few AdamW steps on a fixed batch; for all but the linear probe the head stays frozen, so only the
     method's own parameters (prompts, LoRA factors, adapters, the backbone) can lower the loss."""
@@ -222,8 +243,13 @@ def test_training_the_methods_own_parameters_lowers_the_loss(method):
 
 @pytest.mark.parametrize("method", ALL)
 def test_eval_is_deterministic_and_dropout_acts_in_training_only(method):
-    dropouts = {"model.vpt.dropout": 0.5, "model.lora.dropout": 0.5, "model.adaptformer.dropout": 0.5,
-                "model.dropout": 0.5, "model.to_prompt_layers": [0]}  # SA²VP: the base reads the prompt at layer 1
+    dropouts = {
+        "model.vpt.dropout": 0.5,
+        "model.lora.dropout": 0.5,
+        "model.adaptformer.dropout": 0.5,
+        "model.dropout": 0.5,
+        "model.to_prompt_layers": [0],
+    }  # SA²VP: the base reads the prompt at layer 1
     model = build(method, **dropouts)
     perturb(model)  # LoRA's B and AdaptFormer's W_up start at zero, which would hide their dropout
     images, _ = batch()
@@ -258,6 +284,7 @@ def test_every_method_honours_backbone_dropout(method, setting):
 
 # --- method specifics ----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("method", ["lora", "adaptformer"])
 @pytest.mark.parametrize("backbone", [TINY_VIT, TINY_SWIN], ids=["vit", "swin"])
 def test_zero_initialised_methods_start_exactly_at_the_frozen_backbone(method, backbone):
@@ -276,8 +303,9 @@ def test_zero_initialised_methods_start_exactly_at_the_frozen_backbone(method, b
 @pytest.mark.parametrize("registers", [0, 2])
 def test_vpt_inserts_prompts_after_the_prefix_and_deep_replaces_them(deep, registers):
     kwargs = {**TINY_VIT["backbone.model_kwargs"], "reg_tokens": registers, "depth": 3}
-    model = build("vpt-deep" if deep else "vpt-shallow", **{"backbone.model_kwargs": kwargs,
-                                                           "model.vpt.tokens": 3}).eval()
+    model = build(
+        "vpt-deep" if deep else "vpt-shallow", **{"backbone.model_kwargs": kwargs, "model.vpt.tokens": 3}
+    ).eval()
     perturb(model)
     prefix, patches, p = 1 + registers, 16, 3
     inputs: list[torch.Tensor] = []
@@ -366,12 +394,18 @@ def test_vit_b16_parameter_counts_match_the_hand_derivation(method):
     assert summary.head == D * 100 + 100
     assert summary.percent_of_backbone == pytest.approx(100 * sum(EXPECTED_VIT_B[method].values()) / BACKBONE)
     assert (summary.trainable, round(summary.percent_of_backbone, 4)) == {
-        "linear": (0, 0.0), "full": (85_798_656, 100.0), "vpt-shallow": (7_680, 0.009), "vpt-deep": (92_160, 0.1074),
-        "lora": (294_912, 0.3437), "adaptformer": (1_189_632, 1.3865), "sa2vp": (50_160, 0.0585),
+        "linear": (0, 0.0),
+        "full": (85_798_656, 100.0),
+        "vpt-shallow": (7_680, 0.009),
+        "vpt-deep": (92_160, 0.1074),
+        "lora": (294_912, 0.3437),
+        "adaptformer": (1_189_632, 1.3865),
+        "sa2vp": (50_160, 0.0585),
     }[method]
 
 
 # --- artifacts -----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("method", ALL)
 def test_the_artifact_round_trip_restores_identical_logits(method, tmp_path):
@@ -379,10 +413,13 @@ def test_the_artifact_round_trip_restores_identical_logits(method, tmp_path):
     model = build_seeded(settings, NUM_CLASSES)
     digest = weights_digest(model.backbone, model.backbone_name)  # before training, as the trainer takes it
     perturb(model)  # "trained": every saved tensor differs from what a fresh build starts with
-    record = {"classes": [str(c) for c in range(NUM_CLASSES)], "transform": "vtab",
-              "backbone": {"name": settings.backbone.name, "sha256": digest},
-              "data_config": data_config(model.backbone),
-              "dataset": {"manifest_hash": "sha256:" + "0" * 64}}  # the record's required fields (ArtifactRecord)
+    record = {
+        "classes": [str(c) for c in range(NUM_CLASSES)],
+        "transform": "vtab",
+        "backbone": {"name": settings.backbone.name, "sha256": digest},
+        "data_config": data_config(model.backbone),
+        "dataset": {"manifest_hash": "sha256:" + "0" * 64},
+    }  # the record's required fields (ArtifactRecord)
     save_artifact(tmp_path, model, settings, record)
     assert set(load_file(str(tmp_path / "model.safetensors"))) == trainable_names(model)
     loaded = load_artifact(tmp_path).model
@@ -396,11 +433,20 @@ def test_the_artifact_round_trip_restores_identical_logits(method, tmp_path):
 
 # --- one real epoch per method ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", BASELINES + ["sa2vp-no-adapter"])
-def test_one_epoch_on_digits_gives_metrics_and_a_reloadable_artifact(method, project):  # noqa: F811
+
+@pytest.mark.parametrize("method", [*BASELINES, "sa2vp-no-adapter"])
+def test_one_epoch_on_digits_gives_metrics_and_a_reloadable_artifact(method, project):
     extra = {"model.prompt_adapter": False} if method == "sa2vp-no-adapter" else {}
-    settings = tiny_settings(project, **{"model.method": method.removesuffix("-no-adapter"), "train.epochs": 1,
-                                        "train.warmup_epochs": 0, "tracking.enabled": False, **extra})
+    settings = tiny_settings(
+        project,
+        **{
+            "model.method": method.removesuffix("-no-adapter"),
+            "train.epochs": 1,
+            "train.warmup_epochs": 0,
+            "tracking.enabled": False,
+            **extra,
+        },
+    )
     result = fit(settings)
     assert result.val is not None and result.test is not None and 0.0 <= result.test.top1 <= 1.0
     metrics = evaluate(load_artifact(result.artifact), "test")

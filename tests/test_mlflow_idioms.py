@@ -55,7 +55,7 @@ class Store:
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory: pytest.TempPathFactory, digits_root: Path) -> Store:  # noqa: F811
+def store(tmp_path_factory: pytest.TempPathFactory, digits_root: Path) -> Store:
     """`sa2vp train` (1 epoch, with its MLflow model) and `sa2vp tune` (1 trial of 1 epoch) in one project
     folder, with the default relative store `sqlite:///mlflow.db`."""
     project = tmp_path_factory.mktemp("mlflow-project")
@@ -63,8 +63,18 @@ def store(tmp_path_factory: pytest.TempPathFactory, digits_root: Path) -> Store:
     params["data"]["root"] = str(digits_root)
     (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
     invoke_sa2vp(project, "train", "--epochs", "1", "--set", "tracking.log_model=true")
-    invoke_sa2vp(project, "tune", "--n-trials", "1", "--set", "tune.epochs=1", "--study-name", "s",
-                 "--storage", "runs/study.journal")
+    invoke_sa2vp(
+        project,
+        "tune",
+        "--n-trials",
+        "1",
+        "--set",
+        "tune.epochs=1",
+        "--study-name",
+        "s",
+        "--storage",
+        "runs/study.journal",
+    )
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("tests")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
@@ -89,6 +99,7 @@ def _settings(folder: Path, experiment: str) -> TrackingSettings:
 
 # --- 7: the experiment, run names, dataset inputs, source tags ----------------------------------------------
 
+
 def test_experiments_sa2vp_logs_to_are_model_training_experiments(store: Store, scratch: Path) -> None:
     assert store.experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     # an experiment made before (by MLflow, or an older sa2vp) is marked when sa2vp logs to it ...
@@ -104,8 +115,12 @@ def test_experiments_sa2vp_logs_to_are_model_training_experiments(store: Store, 
 
 def test_trial_and_study_runs_are_named_by_what_they_try(store: Store) -> None:
     assert store.parent.info.run_name == "tune-s" and len(store.trials) == 1
-    study = optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(
-        optuna.storages.journal.JournalFileBackend(str(store.project / "runs/study.journal"))))
+    study = optuna.load_study(
+        study_name="s",
+        storage=optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(store.project / "runs/study.journal"))
+        ),
+    )
     names = {run.info.run_id: run.info.run_name for run in store.trials}
     for trial in study.trials:
         expected = trial_run_name(trial.number, trial.params)
@@ -113,11 +128,13 @@ def test_trial_and_study_runs_are_named_by_what_they_try(store: Store) -> None:
         assert expected.startswith(f"trial-{trial.number} γ=") and " λ=" in expected
     tried = {"model.gamma": 0.2134, "model.window": 5, "train.lr": 0.003}
     assert trial_run_name(3, tried) == "trial-3 γ=0.21 c=5 lr=3e-3"
-    assert trial_run_name(0, {"model.lam": 0.8, "train.lr": 2.5e-4, "model.vpt.tokens": 10}) == \
-        "trial-0 λ=0.8 lr=2.5e-4 tokens=10"
+    assert (
+        trial_run_name(0, {"model.lam": 0.8, "train.lr": 2.5e-4, "model.vpt.tokens": 10})
+        == "trial-0 λ=0.8 lr=2.5e-4 tokens=10"
+    )
 
 
-def test_the_splits_a_run_reads_are_its_dataset_inputs(store: Store, digits_root: Path) -> None:  # noqa: F811
+def test_the_splits_a_run_reads_are_its_dataset_inputs(store: Store, digits_root: Path) -> None:
     folder = split_dir(load_settings(store.project / "params.yaml").data)
     manifest = read_manifest(folder)
     digest = manifest.data["content_hash"].removeprefix("sha256:")[:36]
@@ -127,18 +144,24 @@ def test_the_splits_a_run_reads_are_its_dataset_inputs(store: Store, digits_root
         for item in run.inputs.dataset_inputs:
             (context,) = [tag.value for tag in item.tags if tag.key == "mlflow.data.context"]
             dataset = item.dataset
-            found[context] = (dataset.name, dataset.digest, json.loads(dataset.source)["uri"],
-                              json.loads(dataset.profile)["num_rows"])
+            found[context] = (
+                dataset.name,
+                dataset.digest,
+                json.loads(dataset.source)["uri"],
+                json.loads(dataset.profile)["num_rows"],
+            )
         return found
 
     counts = {split: entry["count"] for split, entry in manifest.data["splits"].items()}
-    assert inputs(store.train) == {role: (f"digits/{role}", digest, str(folder.resolve()), counts[role])
-                                   for role in ("train", "val", "test")}
+    assert inputs(store.train) == {
+        role: (f"digits/{role}", digest, str(folder.resolve()), counts[role]) for role in ("train", "val", "test")
+    }
     assert all(set(inputs(trial)) == {"train", "val"} for trial in store.trials)  # trials skip the test split
 
 
-def test_runs_say_which_command_and_user_made_them(store: Store, scratch: Path,
-                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+def test_runs_say_which_command_and_user_made_them(
+    store: Store, scratch: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     for run in (store.train, store.parent, *store.trials):
         tags = run.data.tags
         assert tags["mlflow.source.type"] == "LOCAL" and tags["mlflow.user"] == getpass.getuser()
@@ -155,8 +178,12 @@ def test_runs_say_which_command_and_user_made_them(store: Store, scratch: Path,
 
 # --- 8: the model as an MLflow model -----------------------------------------------------------------------
 
-def test_the_model_is_an_mlflow_model_that_predicts_like_sa2vp_predict(store: Store, digits_root: Path,  # noqa: F811
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+
+def test_the_model_is_an_mlflow_model_that_predicts_like_sa2vp_predict(
+    store: Store,
+    digits_root: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     run_id = store.train.info.run_id
     (logged,) = store.client.search_logged_models([store.experiment.experiment_id])
     assert logged.name == MODEL_NAME and logged.source_run_id == run_id and logged.status == LoggedModelStatus.READY
@@ -172,14 +199,16 @@ def test_the_model_is_an_mlflow_model_that_predicts_like_sa2vp_predict(store: St
     assert list(frame["label"]) == [prediction.top[0][0] for prediction in expected]
     for row, prediction in zip(frame.to_dict("records"), expected, strict=True):
         assert {name: row[PROBABILITY_PREFIX + name] for name in loaded.classes} == pytest.approx(
-            dict(prediction.top), abs=1e-7)
+            dict(prediction.top), abs=1e-7
+        )
 
     local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/{MODEL_NAME}"))
     assert not list(local.rglob("*.pkl"))  # a model from code: nothing unpickled, weights from safetensors
     assert (local / "artifacts/model/model.safetensors").is_file() and (local / "code/sa2vp/__init__.py").is_file()
     requirements = (local / "requirements.txt").read_text().split()
     assert {f"{name}=={version(name)}" for name in ("torch", "timm", "safetensors", "pillow", "mlflow")} <= set(
-        requirements)
+        requirements
+    )
     info = mlflow.models.get_model_info(f"runs:/{run_id}/{MODEL_NAME}")
     assert info.signature.inputs.input_names() == ["image"] and info.saved_input_example_info
     assert TrackingSettings().log_model  # on by default; trials (their model is not kept) log none
@@ -188,21 +217,35 @@ def test_the_model_is_an_mlflow_model_that_predicts_like_sa2vp_predict(store: St
 
 # --- 9: the tuning figures ---------------------------------------------------------------------------------
 
+
 def _study() -> optuna.Study:
     """Twelve trials over SA²VP's space (two pruned); windows 1, 3 and 7 tried, never 5."""
-    distributions = {"model.gamma": FloatDistribution(0.01, 2.0, log=True), "model.lam": FloatDistribution(0.5, 1.0),
-                     "model.window": CategoricalDistribution([1, 3, 5, 7]),
-                     "train.lr": FloatDistribution(1e-4, 2e-2, log=True)}
+    distributions = {
+        "model.gamma": FloatDistribution(0.01, 2.0, log=True),
+        "model.lam": FloatDistribution(0.5, 1.0),
+        "model.window": CategoricalDistribution([1, 3, 5, 7]),
+        "train.lr": FloatDistribution(1e-4, 2e-2, log=True),
+    }
     study = optuna.create_study(direction="maximize", study_name="a-study-name-long-enough-to-need-room")
     rng = np.random.default_rng(0)
     for number in range(12):
-        params = {"model.gamma": float(10 ** rng.uniform(-2, 0.3)), "model.lam": float(rng.uniform(0.5, 1)),
-                  "model.window": [1, 3, 7][number % 3], "train.lr": float(10 ** rng.uniform(-4, -1.7))}
+        params = {
+            "model.gamma": float(10 ** rng.uniform(-2, 0.3)),
+            "model.lam": float(rng.uniform(0.5, 1)),
+            "model.window": [1, 3, 7][number % 3],
+            "train.lr": float(10 ** rng.uniform(-4, -1.7)),
+        }
         value = 0.5 + 0.1 * (params["model.window"] == 3) + float(rng.uniform(0, 0.05))
         state = TrialState.PRUNED if number in (4, 9) else TrialState.COMPLETE
-        study.add_trial(create_trial(params=params, distributions=distributions, state=state,
-                                     value=value if state == TrialState.COMPLETE else None,
-                                     intermediate_values={1: value}))
+        study.add_trial(
+            create_trial(
+                params=params,
+                distributions=distributions,
+                state=state,
+                value=value if state == TrialState.COMPLETE else None,
+                intermediate_values={1: value},
+            )
+        )
     return study
 
 
@@ -238,8 +281,10 @@ def test_tuning_figures_are_readable(store: Store, monkeypatch: pytest.MonkeyPat
 
 # --- 10: a store that can move -----------------------------------------------------------------------------
 
-def test_a_copied_project_still_opens_its_artifacts(store: Store, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+
+def test_a_copied_project_still_opens_its_artifacts(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     assert store.experiment.artifact_location == f"mlruns/{store.experiment.experiment_id}"
     copy = Path(shutil.copytree(store.project, tmp_path / "moved"))
     away = store.project.rename(store.project.with_name(store.project.name + "-away"))  # as if deleted
@@ -268,6 +313,7 @@ def test_a_store_given_by_absolute_path_keeps_its_artifacts_beside_it(scratch: P
 
 # --- 11: sa2vp ui ------------------------------------------------------------------------------------------
 
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -282,8 +328,14 @@ def _lines(stream: Any) -> Queue[str]:
 
 def test_sa2vp_ui_prints_its_address_once_the_server_answers(store: Store) -> None:
     port = _free_port()
-    ui = subprocess.Popen([SA2VP, "ui", "--port", str(port)], cwd=store.project, stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True, start_new_session=True)
+    ui = subprocess.Popen(
+        [SA2VP, "ui", "--port", str(port)],
+        cwd=store.project,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         stdout, stderr = _lines(ui.stdout), _lines(ui.stderr)
         deadline = time.monotonic() + 150

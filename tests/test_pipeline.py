@@ -16,8 +16,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from data_fixtures import make_cifar10, make_cub_images, make_vtab_task, write_vpt_json
 from mlflow import MlflowClient
+
+from tests.data_fixtures import make_cifar10, make_cub_images, make_vtab_task, write_vpt_json
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -35,8 +36,9 @@ LOGS: dict[str, str] = {}
 
 
 def _copy_repository(dest: Path) -> Path:
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True,
-                            text=True, check=True).stdout.splitlines()
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
     for name in listed:
         source = REPO / name
         if source.is_file():
@@ -59,8 +61,9 @@ def _env() -> dict[str, str]:
 
 
 def _dvc(project: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run([str(BIN / "dvc"), *args], cwd=project, capture_output=True, text=True, env=_env(),
-                          timeout=600)
+    done = subprocess.run(
+        [str(BIN / "dvc"), *args], cwd=project, capture_output=True, text=True, env=_env(), timeout=600
+    )
     assert done.returncode == 0, f"dvc {' '.join(args)}:\n{done.stdout}\n{done.stderr}"
     return done
 
@@ -73,8 +76,9 @@ def side_repository(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
         _tiny_suite(project, suite)
     # each suite is a DVC project of its own: one `dvc --cd pipelines/<suite> repro` each, one after the other
     script = " && ".join(f"dvc --cd pipelines/{suite} repro" for suite in SIDE_SUITES)
-    process = subprocess.Popen(["bash", "-c", script], cwd=project, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env())
+    process = subprocess.Popen(
+        ["bash", "-c", script], cwd=project, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env()
+    )
     yield project, process
     if process.poll() is None:
         process.kill()
@@ -101,7 +105,8 @@ def reproduced(side_repository: tuple[Path, subprocess.Popen[str]], tmp_path_fac
 
 
 def test_the_backbone_pipeline_makes_the_file_and_the_main_pipeline_uses_it_without_pretraining(
-        reproduced: Path) -> None:
+    reproduced: Path,
+) -> None:
     assert "Running stage 'pretrain'" in LOGS["backbone"]
     assert "source-task accuracy" in LOGS["backbone"]
     # upstream of the main pipeline (its stages depend on the file) and up to date: not rerun
@@ -112,7 +117,8 @@ def test_the_backbone_pipeline_makes_the_file_and_the_main_pipeline_uses_it_with
 
 
 def test_dvc_repro_fills_mlflow_with_the_tuning_study_its_trials_and_the_final_run(
-        reproduced: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    reproduced: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.chdir(reproduced)  # the store's artifact paths are relative to its folder
     client = MlflowClient(f"sqlite:///{reproduced / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("sa2vp")
@@ -123,11 +129,16 @@ def test_dvc_repro_fills_mlflow_with_the_tuning_study_its_trials_and_the_final_r
     assert len(trials) == 2
     assert "best_val_top1" in parent.data.metrics and "best.model.gamma" in parent.data.params
     assert {"tuning/optimization_history.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id, "tuning")}
-    finals = [run for run in runs if run.data.params.get("train.train_split") == "trainval"
-              and run.data.params.get("model.method") == "sa2vp"]
+    finals = [
+        run
+        for run in runs
+        if run.data.params.get("train.train_split") == "trainval" and run.data.params.get("model.method") == "sa2vp"
+    ]
     assert len(finals) == 1 and "test/top1" in finals[0].data.metrics
     assert {a.path for a in client.list_artifacts(finals[0].info.run_id, "model")} == {
-        "model/model.json", "model/model.safetensors"}
+        "model/model.json",
+        "model/model.safetensors",
+    }
     best = yaml.safe_load((reproduced / "runs/tune/best.yaml").read_text())["settings"]
     assert float(finals[0].data.params["model.gamma"]) == pytest.approx(best["model.gamma"])
 
@@ -140,7 +151,8 @@ def test_dvc_metrics_and_a_second_repro_that_does_nothing(reproduced: Path) -> N
     assert "metrics/sa2vp.json" in shown.stdout
     plots = json.loads(_dvc(reproduced, "plots", "show", "--json").stdout)
     assert not plots.get("errors") and {"training loss", "learning rate", "plots/sa2vp/confusion.csv"} <= set(
-        plots["data"]), plots
+        plots["data"]
+    ), plots
     curve = json.dumps(plots["data"]["training loss"][0]["content"]["data"]["values"])
     # DVC labels each file by the shortest part of its path that tells them apart
     assert "final/history.csv" in curve and "linear/history.csv" in curve and "train/loss" in curve
@@ -152,8 +164,14 @@ def test_dvc_metrics_and_a_second_repro_that_does_nothing(reproduced: Path) -> N
 
 # --- the benchmark suites ---------------------------------------------------------------------------------
 
-TINY_BACKBONE = {"name": "vit_tiny_patch16_224", "img_size": 16, "model_kwargs": TINY["backbone.model_kwargs"],
-                 "origin": "synthetic", "pretrain": TINY_PRETRAIN, "weights": "models/backbone.safetensors"}
+TINY_BACKBONE = {
+    "name": "vit_tiny_patch16_224",
+    "img_size": 16,
+    "model_kwargs": TINY["backbone.model_kwargs"],
+    "origin": "synthetic",
+    "pretrain": TINY_PRETRAIN,
+    "weights": "models/backbone.safetensors",
+}
 
 
 def _fabricate_vtab(data: Path) -> None:
@@ -169,8 +187,13 @@ def _fabricate_cub(data: Path) -> None:
 SUITE_CELLS = {
     "vtab1k": (["vtab-svhn"], ["linear", "sa2vp"], [42], True, _fabricate_vtab),
     "fgvc": (["fgvc-cub200"], ["lora"], [42], False, _fabricate_cub),
-    "hta": (["hta-cifar10"], ["adaptformer"], [42], False,
-            lambda data: make_cifar10(data / "torchvision" / "cifar10", per_batch=10)),
+    "hta": (
+        ["hta-cifar10"],
+        ["adaptformer"],
+        [42],
+        False,
+        lambda data: make_cifar10(data / "torchvision" / "cifar10", per_batch=10),
+    ),
     "ablation": (["vtab-svhn"], ["no-adapter"], [42], False, _fabricate_vtab),
     "offline": (["shapes-count"], ["vpt-deep"], [0, 1], False, None),
     "offline-explain": (["digits"], ["no-backbone-dropout"], [0], False, None),
@@ -217,8 +240,9 @@ def suites(reproduced: Path, side_repository: tuple[Path, subprocess.Popen[str]]
 
 
 @pytest.mark.parametrize("suite", list(SUITE_CELLS))
-def test_each_suite_runs_its_cells_and_writes_its_table(suites: dict[str, Path], suite: str,
-                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_suite_runs_its_cells_and_writes_its_table(
+    suites: dict[str, Path], suite: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     datasets, variants, seeds, _, _ = SUITE_CELLS[suite]
     folder = suites[suite] / "pipelines" / suite
     table = (folder / "report" / "results.md").read_text()
@@ -250,7 +274,9 @@ def test_suite_cells_get_the_groups_settings_and_are_tuned(suites: dict[str, Pat
     assert set(result["tuned"]) == {"model.gamma", "model.lam", "model.window", "train.lr"}
     assert result["val_top1"] is not None
     assert final.data.params["model.gamma"] == str(result["tuned"]["model.gamma"])
-    ablation = json.loads((suites["ablation"] / "pipelines/ablation/results/vtab-svhn/no-adapter/result.json").read_text())
+    ablation = json.loads(
+        (suites["ablation"] / "pipelines/ablation/results/vtab-svhn/no-adapter/result.json").read_text()
+    )
     assert ablation["method"] == "sa2vp" and ablation["trainable_percent"] < result["trainable_percent"]
 
 

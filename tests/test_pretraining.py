@@ -34,13 +34,22 @@ REPO = Path(__file__).resolve().parents[1]
 NAME = "vit_tiny_patch16_224"
 # A 4×4-token ViT small enough to pretrain in a second or two.
 TINY = {"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}
-TINY_TASK = PretrainSettings(seed=1, classes=4, max_strokes=2, images_per_class=128, eval_images_per_class=25,
-                             epochs=6, batch_size=32, lr=5e-3, warmup_epochs=0.5, label_smoothing=0.0)
+TINY_TASK = PretrainSettings(
+    seed=1,
+    classes=4,
+    max_strokes=2,
+    images_per_class=128,
+    eval_images_per_class=25,
+    epochs=6,
+    batch_size=32,
+    lr=5e-3,
+    warmup_epochs=0.5,
+    label_smoothing=0.0,
+)
 
 
 def _tiny(**update) -> BackboneSettings:
-    return BackboneSettings(name=NAME, img_size=16, model_kwargs=TINY, origin="synthetic", pretrain=TINY_TASK,
-                            **update)
+    return BackboneSettings(name=NAME, img_size=16, model_kwargs=TINY, origin="synthetic", pretrain=TINY_TASK, **update)
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +66,7 @@ def test_generator_is_deterministic_balanced_and_sized():
     assert images.shape == (42, 12, 12) and images.dtype == torch.float32
     assert torch.equal(images, again_images) and torch.equal(labels, again_labels)
     assert torch.bincount(labels).tolist() == [7] * 6
-    assert 0 <= images.min() and images.max() <= 1
+    assert images.min() >= 0 and images.max() <= 1
     # Light strokes on a dark background, as glyphs are: some ink, mostly background.
     assert 0.05 < images.mean() < 0.5
     other, _ = generate(task, 7, 12, seed=6, stream=1)
@@ -177,7 +186,7 @@ def test_the_weights_file_header_is_in_sorted_order(tmp_path: Path) -> None:
     metadata = {f"key{i}": str(i) for i in (5, 3, 8, 1, 7, 2)}
     _save(model, tmp_path / "w.safetensors", metadata)
     raw = (tmp_path / "w.safetensors").read_bytes()
-    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")], object_pairs_hook=list)
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")], object_pairs_hook=list)
     keys = [key for key, _ in dict(header)["__metadata__"]]
     assert keys == sorted(keys) and [key for key, _ in header] == sorted(key for key, _ in header)
     with safe_open(str(tmp_path / "w.safetensors"), "pt") as handle:
@@ -187,10 +196,23 @@ def test_the_weights_file_header_is_in_sorted_order(tmp_path: Path) -> None:
 
 def test_materialise_in_a_log_prints_progress_while_pretraining(tmp_path: Path) -> None:
     # Not a terminal (DVC, CI): plain lines with the step count every --log-every seconds, and one at the end.
-    task = {"classes": 4, "max_strokes": 2, "images_per_class": 16, "eval_images_per_class": 2, "epochs": 2,
-            "batch_size": 16, "threads": 1}
-    backbone = {"name": NAME, "img_size": 16, "model_kwargs": TINY, "origin": "synthetic",
-                "weights": "backbone.safetensors", "pretrain": task}
+    task = {
+        "classes": 4,
+        "max_strokes": 2,
+        "images_per_class": 16,
+        "eval_images_per_class": 2,
+        "epochs": 2,
+        "batch_size": 16,
+        "threads": 1,
+    }
+    backbone = {
+        "name": NAME,
+        "img_size": 16,
+        "model_kwargs": TINY,
+        "origin": "synthetic",
+        "weights": "backbone.safetensors",
+        "pretrain": task,
+    }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"backbone": backbone}))
     threads = torch.get_num_threads()
     result = invoke_sa2vp(tmp_path, "--log-every", "0.01", "backbone", "materialise")

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from release_reference import from_sa2vp, trainable_pairs
 from timm.layers import DropPath
 from timm.models.vision_transformer import VisionTransformer
 
@@ -19,6 +18,7 @@ from sa2vp.models.backbones import BackboneError, file_sha256, freeze, set_stoch
 from sa2vp.models.cross_block import RELEASE_NORM_EPS
 from sa2vp.models.sa2vp_swin import _project
 from sa2vp.settings import BackboneSettings, SA2VPSettings, SettingsError, load_settings
+from tests.release_reference import from_sa2vp, trainable_pairs
 
 GRID = (4, 4)
 LAMBDA = 0.8
@@ -64,9 +64,14 @@ def test_one_training_step_gives_the_release_gradients_with_dropout_off():
 def dropout_elements(model: torch.nn.Module, images: torch.Tensor, roles: dict[torch.nn.Module, str]) -> Counter:
     """Elements passed through an active dropout (training, p > 0), summed per role of the dropout module."""
     seen: Counter = Counter()
-    hooks = [module.register_forward_hook(
-        lambda m, args, out, role=role: seen.update({(role, m.p): args[0].numel()} if m.training and m.p > 0 else {}))
-        for module, role in roles.items()]
+    hooks = [
+        module.register_forward_hook(
+            lambda m, args, out, role=role: seen.update(
+                {(role, m.p): args[0].numel()} if m.training and m.p > 0 else {}
+            )
+        )
+        for module, role in roles.items()
+    ]
     with torch.no_grad():
         model(images)
     for hook in hooks:
@@ -80,13 +85,22 @@ def test_with_dropout_on_the_same_layers_are_stochastic_over_the_same_elements()
     ours = {vit.pos_drop: "embedding"}
     theirs = {release.dropout: "embedding"}
     for i, block in enumerate(vit.blocks):
-        ours |= {block.mlp.drop1: f"mlp {i}", block.mlp.drop2: f"mlp {i}", block.attn.proj_drop: f"attention {i}",
-                 block.attn.attn_drop: f"attention {i}", model.cross[i].drop: f"cross {i}",
-                 model.cross[i].adapter.drop: f"cross {i}"}
+        ours |= {
+            block.mlp.drop1: f"mlp {i}",
+            block.mlp.drop2: f"mlp {i}",
+            block.attn.proj_drop: f"attention {i}",
+            block.attn.attn_drop: f"attention {i}",
+            model.cross[i].drop: f"cross {i}",
+            model.cross[i].adapter.drop: f"cross {i}",
+        }
         layer, cross = release.layer[i], release.cross_attn[i]
-        theirs |= {layer.ffn.dropout: f"mlp {i}", layer.attn.attn_dropout: f"attention {i}",
-                   layer.attn.proj_dropout: f"attention {i}", cross.attn.to_drop: f"cross {i}",
-                   cross.ffn.dropout: f"cross {i}"}
+        theirs |= {
+            layer.ffn.dropout: f"mlp {i}",
+            layer.attn.attn_dropout: f"attention {i}",
+            layer.attn.proj_dropout: f"attention {i}",
+            cross.attn.to_drop: f"cross {i}",
+            cross.ffn.dropout: f"cross {i}",
+        }
     images = torch.randn(3, 3, 16, 16)
     counted = dropout_elements(model, images, ours)
     assert counted == dropout_elements(release, images, theirs)
@@ -121,15 +135,24 @@ def test_evaluation_is_deterministic_and_the_release_output_without_dropout():
 
 # --- the backbone's stochastic layers ------------------------------------------------------------------------
 
+
 def vit_settings(**overrides) -> BackboneSettings:
-    tiny = {"name": "vit_tiny_patch16_224", "weights": "random", "img_size": 16,
-            "model_kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2}}
+    tiny = {
+        "name": "vit_tiny_patch16_224",
+        "weights": "random",
+        "img_size": 16,
+        "model_kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 3, "num_heads": 2},
+    }
     return BackboneSettings(**{**tiny, **overrides})
 
 
 def swin_settings(**overrides) -> BackboneSettings:
-    tiny = {"name": "swin_tiny_patch4_window7_224", "weights": "random", "img_size": 32,
-            "model_kwargs": {"embed_dim": 16, "depths": [1, 2, 1], "num_heads": [1, 2, 2], "window_size": 4}}
+    tiny = {
+        "name": "swin_tiny_patch4_window7_224",
+        "weights": "random",
+        "img_size": 32,
+        "model_kwargs": {"embed_dim": 16, "depths": [1, 2, 1], "num_heads": [1, 2, 2], "window_size": 4},
+    }
     return BackboneSettings(**{**tiny, **overrides})
 
 
@@ -175,6 +198,7 @@ def test_swin_in_training_draws_drop_path_per_image_for_both_pathways():
 
 # --- ε and initialisations -----------------------------------------------------------------------------------
 
+
 def test_adapters_normalise_with_the_release_epsilon():
     vit = SA2VPViT(vit12(0.0), 3, SA2VPSettings())
     assert RELEASE_NORM_EPS == 1e-6
@@ -195,10 +219,12 @@ def test_swin_cross_attention_normalises_with_norm1_parameters_at_epsilon_1e6():
     release_norm.load_state_dict(block.norm1.state_dict())
     (q,) = _project(block, x, "q")
     with torch.no_grad():
-        expected = F.linear(release_norm(x.flatten(1, 2)), *(t[: block.dim] for t in (block.attn.qkv.weight,
-                                                                                         block.attn.qkv.bias)))
-        timm_norm = F.linear(block.norm1(x.flatten(1, 2)), block.attn.qkv.weight[: block.dim],
-                             block.attn.qkv.bias[: block.dim])
+        expected = F.linear(
+            release_norm(x.flatten(1, 2)), *(t[: block.dim] for t in (block.attn.qkv.weight, block.attn.qkv.bias))
+        )
+        timm_norm = F.linear(
+            block.norm1(x.flatten(1, 2)), block.attn.qkv.weight[: block.dim], block.attn.qkv.bias[: block.dim]
+        )
     heads = block.attn.num_heads
     flat = q.transpose(1, 2).reshape(2, 4, block.dim)
     torch.testing.assert_close(flat, expected, rtol=0, atol=1e-5)
@@ -211,10 +237,16 @@ def xavier_bound(layer: torch.nn.Linear) -> float:
 
 def test_vit_inits_are_the_release_xavier_uniform_with_tiny_normal_biases():
     torch.manual_seed(0)
-    model = SA2VPViT(freeze(VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2,
-                                              num_classes=0)), 3, SA2VPSettings(adapter_dim=32, prompt_rank=32))
-    layers = [model.prompt_map.proj, *(m.proj for m in model.deep_maps.values()),
-              *(layer for cross in model.cross for layer in (cross.adapter.down, cross.adapter.up))]
+    model = SA2VPViT(
+        freeze(VisionTransformer(img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2, num_classes=0)),
+        3,
+        SA2VPSettings(adapter_dim=32, prompt_rank=32),
+    )
+    layers = [
+        model.prompt_map.proj,
+        *(m.proj for m in model.deep_maps.values()),
+        *(layer for cross in model.cross for layer in (cross.adapter.down, cross.adapter.up)),
+    ]
     for layer in layers:
         bound = xavier_bound(layer)
         assert layer.weight.abs().max() <= bound
@@ -228,12 +260,26 @@ def test_vit_inits_are_the_release_xavier_uniform_with_tiny_normal_biases():
 
 def test_swin_inits_are_the_release_truncated_normal_with_zero_biases():
     torch.manual_seed(0)
-    settings = load_settings(None, {"backbone": swin_settings(model_kwargs={
-        "embed_dim": 32, "depths": [1, 1, 2], "num_heads": [1, 2, 4], "window_size": 4}).model_dump(),
-        "model.prompt_rank": 32, "model.adapter_dim": 32})
+    settings = load_settings(
+        None,
+        {
+            "backbone": swin_settings(
+                model_kwargs={"embed_dim": 32, "depths": [1, 1, 2], "num_heads": [1, 2, 4], "window_size": 4}
+            ).model_dump(),
+            "model.prompt_rank": 32,
+            "model.adapter_dim": 32,
+        },
+    )
     model = build_model(settings, 3)
-    layers = [model.prompt_map.proj, *(layer for blocks in model.cross.values() for cross in blocks
-                                       for layer in (cross.adapter.down, cross.adapter.up))]
+    layers = [
+        model.prompt_map.proj,
+        *(
+            layer
+            for blocks in model.cross.values()
+            for cross in blocks
+            for layer in (cross.adapter.down, cross.adapter.up)
+        ),
+    ]
     for layer in layers:
         # trunc_normal_(std=0.02) cuts at ±2 (absolute, as timm's and the release's): in effect N(0, 0.02).
         assert layer.weight.std().item() == pytest.approx(0.02, rel=0.15)
@@ -242,6 +288,7 @@ def test_swin_inits_are_the_release_truncated_normal_with_zero_biases():
 
 
 # --- a pinned weights file -----------------------------------------------------------------------------------
+
 
 def test_a_pinned_weights_file_is_verified(tmp_path: Path):
     from safetensors.torch import save_file

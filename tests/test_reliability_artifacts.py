@@ -30,7 +30,7 @@ Tamper = Callable[[Path], None]
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, digits_root: Path) -> tuple[Path, Any]:  # noqa: F811
+def trained(tmp_path_factory: pytest.TempPathFactory, digits_root: Path) -> tuple[Path, Any]:
     """(project folder, fit result) of a one-epoch tiny SA²VP on digits, untracked."""
     project = tmp_path_factory.mktemp("artifact-project")
     params = json.loads(json.dumps(TINY_PARAMS))
@@ -41,7 +41,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, digits_root: Path) -> tupl
 
 
 @pytest.fixture()
-def image(digits_root: Path) -> Path:  # noqa: F811
+def image(digits_root: Path) -> Path:
     return next((digits_root / "digits" / "images" / "4").glob("*.png"))
 
 
@@ -64,8 +64,10 @@ def assert_refused(result: Any, *fragments: str) -> None:
 
 
 def predict_and_evaluate(project: Path, folder: Path, image: Path, *extra: str) -> list[Any]:
-    return [invoke_sa2vp(project, "predict", str(folder), str(image), *extra, check=False),
-            invoke_sa2vp(project, "evaluate", str(folder), *extra, check=False)]
+    return [
+        invoke_sa2vp(project, "predict", str(folder), str(image), *extra, check=False),
+        invoke_sa2vp(project, "evaluate", str(folder), *extra, check=False),
+    ]
 
 
 def edit_record(change: Callable[[dict[str, Any]], None]) -> Tamper:
@@ -106,6 +108,7 @@ def _cut_in_half(path: Path) -> None:
 
 # --- the untampered copy works (so that every refusal below is about the tampering) ----------------------------
 
+
 def test_an_untampered_copy_predicts_and_evaluates(trained, tmp_path: Path, image: Path) -> None:
     project, result = trained
     folder = copy_artifact(trained, tmp_path)
@@ -125,8 +128,10 @@ RECORD_TAMPERING: dict[str, tuple[Callable[[dict[str, Any]], None], tuple[str, .
     "no transform": (lambda r: r.pop("transform"), ("transform", "missing")),
     "no dataset.manifest_hash": (lambda r: r["dataset"].pop("manifest_hash"), ("dataset.manifest_hash", "missing")),
     "sha256 not a hash": (lambda r: r["backbone"].update(sha256="abc"), ("backbone.sha256",)),
-    "backbone.name not the settings'": (lambda r: r["backbone"].update(name="vit_small_patch16_224"),
-                                        ("backbone.name", "settings.backbone.name")),
+    "backbone.name not the settings'": (
+        lambda r: r["backbone"].update(name="vit_small_patch16_224"),
+        ("backbone.name", "settings.backbone.name"),
+    ),
     "one class": (lambda r: r.update(classes=["0"]), ("classes",)),
     "repeated class": (lambda r: r["classes"].__setitem__(1, "0"), ("classes", "unique")),
     "class not text": (lambda r: r["classes"].__setitem__(1, 1), ("classes.1",)),
@@ -141,8 +146,9 @@ RECORD_TAMPERING: dict[str, tuple[Callable[[dict[str, Any]], None], tuple[str, .
 
 
 @pytest.mark.parametrize("case", RECORD_TAMPERING)
-def test_an_edited_record_is_refused_naming_model_json_and_the_field(trained, tmp_path: Path, image: Path,
-                                                                     case: str) -> None:
+def test_an_edited_record_is_refused_naming_model_json_and_the_field(
+    trained, tmp_path: Path, image: Path, case: str
+) -> None:
     change, fragments = RECORD_TAMPERING[case]
     folder = copy_artifact(trained, tmp_path, edit_record(change))
     for result in predict_and_evaluate(trained[0], folder, image):
@@ -150,10 +156,12 @@ def test_an_edited_record_is_refused_naming_model_json_and_the_field(trained, tm
 
 
 def test_a_record_without_its_backbone_hash_is_refused_even_with_other_backbone_weights(
-        trained, tmp_path: Path, image: Path) -> None:
+    trained, tmp_path: Path, image: Path
+) -> None:
     # The drill: with sha256 removed, other weights gave other probabilities and no error.
-    other = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=16,
-                              **TINY_PARAMS["backbone"]["model_kwargs"])
+    other = timm.create_model(
+        "vit_tiny_patch16_224", num_classes=0, img_size=16, **TINY_PARAMS["backbone"]["model_kwargs"]
+    )
     weights = tmp_path / "other.safetensors"
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(weights))
     folder = copy_artifact(trained, tmp_path, edit_record(lambda r: r["backbone"].pop("sha256")))
@@ -162,8 +170,9 @@ def test_a_record_without_its_backbone_hash_is_refused_even_with_other_backbone_
 
 
 def test_evaluate_refuses_split_lists_other_than_the_recorded_ones(trained, tmp_path: Path, image: Path) -> None:
-    folder = copy_artifact(trained, tmp_path, edit_record(
-        lambda r: r["dataset"].update(manifest_hash="sha256:" + "0" * 64)))
+    folder = copy_artifact(
+        trained, tmp_path, edit_record(lambda r: r["dataset"].update(manifest_hash="sha256:" + "0" * 64))
+    )
     predicted, evaluated = predict_and_evaluate(trained[0], folder, image)
     assert predicted.exit_code == 0, predicted.output  # predict reads no dataset
     assert_refused(evaluated, "content_hash", "not the ones the model was trained and tested on")
@@ -177,21 +186,30 @@ WEIGHTS_TAMPERING: dict[str, tuple[Tamper, tuple[str, ...]]] = {
     "empty": (replace_weights(lambda p: p.write_bytes(b"")), ("not a safetensors file",)),
     "truncated": (replace_weights(_cut_in_half), ("not a safetensors file",)),
     "missing": (replace_weights(lambda p: p.unlink()), ("missing",)),
-    "wrong shape": (edit_tensors(lambda t: t.update({"head.weight": torch.zeros(3, 3)})),
-                    ("head.weight", "[3, 3]", "do not fit")),
-    "wrong dtype": (edit_tensors(lambda t: t.update({"head.weight": t["head.weight"].double()})),
-                    ("head.weight", "torch.float64", "do not fit")),
+    "wrong shape": (
+        edit_tensors(lambda t: t.update({"head.weight": torch.zeros(3, 3)})),
+        ("head.weight", "[3, 3]", "do not fit"),
+    ),
+    "wrong dtype": (
+        edit_tensors(lambda t: t.update({"head.weight": t["head.weight"].double()})),
+        ("head.weight", "torch.float64", "do not fit"),
+    ),
     "a tensor missing": (edit_tensors(lambda t: t.pop("head.bias")), ("missing head.bias",)),
-    "an extra tensor": (edit_tensors(lambda t: t.update({"extra.weight": torch.zeros(2)})),
-                        ("unexpected extra.weight",)),
-    "not finite": (edit_tensors(lambda t: t["head.bias"].__setitem__(0, float("nan"))),
-                   ("head.bias", "NaN or infinite")),
+    "an extra tensor": (
+        edit_tensors(lambda t: t.update({"extra.weight": torch.zeros(2)})),
+        ("unexpected extra.weight",),
+    ),
+    "not finite": (
+        edit_tensors(lambda t: t["head.bias"].__setitem__(0, float("nan"))),
+        ("head.bias", "NaN or infinite"),
+    ),
 }
 
 
 @pytest.mark.parametrize("case", WEIGHTS_TAMPERING)
-def test_damaged_or_foreign_trained_weights_are_refused_naming_the_file(trained, tmp_path: Path, image: Path,
-                                                                        case: str) -> None:
+def test_damaged_or_foreign_trained_weights_are_refused_naming_the_file(
+    trained, tmp_path: Path, image: Path, case: str
+) -> None:
     tamper, fragments = WEIGHTS_TAMPERING[case]
     folder = copy_artifact(trained, tmp_path, tamper)
     for result in predict_and_evaluate(trained[0], folder, image):
@@ -199,6 +217,7 @@ def test_damaged_or_foreign_trained_weights_are_refused_naming_the_file(trained,
 
 
 # --- --backbone-weights: only safetensors or Google's .npz, never a pickle -----------------------------------------
+
 
 def _pickle_zip(path: Path) -> None:
     torch.save({"w": torch.zeros(2)}, path)
@@ -218,8 +237,9 @@ BACKBONE_FILES: dict[str, tuple[str, Callable[[Path], None], tuple[str, ...]]] =
 
 
 @pytest.mark.parametrize("case", BACKBONE_FILES)
-def test_backbone_weights_that_are_not_safetensors_or_npz_are_refused(trained, tmp_path: Path, image: Path,
-                                                                      case: str) -> None:
+def test_backbone_weights_that_are_not_safetensors_or_npz_are_refused(
+    trained, tmp_path: Path, image: Path, case: str
+) -> None:
     suffix, write, fragments = BACKBONE_FILES[case]
     weights = tmp_path / f"backbone{suffix}"
     write(weights)
@@ -229,6 +249,7 @@ def test_backbone_weights_that_are_not_safetensors_or_npz_are_refused(trained, t
 
 
 # --- writing: an artifact that could not be loaded is never written ----------------------------------------------
+
 
 def test_save_artifact_refuses_a_record_without_its_backbone_hash(trained, tmp_path: Path) -> None:
     project, result = trained
@@ -241,6 +262,7 @@ def test_save_artifact_refuses_a_record_without_its_backbone_hash(trained, tmp_p
 
 
 # --- --resume: a damaged checkpoint is one line ------------------------------------------------------------------
+
 
 def _truncated_checkpoint(trained: tuple[Path, Any]) -> Callable[[Path], None]:
     data = (trained[1].output / "checkpoint.pt").read_bytes()
@@ -261,6 +283,7 @@ def test_resume_from_a_damaged_checkpoint_is_one_line(trained, tmp_path: Path, c
     output = tmp_path / "run"
     output.mkdir()
     make(trained)(output / "checkpoint.pt")
-    result = invoke_sa2vp(trained[0], "train", "--resume", "--output", str(output), "--set",
-                          "tracking.enabled=false", check=False)
+    result = invoke_sa2vp(
+        trained[0], "train", "--resume", "--output", str(output), "--set", "tracking.enabled=false", check=False
+    )
     assert_refused(result, str(output / "checkpoint.pt"), *fragments)

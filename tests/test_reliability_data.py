@@ -13,17 +13,30 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from data_fixtures import (
-    image_bytes, make_cifar10, make_cub_images, make_dtd, make_image_folder, make_vtab_task, write_vpt_json,
-)
 from typer.testing import CliRunner
 
 from sa2vp.data import (
-    ChecksumError, DataError, SplitError, SplitMismatchError, UnsafePickleError, prepare, read_manifest, split_dir,
+    ChecksumError,
+    DataError,
+    SplitError,
+    SplitMismatchError,
+    UnsafePickleError,
+    prepare,
+    read_manifest,
+    split_dir,
 )
 from sa2vp.data.pickles import load_restricted
 from sa2vp.settings import DataSettings
 from sa2vp_cli.main import app
+from tests.data_fixtures import (
+    image_bytes,
+    make_cifar10,
+    make_cub_images,
+    make_dtd,
+    make_image_folder,
+    make_vtab_task,
+    write_vpt_json,
+)
 
 runner = CliRunner()
 LIBRARY = Path(__file__).resolve().parents[1] / "sa2vp"
@@ -34,6 +47,7 @@ def _settings(tmp_path: Path, **kwargs: object) -> DataSettings:
 
 
 # --- 1: a split folder is keyed by, and checked against, what it was made from -----------------------------------
+
 
 def test_two_folders_with_one_base_name_get_their_own_splits(tmp_path: Path) -> None:
     first = make_image_folder(tmp_path / "a" / "small", {"cat": 5, "dog": 5})
@@ -67,11 +81,14 @@ def test_a_split_made_from_another_folder_is_refused(tmp_path: Path) -> None:
     assert read_manifest(target).classes == ("ant", "bee")
 
 
-@pytest.mark.parametrize(("change", "recorded"), [
-    ({"val_fraction": 0.3}, "fractions {'val': 0.1, 'test': 0.2}"),
-    ({"test_fraction": 0.4}, "fractions {'val': 0.1, 'test': 0.2}"),
-    ({"transform": "fgvc"}, "transform 'vtab'"),
-])
+@pytest.mark.parametrize(
+    ("change", "recorded"),
+    [
+        ({"val_fraction": 0.3}, "fractions {'val': 0.1, 'test': 0.2}"),
+        ({"test_fraction": 0.4}, "fractions {'val': 0.1, 'test': 0.2}"),
+        ({"transform": "fgvc"}, "transform 'vtab'"),
+    ],
+)
 def test_a_split_reused_with_other_settings_is_refused(tmp_path: Path, change: dict, recorded: str) -> None:
     images = make_image_folder(tmp_path / "pets", {"cat": 10, "dog": 10})
     settings = _settings(tmp_path, dataset=f"folder:{images}")
@@ -98,7 +115,7 @@ def test_a_split_copied_under_another_seed_or_dataset_is_refused(tmp_path: Path)
 
 def test_a_split_of_images_rendered_for_other_settings_is_refused(tmp_path: Path) -> None:
     settings = _settings(tmp_path, dataset="digits", render_size=8, seed=5)
-    out = prepare(settings)
+    prepare(settings)
     bigger = settings.model_copy(update={"render_size": 12})
     with pytest.raises(SplitMismatchError, match=r"digits files made with render_size=8 \(asked: 12\)"):
         split_dir(bigger)  # training would read 8 px images as if they were 12 px ones
@@ -116,9 +133,11 @@ def test_a_dataset_folder_made_from_another_copy_is_refused(tmp_path: Path) -> N
     with pytest.raises(DataError) as info:  # before: the copy of `first` was used, and --from silently ignored
         prepare(_settings(tmp_path, dataset="svhn", source=second))
     folder = tmp_path / "data" / "vtab-1k" / "svhn"
-    assert str(info.value) == (f"{folder} was made from {first.resolve().as_posix()}, not from data.source={second}; "
-                               f"remove {folder} to rebuild it from {second}, or leave data.source unset to use it "
-                               f"as it is")
+    assert str(info.value) == (
+        f"{folder} was made from {first.resolve().as_posix()}, not from data.source={second}; "
+        f"remove {folder} to rebuild it from {second}, or leave data.source unset to use it "
+        f"as it is"
+    )
     assert prepare(_settings(tmp_path, dataset="svhn", source=first)).is_dir()  # the same copy, or none named
     assert prepare(_settings(tmp_path, dataset="svhn")).is_dir()
     make_cifar10(tmp_path / "data" / "torchvision" / "cifar10", per_batch=10)
@@ -128,6 +147,7 @@ def test_a_dataset_folder_made_from_another_copy_is_refused(tmp_path: Path) -> N
 
 
 # --- 4: splits that can train and test a classifier -------------------------------------------------------------
+
 
 def test_one_class_folder_is_refused(tmp_path: Path) -> None:
     images = make_image_folder(tmp_path / "only", {"cat": 20})
@@ -180,6 +200,7 @@ def test_test_split_of_one_class_is_refused(tmp_path: Path) -> None:
 
 # --- 6: a --from folder is copied, never hard-linked -------------------------------------------------------------
 
+
 def _vtab_source(tmp_path: Path) -> tuple[str, Path, str]:
     make_vtab_task(tmp_path / "mine", "svhn", num_classes=10, train=1, val=1, test=1)
     return "svhn", tmp_path / "mine", "vtab-1k/svhn/images/train800/0_0.jpg"
@@ -205,6 +226,7 @@ def test_writing_into_data_never_changes_the_users_files(tmp_path: Path, make_so
 
 
 # --- 7: pickles are read with a restricted unpickler -------------------------------------------------------------
+
 
 class _Payload:
     def __init__(self, marker: Path) -> None:
@@ -266,14 +288,22 @@ def test_nothing_unpickles_without_the_restriction(tmp_path: Path, monkeypatch: 
         patch.setattr(pickle, "load", unrestricted)
         patch.setattr(pickle, "loads", unrestricted)
         prepare(_settings(tmp_path, dataset="cifar10", verify_checksums=False))
-    risky = re.compile(r"pickle\.loads?\(|pickle\.Unpickler|allow_pickle\s*=\s*True|\bdill\b|\bcloudpickle\b|"
-                       r"torch\.load\((?![^)]*weights_only=True)")
-    found = [f"{path.relative_to(LIBRARY)}:{n}" for path in LIBRARY.rglob("*.py") if path.name != "pickles.py"
-             for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if risky.search(line)]
+    risky = re.compile(
+        r"pickle\.loads?\(|pickle\.Unpickler|allow_pickle\s*=\s*True|\bdill\b|\bcloudpickle\b|"
+        r"torch\.load\((?![^)]*weights_only=True)"
+    )
+    found = [
+        f"{path.relative_to(LIBRARY)}:{n}"
+        for path in LIBRARY.rglob("*.py")
+        if path.name != "pickles.py"
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if risky.search(line)
+    ]
     assert found == []
 
 
 # --- 15: every image is decoded when prepared --------------------------------------------------------------------
+
 
 def test_prepare_decodes_every_image_and_names_a_broken_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     images = make_image_folder(tmp_path / "pets", {"cat": 10, "dog": 10})

@@ -41,7 +41,7 @@ def _under_a_file(tmp_path: Path) -> Path:
     return tmp_path / "a-file" / "sub"
 
 
-def _one_line_exit_2(project: Path, *args: str) -> str:  # noqa: F811
+def _one_line_exit_2(project: Path, *args: str) -> str:
     """Run `sa2vp <args>` in-process; it must fail at once, with one line and exit code 2; returns the line."""
     start = time.monotonic()
     done = invoke_sa2vp(project, *args, check=False)
@@ -53,13 +53,18 @@ def _one_line_exit_2(project: Path, *args: str) -> str:  # noqa: F811
     return done.stderr.strip()
 
 
-@pytest.mark.parametrize("store", [
-    "under a file",
-    pytest.param("read-only folder", marks=pytest.mark.skipif(ROOT, reason="root can write a 0o555 folder")),
-    "closed port",
-])
+@pytest.mark.parametrize(
+    "store",
+    [
+        "under a file",
+        pytest.param("read-only folder", marks=pytest.mark.skipif(ROOT, reason="root can write a 0o555 folder")),
+        "closed port",
+    ],
+)
 def test_an_unusable_tracking_store_is_one_line_at_once_and_nothing_is_written(
-    project: Path, tmp_path: Path, store: str,  # noqa: F811
+    project: Path,
+    tmp_path: Path,
+    store: str,
 ) -> None:
     if store == "closed port":
         uri = f"http://127.0.0.1:{_free_port()}"
@@ -72,12 +77,18 @@ def test_an_unusable_tracking_store_is_one_line_at_once_and_nothing_is_written(
     assert sorted(p.name for p in project.iterdir()) == before  # no runs/: the check came first
 
 
-@pytest.mark.parametrize("where", [
-    "under a file",
-    pytest.param("read-only folder", marks=pytest.mark.skipif(ROOT, reason="root can write a 0o555 folder")),
-])
-def test_an_unwritable_output_is_refused_before_training_and_tracking(project: Path, tmp_path: Path,  # noqa: F811
-                                                                      where: str) -> None:
+@pytest.mark.parametrize(
+    "where",
+    [
+        "under a file",
+        pytest.param("read-only folder", marks=pytest.mark.skipif(ROOT, reason="root can write a 0o555 folder")),
+    ],
+)
+def test_an_unwritable_output_is_refused_before_training_and_tracking(
+    project: Path,
+    tmp_path: Path,
+    where: str,
+) -> None:
     output = _under_a_file(tmp_path) if where == "under a file" else _read_only_folder(tmp_path) / "out"
     line = _one_line_exit_2(project, "train", "--epochs", "1", "--output", str(output))
     assert f"train.output={str(output)!r}" in line, line
@@ -91,7 +102,7 @@ def _dead_pid() -> int:
     return child.pid
 
 
-def test_a_killed_runs_leftovers_are_cleaned_up_by_the_next_run_of_its_output(project: Path) -> None:  # noqa: F811
+def test_a_killed_runs_leftovers_are_cleaned_up_by_the_next_run_of_its_output(project: Path) -> None:
     """What a SIGKILL in the first epoch, during a checkpoint write, leaves: a RUNNING run whose process is
     gone and `.checkpoint.pt.<pid>.tmp` (fabricated here in a real store; a kill is not needed to make them)."""
     output = (project / "runs" / "train").resolve()
@@ -101,8 +112,9 @@ def test_a_killed_runs_leftovers_are_cleaned_up_by_the_next_run_of_its_output(pr
     host, dead = socket.gethostname(), str(_dead_pid())
 
     def running(**tags: str) -> str:
-        return client.create_run(experiment_id, tags={"sa2vp.host": host, "sa2vp.pid": dead,
-                                                      "sa2vp.output": str(output), **tags}).info.run_id
+        return client.create_run(
+            experiment_id, tags={"sa2vp.host": host, "sa2vp.pid": dead, "sa2vp.output": str(output), **tags}
+        ).info.run_id
 
     stale = running()
     other_output = running(**{"sa2vp.output": str(project / "runs" / "other")})
@@ -133,12 +145,12 @@ def test_a_killed_runs_leftovers_are_cleaned_up_by_the_next_run_of_its_output(pr
     assert new.data.tags["sa2vp.host"] == host
 
 
-def test_a_resumed_run_logs_every_epoch_exactly_once(project: Path) -> None:  # noqa: F811
+def test_a_resumed_run_logs_every_epoch_exactly_once(project: Path) -> None:
     """Killed after the epoch's checkpoint was saved but before its metrics reached MLflow: the resumed run
     logs that epoch (from the checkpoint), and nothing twice."""
     settings = tiny_settings(project, **{"train.epochs": 1})
 
-    def interrupt(report) -> bool:  # noqa: ANN001  (called after the checkpoint)
+    def interrupt(report) -> bool:
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
@@ -190,10 +202,14 @@ def _running(pid: int, started: str) -> bool:
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="needs /proc")
-def test_sigterm_stops_sa2vp_ui_with_all_its_server_processes(project: Path) -> None:  # noqa: F811
+def test_sigterm_stops_sa2vp_ui_with_all_its_server_processes(project: Path) -> None:
     port = _free_port()
-    ui = subprocess.Popen([SA2VP, "ui", "--port", str(port), "--set", "tracking.uri=sqlite:///ui.db"], cwd=project,
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ui = subprocess.Popen(
+        [SA2VP, "ui", "--port", str(port), "--set", "tracking.uri=sqlite:///ui.db"],
+        cwd=project,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     processes: dict[int, str] = {}
     try:
         deadline = time.monotonic() + 90

@@ -16,11 +16,19 @@ from sa2vp.models import build_model
 from sa2vp.settings import Settings, SettingsError, load_settings, settings_from_dump
 from sa2vp_cli.main import app
 
-TINY_VIT = {"backbone.name": "vit_tiny_patch16_224", "backbone.weights": "random", "backbone.img_size": 16,
-            "backbone.model_kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}}  # 4×4 grid
+TINY_VIT = {
+    "backbone.name": "vit_tiny_patch16_224",
+    "backbone.weights": "random",
+    "backbone.img_size": 16,
+    "backbone.model_kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},
+}  # 4×4 grid
 # Cross stage 1 of this Swin: a 32/4/2 = 4×4 grid.
-TINY_SWIN = {"backbone.name": "swin_tiny_patch4_window7_224", "backbone.weights": "random", "backbone.img_size": 32,
-             "backbone.model_kwargs": {"embed_dim": 16, "depths": [1, 2], "num_heads": [1, 2], "window_size": 4}}
+TINY_SWIN = {
+    "backbone.name": "swin_tiny_patch4_window7_224",
+    "backbone.weights": "random",
+    "backbone.img_size": 32,
+    "backbone.model_kwargs": {"embed_dim": 16, "depths": [1, 2], "num_heads": [1, 2], "window_size": 4},
+}
 
 
 def invoke(folder: Path, monkeypatch: pytest.MonkeyPatch, *args: str) -> Any:
@@ -53,7 +61,8 @@ def commands_with_params() -> list[list[str]]:
 
 @pytest.mark.parametrize("command", commands_with_params(), ids=" ".join)
 def test_a_named_params_file_that_is_missing_is_refused_by_every_command(
-        command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The invalid --set makes the old behaviour (the defaults, silently) fail fast with another message.
     message = invoke(tmp_path, monkeypatch, *command, "-p", "parms.yaml", "--set", "model.gamma=-1")
     assert message.startswith("parms.yaml: settings file not found"), message
@@ -80,47 +89,94 @@ def test_a_missing_set_file_is_refused(tmp_path: Path, monkeypatch: pytest.Monke
 # --- item 5: a window larger than the token grid --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("backbone, grid, where", [
-    (TINY_VIT, "4×4", "vit_tiny_patch16_224"), (TINY_SWIN, "4×4", "cross stage 1 of swin_tiny_patch4_window7_224"),
-])
+@pytest.mark.parametrize(
+    "backbone, grid, where",
+    [
+        (TINY_VIT, "4×4", "vit_tiny_patch16_224"),
+        (TINY_SWIN, "4×4", "cross stage 1 of swin_tiny_patch4_window7_224"),
+    ],
+)
 def test_a_window_larger_than_the_token_grid_is_refused(backbone: dict[str, Any], grid: str, where: str) -> None:
     build_model(load_settings(None, {**backbone, "model.window": 7}), 3)  # 2·4−1 reaches every token: allowed
     with pytest.raises(SettingsError) as error:
         build_model(load_settings(None, {**backbone, "model.window": 9}), 3)
-    assert str(error.value) == (f"model.window: 9 is larger than the {grid} token grid of {where}; allowed: odd "
-                                "1…7 (2·4−1, which already covers the whole grid) or 'global'")
+    assert str(error.value) == (
+        f"model.window: 9 is larger than the {grid} token grid of {where}; allowed: odd "
+        "1…7 (2·4−1, which already covers the whole grid) or 'global'"
+    )
 
 
 def test_the_command_refuses_a_window_of_99_on_an_8x8_grid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     kwargs = json.dumps(TINY_VIT["backbone.model_kwargs"])
-    message = invoke(tmp_path, monkeypatch, "model", "summary", "--set", "backbone.name=vit_tiny_patch16_224",
-                     "--set", "backbone.weights=random", "--set", "backbone.img_size=32",
-                     "--set", f"backbone.model_kwargs={kwargs}", "--set", "model.window=99")
-    assert message.startswith("model.window: 99 is larger than the 8×8 token grid of vit_tiny_patch16_224; "
-                              "allowed: odd 1…15"), message
+    message = invoke(
+        tmp_path,
+        monkeypatch,
+        "model",
+        "summary",
+        "--set",
+        "backbone.name=vit_tiny_patch16_224",
+        "--set",
+        "backbone.weights=random",
+        "--set",
+        "backbone.img_size=32",
+        "--set",
+        f"backbone.model_kwargs={kwargs}",
+        "--set",
+        "model.window=99",
+    )
+    assert message.startswith(
+        "model.window: 99 is larger than the 8×8 token grid of vit_tiny_patch16_224; allowed: odd 1…15"
+    ), message
 
 
 # --- item 8: the search space is checked before the study exists ---------------------------------------------
 
 
-@pytest.mark.parametrize("space, expected", [
-    ({"model.gama": {"type": "float", "low": 0.1, "high": 1}},
-     "--set tune.space: key 'model.gama' is not a setting; did you mean model.gamma?"),
-    ({"model.window": {"type": "choice", "choices": [3, 4]}},
-     "tune.space: model.window: the value 4 is not allowed: model.window: must be an odd integer"),
-    ({"model.window": {"type": "int", "low": 1, "high": 5}},  # step 1 samples even windows
-     "tune.space: model.window: the value 2 is not allowed"),
-    ({"model.lam": {"type": "float", "low": 0.5, "high": 2}},
-     "tune.space: model.lam: the value 2.0 is not allowed: model.lam: Input should be less than or equal to 1"),
-    ({"model.prompt_rank": {"type": "float", "low": 1, "high": 16}},
-     "tune.space: model.prompt_rank: the value"),  # floats for an integer setting
-    ({"train.epochs": {"type": "int", "low": 1, "high": 9}},
-     "tune.space: train.epochs cannot be searched (tune.epochs sets a trial's epochs)"),
-])
+@pytest.mark.parametrize(
+    "space, expected",
+    [
+        (
+            {"model.gama": {"type": "float", "low": 0.1, "high": 1}},
+            "--set tune.space: key 'model.gama' is not a setting; did you mean model.gamma?",
+        ),
+        (
+            {"model.window": {"type": "choice", "choices": [3, 4]}},
+            "tune.space: model.window: the value 4 is not allowed: model.window: must be an odd integer",
+        ),
+        (
+            {"model.window": {"type": "int", "low": 1, "high": 5}},  # step 1 samples even windows
+            "tune.space: model.window: the value 2 is not allowed",
+        ),
+        (
+            {"model.lam": {"type": "float", "low": 0.5, "high": 2}},
+            "tune.space: model.lam: the value 2.0 is not allowed: model.lam: Input should be less than or equal to 1",
+        ),
+        (
+            {"model.prompt_rank": {"type": "float", "low": 1, "high": 16}},
+            "tune.space: model.prompt_rank: the value",
+        ),  # floats for an integer setting
+        (
+            {"train.epochs": {"type": "int", "low": 1, "high": 9}},
+            "tune.space: train.epochs cannot be searched (tune.epochs sets a trial's epochs)",
+        ),
+    ],
+)
 def test_a_bad_search_space_is_refused_before_the_study_is_written(
-        space: dict[str, Any], expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    message = invoke(tmp_path, monkeypatch, "tune", "--set", f"tune.space={json.dumps(space)}",
-                     "--set", "data.render_size=16", "--set", "tune.epochs=1", "--set", "tracking.enabled=false")
+    space: dict[str, Any], expected: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message = invoke(
+        tmp_path,
+        monkeypatch,
+        "tune",
+        "--set",
+        f"tune.space={json.dumps(space)}",
+        "--set",
+        "data.render_size=16",
+        "--set",
+        "tune.epochs=1",
+        "--set",
+        "tracking.enabled=false",
+    )
     assert message.startswith(expected), message
     assert not (tmp_path / "runs/tune/optuna.journal").exists()
     assert list(tmp_path.iterdir()) == []  # no data prepared either
@@ -136,32 +192,40 @@ def test_errors_name_the_source_of_the_bad_value(tmp_path: Path, monkeypatch: py
     best.write_text("settings:\n  model.gamma: -2\n")
     assert invoke(tmp_path, monkeypatch, "train", "--set-file", "best.yaml") == f"best.yaml: {gamma} (got -2)"
     assert invoke(tmp_path, monkeypatch, "train", "--epochs", "0") == (
-        "command line train.epochs: Input should be greater than or equal to 1 (got 0)")
+        "command line train.epochs: Input should be greater than or equal to 1 (got 0)"
+    )
     (tmp_path / "params.yaml").write_text("model:\n  gamma: -3\n  lam: 2\n")
     assert invoke(tmp_path, monkeypatch, "model", "summary") == (
-        f"params.yaml: {gamma} (got -3); params.yaml: model.lam: Input should be less than or equal to 1 (got 2)")
+        f"params.yaml: {gamma} (got -3); params.yaml: model.lam: Input should be less than or equal to 1 (got 2)"
+    )
     overridden = invoke(tmp_path, monkeypatch, "model", "summary", "--set", "model.lam=0.5")
     assert overridden == f"params.yaml: {gamma} (got -3)"
     monkeypatch.setenv("SA2VP_MODEL__GAMMA", "-4")
     assert invoke(tmp_path, monkeypatch, "model", "summary", "--set", "model.lam=0.5") == (
-        "environment SA2VP_MODEL__GAMMA: Input should be greater than or equal to 0 (got '-4')")
+        "environment SA2VP_MODEL__GAMMA: Input should be greater than or equal to 0 (got '-4')"
+    )
 
 
-def test_unknown_keys_name_their_source_and_the_likely_setting(tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_unknown_keys_name_their_source_and_the_likely_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert invoke(tmp_path, monkeypatch, "model", "summary", "--set", "model.gama=0.5") == (
-        "--set model.gama: unknown setting; did you mean model.gamma?")
+        "--set model.gama: unknown setting; did you mean model.gamma?"
+    )
     assert invoke(tmp_path, monkeypatch, "model", "summary", "--set", "modle.gamma=0.5") == (
-        "--set modle.gamma: unknown setting; did you mean model.gamma?")
+        "--set modle.gamma: unknown setting; did you mean model.gamma?"
+    )
     (tmp_path / "params.yaml").write_text("train:\n  warmup_epoch: 1\n")
     assert invoke(tmp_path, monkeypatch, "model", "summary") == (
-        "params.yaml: train.warmup_epoch: unknown setting; did you mean train.warmup_epochs?")
+        "params.yaml: train.warmup_epoch: unknown setting; did you mean train.warmup_epochs?"
+    )
 
 
 def test_a_misspelt_environment_section_is_refused_not_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SA2VP_MODLE__GAMMA", "0.5")  # pydantic-settings reads only known sections' variables
-    with pytest.raises(SettingsError, match=r"^environment SA2VP_MODLE__GAMMA: unknown setting modle.gamma; "
-                                            r"did you mean model.gamma\?"):
+    with pytest.raises(
+        SettingsError,
+        match=r"^environment SA2VP_MODLE__GAMMA: unknown setting modle.gamma; "
+        r"did you mean model.gamma\?",
+    ):
         load_settings(None)
 
 

@@ -8,7 +8,6 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from reference import naive_cross_attention, naive_sa2vp_swin_forward
 from sklearn.datasets import load_digits
 from timm.models.swin_transformer import SwinTransformer
 
@@ -17,6 +16,7 @@ from sa2vp.models.backbones import freeze
 from sa2vp.models.local_attention import spatial_cross_attention
 from sa2vp.models.sa2vp_swin import release_blocks, resolve_cross_blocks
 from sa2vp.settings import SA2VPSettings, SettingsError, load_settings
+from tests.reference import naive_cross_attention, naive_sa2vp_swin_forward
 
 # A Swin small enough for naive references: grids 16×24 → 8×12 → 4×6 → 2×3, window 4 (the 4×6 stage pads
 # its width to 8 and shifts by 2 in odd blocks, so timm's padding and shift paths both run).
@@ -28,8 +28,9 @@ SWIN_RELEASE = dict(prompt_rank=8, adapter_dim=8, gamma=0.5)
 def tiny_swin(seed=0, **overrides) -> SwinTransformer:
     torch.manual_seed(seed)
     # timm's Swin defaults to drop-path 0.1; the references here compare deterministic forwards.
-    return freeze(SwinTransformer(img_size=TINY_IMAGES, num_classes=0, drop_path_rate=0.0,
-                                  **{**TINY_SWIN, **overrides}))
+    return freeze(
+        SwinTransformer(img_size=TINY_IMAGES, num_classes=0, drop_path_rate=0.0, **{**TINY_SWIN, **overrides})
+    )
 
 
 def tiny_sa2vp_swin(seed=0, **settings) -> SA2VPSwin:
@@ -73,7 +74,7 @@ def test_fast_local_attention_matches_the_reference_on_swin_stage_grids(grid, wi
         results.append((out.detach(), [leaf.grad for leaf in leaves]))
     (fast, fast_grads), (ref, ref_grads) = results
     assert (fast - ref).abs().max() <= 1e-5
-    for name, fast_grad, ref_grad in zip("qkv", fast_grads, ref_grads):
+    for name, fast_grad, ref_grad in zip("qkv", fast_grads, ref_grads, strict=True):
         assert (fast_grad - ref_grad).abs().max() <= 1e-5, f"gradient of {name}"
 
 
@@ -162,8 +163,11 @@ def test_default_blocks_follow_the_release_positions_and_the_last_block_feeds_th
     "settings, message",
     [
         (dict(cross_stages=[4]), r"model.cross_stages: stage index 4 is out of range; allowed 0..3"),
-        (dict(to_prompt_layers=[0, 3]), r"model.to_prompt_layers: block index 3 is out of range; allowed 0..2 "
-                                        r"for cross stage 2 of depth 3"),
+        (
+            dict(to_prompt_layers=[0, 3]),
+            r"model.to_prompt_layers: block index 3 is out of range; allowed 0..2 "
+            r"for cross stage 2 of depth 3",
+        ),
         (dict(cross_stages=[0, 2], to_prompt_layers=[1]), r"allowed 0..0 for cross stage 0 of depth 1"),
         (dict(deep_layers=[1]), r"model.deep_layers: \[1\] is not supported on Swin.*allowed: null or \[\]"),
     ],
@@ -201,13 +205,16 @@ def digits(size: int, count: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_a_short_training_run_on_digits_lowers_the_loss():
-    settings = load_settings(None, {
-        "backbone.name": "swin_tiny_patch4_window7_224",
-        "backbone.weights": "random",
-        "backbone.img_size": 32,
-        "backbone.model_kwargs": {**TINY_SWIN, "depths": [1, 1, 2, 1]},
-        **{f"model.{key}": value for key, value in SWIN_RELEASE.items()},
-    })
+    settings = load_settings(
+        None,
+        {
+            "backbone.name": "swin_tiny_patch4_window7_224",
+            "backbone.weights": "random",
+            "backbone.img_size": 32,
+            "backbone.model_kwargs": {**TINY_SWIN, "depths": [1, 1, 2, 1]},
+            **{f"model.{key}": value for key, value in SWIN_RELEASE.items()},
+        },
+    )
     torch.manual_seed(0)
     model = build_model(settings, num_classes=10)
     assert isinstance(model, SA2VPSwin) and model.to_prompt == {2: frozenset({0})}

@@ -6,13 +6,13 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from reference import naive_sa2vp_forward
 from timm.models.vision_transformer import VisionTransformer
 
 from sa2vp.models import SA2VPOutput, SA2VPViT, parameter_summary, sa2vp_loss
 from sa2vp.models.backbones import BackboneError, freeze
 from sa2vp.models.sa2vp_vit import release_layers
 from sa2vp.settings import SA2VPSettings
+from tests.reference import naive_sa2vp_forward
 
 
 def tiny_vit(img_size=(32, 48), depth=4, seed=0) -> VisionTransformer:
@@ -27,7 +27,7 @@ def tiny_sa2vp(seed=0, depth=4, **settings) -> SA2VPViT:
     torch.manual_seed(seed + 1)
     # Non-trivial values everywhere, so no term of the forward pass can hide behind a zero.
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.requires_grad:
                 param.add_(torch.randn_like(param) * 0.1)
     return model
@@ -43,8 +43,12 @@ def test_vit_b16_release_configuration_has_exactly_372912_trainable_parameters(v
     summary = parameter_summary(model)
     assert summary.backbone == 85_798_656
     assert summary.trainable == 372_912
-    assert summary.groups == {"prompt_map": 3_152 + 13_056, "deep_maps": 6_304 + 26_112, "deep_scales": 1_536,
-                              "cross": 12 * 26_896}
+    assert summary.groups == {
+        "prompt_map": 3_152 + 13_056,
+        "deep_maps": 6_304 + 26_112,
+        "deep_scales": 1_536,
+        "cross": 12 * 26_896,
+    }
     assert summary.head == 768 * 100 + 100
 
 

@@ -18,18 +18,27 @@ REPO = Path(__file__).resolve().parents[1]
 SUITES = ("vtab1k", "fgvc", "hta", "ablation", "offline", "offline-explain")
 
 
-def _suite(tmp_path: Path, **suite: object):  # noqa: ANN202
-    values = {"suite.name": "t", "suite.output": str(tmp_path / "results"), "suite.report": str(tmp_path / "report"),
-              "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "tracking.experiment": "suites"}
+def _suite(tmp_path: Path, **suite: object):
+    values = {
+        "suite.name": "t",
+        "suite.output": str(tmp_path / "results"),
+        "suite.report": str(tmp_path / "report"),
+        "tracking.uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "tracking.experiment": "suites",
+    }
     return load_settings(None, {**values, **{f"suite.{k}": v for k, v in suite.items()}})
 
 
 def test_a_cell_applies_group_then_dataset_then_variant_settings(tmp_path: Path) -> None:
     settings = _suite(
-        tmp_path, datasets=["vtab-svhn", "vtab-eurosat"], variants=["sa2vp", "lora", "global"],
-        overrides={"vtab-natural": {"model.gamma": 0.1, "train.lr": 0.002},
-                   "vtab-svhn": {"train.lr": 0.0005},
-                   "global": {"model.window": "global", "model.gamma": 0.7}},
+        tmp_path,
+        datasets=["vtab-svhn", "vtab-eurosat"],
+        variants=["sa2vp", "lora", "global"],
+        overrides={
+            "vtab-natural": {"model.gamma": 0.1, "train.lr": 0.002},
+            "vtab-svhn": {"train.lr": 0.0005},
+            "global": {"model.window": "global", "model.gamma": 0.7},
+        },
     )
     svhn = cell_settings(settings, "vtab-svhn", "global")
     assert (svhn.model.method, svhn.model.window, svhn.model.gamma, svhn.train.lr) == ("sa2vp", "global", 0.7, 0.0005)
@@ -88,8 +97,12 @@ def test_the_offline_comparison_tunes_every_method_with_the_same_budget_over_its
 
 
 def test_an_ablation_pins_its_settings_and_a_method_variant_only_starts_from_them(tmp_path: Path) -> None:
-    settings = _suite(tmp_path, datasets=["digits"], variants=["full", "global"],
-                      overrides={"full": {"train.lr": 0.0002}, "global": {"model.window": "global"}})
+    settings = _suite(
+        tmp_path,
+        datasets=["digits"],
+        variants=["full", "global"],
+        overrides={"full": {"train.lr": 0.0002}, "global": {"model.window": "global"}},
+    )
     full = cell_settings(settings, "digits", "full")
     assert full.train.lr == 0.0002 and set(cell_search_space(settings, full, "full")) == {"train.lr"}
     ablation = cell_settings(settings, "digits", "global")
@@ -97,19 +110,38 @@ def test_an_ablation_pins_its_settings_and_a_method_variant_only_starts_from_the
     assert set(cell_search_space(settings, ablation, "global")) == {"model.gamma", "model.lam", "train.lr"}
 
 
-def _write_result(settings, dataset: str, variant: str, group: str, top1: list[float], percent: float,  # noqa: ANN001
-                  pathways: dict[str, list[float]] | None = None) -> None:
-    result = CellResult(dataset=dataset, group=group, variant=variant, method=variant, seeds=[0, 1, 2][:len(top1)],
-                        test_top1=top1, test_mean_class=top1, trainable_parameters=100, trainable_percent=percent,
-                        tuned={}, val_top1=None, test_pathways_top1=pathways or {})
+def _write_result(
+    settings,
+    dataset: str,
+    variant: str,
+    group: str,
+    top1: list[float],
+    percent: float,
+    pathways: dict[str, list[float]] | None = None,
+) -> None:
+    result = CellResult(
+        dataset=dataset,
+        group=group,
+        variant=variant,
+        method=variant,
+        seeds=[0, 1, 2][: len(top1)],
+        test_top1=top1,
+        test_mean_class=top1,
+        trainable_parameters=100,
+        trainable_percent=percent,
+        tuned={},
+        val_top1=None,
+        test_pathways_top1=pathways or {},
+    )
     folder = cell_dir(settings, dataset, variant)
     folder.mkdir(parents=True)
     (folder / "result.json").write_text(json.dumps(result.as_dict()))
 
 
 def test_the_report_has_the_papers_layout_and_lands_in_mlflow(tmp_path: Path) -> None:
-    settings = _suite(tmp_path, datasets=["vtab-svhn", "vtab-dtd", "vtab-eurosat"], variants=["linear", "sa2vp"],
-                      seeds=[0, 1])
+    settings = _suite(
+        tmp_path, datasets=["vtab-svhn", "vtab-dtd", "vtab-eurosat"], variants=["linear", "sa2vp"], seeds=[0, 1]
+    )
     with pytest.raises(SettingsError, match="no result for vtab-svhn / linear"):
         read_results(settings)
     for variant, shift, percent in (("linear", 0.0, 0.0), ("sa2vp", 0.1, 0.433)):
@@ -121,8 +153,16 @@ def test_the_report_has_the_papers_layout_and_lands_in_mlflow(tmp_path: Path) ->
 
     lines = report.markdown.read_text().splitlines()
     header = [c.strip() for c in lines[4].strip("|").split("|")]
-    assert header == ["variant", "params %", "vtab-svhn", "vtab-dtd", "vtab-eurosat", "vtab-natural mean",
-                      "vtab-specialized mean", "mean"]
+    assert header == [
+        "variant",
+        "params %",
+        "vtab-svhn",
+        "vtab-dtd",
+        "vtab-eurosat",
+        "vtab-natural mean",
+        "vtab-specialized mean",
+        "mean",
+    ]
     sa2vp = [c.strip() for c in lines[7].strip("|").split("|")]
     # svhn 65 ± 7.07 (two seeds), natural mean (65 + 40) / 2, specialized 95, overall (65 + 40 + 95) / 3
     assert sa2vp == ["sa2vp", "0.433", "65.00 ± 7.07", "40.00 ± 0.00", "95.00 ± 7.07", "52.50", "95.00", "66.67"]
@@ -130,7 +170,9 @@ def test_the_report_has_the_papers_layout_and_lands_in_mlflow(tmp_path: Path) ->
     assert "| sa2vp (prompt pathway) | 25.00 | — | — |" in lines
     rows = list(csv.DictReader(report.csv.open()))
     assert [r["variant"] for r in rows] == ["linear", "sa2vp"]
-    assert float(rows[1]["vtab-svhn prompt pathway"]) == pytest.approx(0.25) and rows[0]["vtab-svhn prompt pathway"] == ""
+    assert (
+        float(rows[1]["vtab-svhn prompt pathway"]) == pytest.approx(0.25) and rows[0]["vtab-svhn prompt pathway"] == ""
+    )
     assert float(rows[0]["vtab-natural mean"]) == pytest.approx(0.425)
 
     client = MlflowClient(settings.tracking.uri)

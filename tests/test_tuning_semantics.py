@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -55,11 +54,23 @@ def _trial_runs(project: Path, parent_name: str) -> tuple[Any, list[Any]]:
 
 
 def test_a_searched_setting_given_by_set_or_params_is_pinned_and_recorded(
-        project: Path, caplog: pytest.LogCaptureFixture) -> None:  # noqa: F811
+    project: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     _params_without(project, "model.window", "train.lr", model__lam=0.9)  # λ given in params.yaml
     caplog.set_level(logging.INFO, logger="sa2vp.tune")
-    done = invoke_sa2vp(project, "tune", "--n-trials", "1", "--study-name", "s", "--storage", "runs/study.journal",
-                        "--set", "model.gamma=0.5", *FAST)
+    done = invoke_sa2vp(
+        project,
+        "tune",
+        "--n-trials",
+        "1",
+        "--study-name",
+        "s",
+        "--storage",
+        "runs/study.journal",
+        "--set",
+        "model.gamma=0.5",
+        *FAST,
+    )
     assert "0.5 (pinned)" in done.stdout
     plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("searching "))
     assert plan.endswith("; pinned model.gamma=0.5 (--set), model.lam=0.9 (params.yaml)"), plan
@@ -68,8 +79,10 @@ def test_a_searched_setting_given_by_set_or_params_is_pinned_and_recorded(
     assert [set(t.params) for t in study.trials] == [{"model.window", "train.lr"}]
     best = yaml.safe_load((project / "runs/tune/best.yaml").read_text())
     assert best["settings"]["model.gamma"] == 0.5 and best["settings"]["model.lam"] == 0.9
-    assert best["pinned"] == {"model.gamma": {"value": 0.5, "from": "--set"},
-                              "model.lam": {"value": 0.9, "from": "params.yaml"}}
+    assert best["pinned"] == {
+        "model.gamma": {"value": 0.5, "from": "--set"},
+        "model.lam": {"value": 0.9, "from": "params.yaml"},
+    }
     assert set(best["tuned"]) == {"model.window", "train.lr"}
     parent, trials = _trial_runs(project, "tune-s")
     assert json.loads(parent.data.params["search.pinned"])["model.gamma"] == {"value": 0.5, "from": "--set"}
@@ -77,11 +90,27 @@ def test_a_searched_setting_given_by_set_or_params_is_pinned_and_recorded(
     assert [(run.data.params["model.gamma"], run.data.params["model.lam"]) for run in trials] == [("0.5", "0.9")]
 
 
-def test_one_set_of_tune_space_changes_the_search_and_its_start(project: Path) -> None:  # noqa: F811
+def test_one_set_of_tune_space_changes_the_search_and_its_start(project: Path) -> None:
     _params_without(project, "model.window", "train.lr")
-    invoke_sa2vp(project, "tune", "--n-trials", "2", "--study-name", "s", "--storage", "runs/study.journal",
-                 "--set", "tune.space.model.gamma.low=1.2", "--set", "tune.space.model.window.choices=[1, 5]",
-                 "--set", "tune.space.train.lr.start=0.003", "--set", "tune.space.model.lam=null", *FAST)
+    invoke_sa2vp(
+        project,
+        "tune",
+        "--n-trials",
+        "2",
+        "--study-name",
+        "s",
+        "--storage",
+        "runs/study.journal",
+        "--set",
+        "tune.space.model.gamma.low=1.2",
+        "--set",
+        "tune.space.model.window.choices=[1, 5]",
+        "--set",
+        "tune.space.train.lr.start=0.003",
+        "--set",
+        "tune.space.model.lam=null",
+        *FAST,
+    )
     trials = _study(project).trials
     assert all(set(t.params) == {"model.gamma", "model.window", "train.lr"} for t in trials)
     assert all(1.2 <= t.params["model.gamma"] <= 2.0 for t in trials)  # the method's high, the new low
@@ -92,8 +121,10 @@ def test_one_set_of_tune_space_changes_the_search_and_its_start(project: Path) -
 
 def test_the_plan_rules() -> None:
     # a setting given a value and given a range by tune.space is searched, from its value
-    settings = load_settings(None, {"model.gamma": 0.3, "tune.space": {"model": {"gamma": {"high": 0.9}}},
-                                    "train.lr": 0.002, "model.lam": 0.7})
+    settings = load_settings(
+        None,
+        {"model.gamma": 0.3, "tune.space": {"model": {"gamma": {"high": 0.9}}}, "train.lr": 0.002, "model.lam": 0.7},
+    )
     plan = plan_search(settings, given_settings(settings, {"model.gamma": "--set", "train.lr": "--set"}))
     assert plan.space["model.gamma"].high == 0.9 and plan.space["model.gamma"].log  # merged into the method's
     assert plan.start["model.gamma"] == 0.3 and plan.pinned == {"train.lr": "--set", "model.lam": "given"}
@@ -121,18 +152,33 @@ def test_the_source_of_a_pinned_setting_is_named(tmp_path: Path, monkeypatch: py
     settings = load_settings(tmp_path / "p.yaml", {"train.lr": 0.01})
     given = given_settings(settings, {"train.lr": "best.yaml"}, tmp_path / "p.yaml")
     assert plan_search(settings, given).pinned == {
-        "model.gamma": "environment SA2VP_MODEL__GAMMA", "model.lam": str(tmp_path / "p.yaml"), "train.lr": "best.yaml"}
+        "model.gamma": "environment SA2VP_MODEL__GAMMA",
+        "model.lam": str(tmp_path / "p.yaml"),
+        "train.lr": "best.yaml",
+    }
 
 
 # --- item 2: a study resumes only with the settings it was made with ------------------------------------------
 
 
 def _tune(project: Path, *args: str, check: bool = True) -> Any:
-    return invoke_sa2vp(project, "tune", "--study-name", "s", "--storage", "runs/study.journal",
-                        "--set", "tracking.enabled=false", "--set", "tune.pruner=none", *args, check=check)
+    return invoke_sa2vp(
+        project,
+        "tune",
+        "--study-name",
+        "s",
+        "--storage",
+        "runs/study.journal",
+        "--set",
+        "tracking.enabled=false",
+        "--set",
+        "tune.pruner=none",
+        *args,
+        check=check,
+    )
 
 
-def test_resuming_a_study_with_other_settings_is_refused_and_writes_nothing(project: Path) -> None:  # noqa: F811
+def test_resuming_a_study_with_other_settings_is_refused_and_writes_nothing(project: Path) -> None:
     _tune(project, "--n-trials", "1", "--set", "tune.epochs=1")
     journal = project / "runs/study.journal"
     before, best = journal.read_bytes(), (project / "runs/tune/best.yaml").read_bytes()
@@ -141,7 +187,8 @@ def test_resuming_a_study_with_other_settings_is_refused_and_writes_nothing(proj
     assert refused.stderr.strip() == (
         "error: tune.storage runs/study.journal: study 's' was run with other settings (train.epochs 1 → 2); "
         "resume it with the same ones, or --set tune.study_name=<new name> starts another study beside it, or "
-        "delete runs/study.journal")
+        "delete runs/study.journal"
+    )
     assert journal.read_bytes() == before and (project / "runs/tune/best.yaml").read_bytes() == best
     # a search of other settings is another study too: its trials' parameters would not fit the old ones
     refused = _tune(project, "--n-trials", "1", "--set", "tune.epochs=1", "--set", "model.gamma=0.5", check=False)
@@ -149,18 +196,29 @@ def test_resuming_a_study_with_other_settings_is_refused_and_writes_nothing(proj
     assert journal.read_bytes() == before
 
 
-def test_resuming_with_the_same_settings_continues_the_study(project: Path) -> None:  # noqa: F811
+def test_resuming_with_the_same_settings_continues_the_study(project: Path) -> None:
     _tune(project, "--n-trials", "1", "--set", "tune.epochs=1")
     study = _study(project)
     assert study.user_attrs["sa2vp_settings"]["train.epochs"] == 1  # what the trials train with, recorded
     assert len(study.user_attrs["sa2vp_settings_sha256"]) == 64
     # settings that do not change what a trial scores may change: trials to add, workers, tracking, the start
-    _tune(project, "--n-trials", "1", "--set", "tune.epochs=1", "--set", "train.num_workers=1",
-          "--set", "tune.space.model.gamma.start=0.2", "--set", "train.epochs=7")
+    _tune(
+        project,
+        "--n-trials",
+        "1",
+        "--set",
+        "tune.epochs=1",
+        "--set",
+        "train.num_workers=1",
+        "--set",
+        "tune.space.model.gamma.start=0.2",
+        "--set",
+        "train.epochs=7",
+    )
     assert [t.number for t in _study(project).trials] == [0, 1]
 
 
-def test_a_study_without_a_record_of_its_settings_is_not_resumed(project: Path) -> None:  # noqa: F811
+def test_a_study_without_a_record_of_its_settings_is_not_resumed(project: Path) -> None:
     journal = project / "runs/study.journal"
     journal.parent.mkdir(parents=True)
     old = optuna.create_study(study_name="s", storage=JournalStorage(JournalFileBackend(str(journal))))
@@ -186,18 +244,32 @@ def test_dvc_exp_run_pins_gamma(tmp_path: Path) -> None:
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, **kwargs)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["backbone"].update(model_kwargs=kwargs, weights="backbones/tiny.safetensors",
-                              sha256=hashlib.sha256(weights.read_bytes()).hexdigest())
+    params["backbone"].update(
+        model_kwargs=kwargs,
+        weights="backbones/tiny.safetensors",
+        sha256=hashlib.sha256(weights.read_bytes()).hexdigest(),
+    )
     params["train"]["epochs"] = 1
     params["tune"].update(n_trials=1, epochs=1)
     assert "gamma" not in params["model"]  # searched by default: the repository's file leaves it out
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    env = {**_env(), "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
-           "GIT_COMMITTER_EMAIL": "t@t"}
+    env = {
+        **_env(),
+        "GIT_AUTHOR_NAME": "t",
+        "GIT_AUTHOR_EMAIL": "t@t",
+        "GIT_COMMITTER_NAME": "t",
+        "GIT_COMMITTER_EMAIL": "t@t",
+    }
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
     subprocess.run(["git", "commit", "-qm", "tiny"], cwd=repo, check=True, env=env)
-    done = subprocess.run([str(BIN / "dvc"), "exp", "run", "-S", "++model.gamma=0.5", "train"], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [str(BIN / "dvc"), "exp", "run", "-S", "++model.gamma=0.5", "train"],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     assert "pinned model.gamma=0.5 (params.yaml)" in done.stdout + done.stderr
     best = yaml.safe_load((repo / "runs/tune/best.yaml").read_text())

@@ -27,8 +27,7 @@ TINY_PARAMS: dict[str, Any] = {
     },
     "model": {"window": 3},
     "data": {"dataset": "digits", "render_size": 16},
-    "train": {"epochs": 3, "batch_size": 64, "warmup_epochs": 1, "lr": 0.01, "num_workers": 0,
-              "output": "runs/train"},
+    "train": {"epochs": 3, "batch_size": 64, "warmup_epochs": 1, "lr": 0.01, "num_workers": 0, "output": "runs/train"},
     # log_model: about a second per run, which most tests do not need (tests/test_mlflow_idioms.py does)
     "tracking": {"uri": "sqlite:///mlflow.db", "experiment": "tests", "log_model": False},
 }
@@ -53,14 +52,13 @@ def project(tmp_path: Path, digits_root: Path) -> Path:
 
 def run_sa2vp(project: Path, *args: str, check: bool = True, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    done = subprocess.run([SA2VP, *args], cwd=project, capture_output=True, text=True, env=env, timeout=300,
-                          **kwargs)
+    done = subprocess.run([SA2VP, *args], cwd=project, capture_output=True, text=True, env=env, timeout=300, **kwargs)
     if check and done.returncode != 0:
         raise AssertionError(f"sa2vp {' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
     return done
 
 
-def tiny_settings(project: Path, **overrides: Any):  # noqa: ANN201
+def tiny_settings(project: Path, **overrides: Any):
     """The project's settings with dotted overrides; paths made absolute (tests do not chdir)."""
     base = {"train.output": str(project / "runs" / "train"), "tracking.uri": f"sqlite:///{project / 'mlflow.db'}"}
     return load_settings(project / "params.yaml", {**base, **overrides})
@@ -86,5 +84,7 @@ def invoke_sa2vp(project: Path, *args: str, check: bool = True) -> Any:
     finally:
         os.chdir(cwd)
     if check and result.exit_code != 0:
-        raise AssertionError(f"sa2vp {' '.join(args)} exited {result.exit_code}:\n{result.output}\n{result.exception!r}")
+        raise AssertionError(
+            f"sa2vp {' '.join(args)} exited {result.exit_code}:\n{result.output}\n{result.exception!r}"
+        )
     return result

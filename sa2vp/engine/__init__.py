@@ -1,8 +1,8 @@
 """The training engine: `fit` (train + validate + test + artifact, tracked), `load_artifact` and `evaluate`.
 
-    result = fit(settings)                      # trainer.py: AMP, schedule, accumulation, checkpoints, resume
-    loaded = load_artifact(result.artifact)     # artifact.py: rebuild the model from the small artifact
-    metrics = evaluate(loaded, "test")          # evaluation.py: the same metrics, recomputed
+result = fit(settings)                      # trainer.py: AMP, schedule, accumulation, checkpoints, resume
+loaded = load_artifact(result.artifact)     # artifact.py: rebuild the model from the small artifact
+metrics = evaluate(loaded, "test")          # evaluation.py: the same metrics, recomputed
 """
 
 from sa2vp.engine.artifact import LoadedArtifact, build_seeded, load_artifact, save_artifact
@@ -11,6 +11,16 @@ from sa2vp.engine.metrics import Metrics, evaluate_model
 from sa2vp.engine.trainer import EpochReport, TrainResult, fit
 
 __all__ = [
-    "EpochReport", "LoadedArtifact", "Metrics", "Prediction", "TrainResult", "build_seeded", "evaluate",
-    "evaluate_model", "fit", "load_artifact", "predict", "save_artifact",
+    "EpochReport",
+    "LoadedArtifact",
+    "Metrics",
+    "Prediction",
+    "TrainResult",
+    "build_seeded",
+    "evaluate",
+    "evaluate_model",
+    "fit",
+    "load_artifact",
+    "predict",
+    "save_artifact",
 ]

@@ -20,16 +20,24 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, ValidationError, field_validator
-from pydantic import model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torchvision.transforms import InterpolationMode
 
 from sa2vp.atomic import atomic_path, write_atomic
 from sa2vp.data.registry import TransformStyle
-from sa2vp.errors import ArtifactError, BackboneError, one_line
 from sa2vp.engine.runtime import configure_cpu_numerics, use_portable_dropout
+from sa2vp.errors import ArtifactError, BackboneError, one_line
 from sa2vp.models import AdaptedModel, build_model
 from sa2vp.models.backbones import data_config, safetensors_problem, weights_digest
 from sa2vp.settings import Settings, SettingsError, settings_from_dump
@@ -43,6 +51,7 @@ INTERPOLATIONS = tuple(mode.value for mode in InterpolationMode)  # what build_t
 
 
 # --- the record (model.json) --------------------------------------------------------------------------------
+
 
 class _Part(BaseModel):
     # An unknown key is a typo or another version's record: refused, like an unknown setting.
@@ -73,8 +82,10 @@ class DatasetRecord(_Part):
     name: str | None = None
     protocol: str | None = None
     split_dir: str | None = None
-    manifest_hash: str = Field(pattern=r"^sha256:[0-9a-f]{64}$",
-                               description="content_hash of the split manifest the model was trained and tested on")
+    manifest_hash: str = Field(
+        pattern=r"^sha256:[0-9a-f]{64}$",
+        description="content_hash of the split manifest the model was trained and tested on",
+    )
 
 
 class MetricsRecord(_Part):
@@ -132,8 +143,9 @@ class ArtifactRecord(_Part):
     @model_validator(mode="after")
     def _same_backbone(self) -> ArtifactRecord:
         if self.backbone.name != self.settings.backbone.name:
-            raise ValueError(f"backbone.name {self.backbone.name!r} is not settings.backbone.name "
-                             f"{self.settings.backbone.name!r}")
+            raise ValueError(
+                f"backbone.name {self.backbone.name!r} is not settings.backbone.name {self.settings.backbone.name!r}"
+            )
         return self
 
 
@@ -168,11 +180,13 @@ def _describe(exc: ValidationError) -> str:
 
 # --- writing and reading --------------------------------------------------------------------------------------
 
+
 def build_seeded(settings: Settings, num_classes: int) -> AdaptedModel:
     """The model, initialised from `train.seed`: a randomly initialised backbone is the same every time,
     which is what lets an artifact on a random backbone be rebuilt and checked by its hash."""
-    numerics = configure_cpu_numerics(settings.train.cpu_numerics, settings.train.device,
-                                      settings.train.cpu_threads)  # before the first tensor op
+    numerics = configure_cpu_numerics(
+        settings.train.cpu_numerics, settings.train.device, settings.train.cpu_threads
+    )  # before the first tensor op
     torch.manual_seed(settings.train.seed)
     model = build_model(settings, num_classes)
     if numerics is not None:
@@ -217,8 +231,10 @@ def read_record(path: Path) -> tuple[Path, ArtifactRecord]:
     folder = path if path.is_dir() else path.parent
     config = folder / CONFIG_NAME
     if not config.is_file():
-        raise ArtifactError(f"{path}: not an sa2vp artifact (no {CONFIG_NAME}; expected the folder `sa2vp train` "
-                            "wrote, e.g. runs/train/model)")
+        raise ArtifactError(
+            f"{path}: not an sa2vp artifact (no {CONFIG_NAME}; expected the folder `sa2vp train` "
+            "wrote, e.g. runs/train/model)"
+        )
     try:
         document = json.loads(config.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -266,8 +282,10 @@ def _check_input_size(model: AdaptedModel, record: ArtifactRecord, config: Path)
     # it images it cannot take.
     built = tuple(data_config(model.backbone)["input_size"])
     if record.data_config.input_size != built:
-        raise ArtifactError(f"{config}: data_config.input_size {list(record.data_config.input_size)} is not the "
-                            f"input size of the backbone its settings build, {list(built)}")
+        raise ArtifactError(
+            f"{config}: data_config.input_size {list(record.data_config.input_size)} is not the "
+            f"input size of the backbone its settings build, {list(built)}"
+        )
 
 
 def read_tensors(weights: Path, model: AdaptedModel) -> dict[str, torch.Tensor]:
@@ -277,8 +295,9 @@ def read_tensors(weights: Path, model: AdaptedModel) -> dict[str, torch.Tensor]:
         raise ArtifactError(f"{weights}: missing (the artifact's trained weights)")
     problem = safetensors_problem(weights)
     if problem is not None:
-        raise ArtifactError(f"{weights} {problem}; an artifact's weights are read only as safetensors, the format "
-                            "`sa2vp train` writes")
+        raise ArtifactError(
+            f"{weights} {problem}; an artifact's weights are read only as safetensors, the format `sa2vp train` writes"
+        )
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
@@ -289,12 +308,14 @@ def read_tensors(weights: Path, model: AdaptedModel) -> dict[str, torch.Tensor]:
     for name in sorted(expected.keys() & tensors.keys()):
         have, want = tensors[name], expected[name]
         if have.shape != want.shape or have.dtype != want.dtype:
-            problems.append(f"{name} is {have.dtype} {list(have.shape)}, the model's is {want.dtype} "
-                            f"{list(want.shape)}")
+            problems.append(
+                f"{name} is {have.dtype} {list(have.shape)}, the model's is {want.dtype} {list(want.shape)}"
+            )
         elif have.is_floating_point() and not bool(torch.isfinite(have).all()):
             problems.append(f"{name} holds NaN or infinite values")
     if problems:
         shown = "; ".join(problems[:4]) + (f"; … {len(problems) - 4} more" if len(problems) > 4 else "")
-        raise ArtifactError(f"{weights}: the trained tensors do not fit the model its {CONFIG_NAME} describes "
-                            f"({shown})")
+        raise ArtifactError(
+            f"{weights}: the trained tensors do not fit the model its {CONFIG_NAME} describes ({shown})"
+        )
     return tensors

@@ -40,12 +40,14 @@ def load_checkpoint(folder: Path) -> dict[str, Any]:
             warnings.simplefilter("ignore")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # whatever torch's readers raise on a foreign or damaged file: say which, and what to do
-        raise ArtifactError(f"{path}: not a readable sa2vp checkpoint ({_reason(exc)}); remove it to start "
-                            "afresh") from None
+        raise ArtifactError(
+            f"{path}: not a readable sa2vp checkpoint ({_reason(exc)}); remove it to start afresh"
+        ) from None
     missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
-        raise ArtifactError(f"{path}: not an sa2vp checkpoint (missing {', '.join(missing)}); remove it to start "
-                            "afresh")
+        raise ArtifactError(
+            f"{path}: not an sa2vp checkpoint (missing {', '.join(missing)}); remove it to start afresh"
+        )
     return state
 
 

@@ -21,8 +21,13 @@ from sa2vp.errors import ArtifactError
 from sa2vp.models import PathwayClassifier
 
 
-def evaluate(loaded: LoadedArtifact, split: str = "test", device: str | None = None,
-             progress: Progress = NO_PROGRESS, pathway: str | None = None) -> Metrics:
+def evaluate(
+    loaded: LoadedArtifact,
+    split: str = "test",
+    device: str | None = None,
+    progress: Progress = NO_PROGRESS,
+    pathway: str | None = None,
+) -> Metrics:
     """Metrics of the artifact's model on a split of the dataset it was trained on.
 
     Same split files, eval transform, batch size and precision as at the end of training, so the test
@@ -31,8 +36,9 @@ def evaluate(loaded: LoadedArtifact, split: str = "test", device: str | None = N
     """
     if pathway is not None and pathway not in loaded.model.auxiliary_pathways:
         have = ", ".join(loaded.model.auxiliary_pathways) or "none"
-        raise ArtifactError(f"--pathway {pathway!r}: a {loaded.settings.model.method} model's auxiliary pathways "
-                            f"are: {have}")
+        raise ArtifactError(
+            f"--pathway {pathway!r}: a {loaded.settings.model.method} model's auxiliary pathways are: {have}"
+        )
     settings = loaded.settings
     folder = split_dir(settings.data)
     check_same_data(folder, loaded)
@@ -41,9 +47,13 @@ def evaluate(loaded: LoadedArtifact, split: str = "test", device: str | None = N
     precision = resolve_precision(settings.train.precision, target)
     # The batch size the run evaluated with (its settings, as recorded): batch composition can move the last
     # bits of the logits, and evaluate reproduces the recorded test accuracy exactly.
-    loader = DataLoader(dataset, batch_size=settings.train.eval_batch_size, shuffle=False,
-                        num_workers=settings.train.num_workers,
-                        pin_memory=target.type == "cuda")
+    loader = DataLoader(
+        dataset,
+        batch_size=settings.train.eval_batch_size,
+        shuffle=False,
+        num_workers=settings.train.num_workers,
+        pin_memory=target.type == "cuda",
+    )
     model = loaded.model.to(target)
     if pathway is not None:
         model = PathwayClassifier(model, pathway)
@@ -55,13 +65,16 @@ def check_same_data(folder: Path, loaded: LoadedArtifact) -> None:
     (else every label is misread), same split lists (else "test" may hold training images)."""
     manifest = read_manifest(folder)
     if list(manifest.classes) != loaded.classes:
-        raise ArtifactError(f"{folder}: its classes differ from the artifact's; was the dataset prepared again "
-                            "with other settings?")
+        raise ArtifactError(
+            f"{folder}: its classes differ from the artifact's; was the dataset prepared again with other settings?"
+        )
     recorded, now = loaded.record.dataset.manifest_hash, manifest.data.get("content_hash")
     if now != recorded:
-        raise ArtifactError(f"{folder}: its split lists (manifest content_hash {str(now)[:19]}…) are not the ones "
-                            f"the model was trained and tested on ({recorded[:19]}…); evaluate on that data or "
-                            "train again")
+        raise ArtifactError(
+            f"{folder}: its split lists (manifest content_hash {str(now)[:19]}…) are not the ones "
+            f"the model was trained and tested on ({recorded[:19]}…); evaluate on that data or "
+            "train again"
+        )
 
 
 @dataclass(frozen=True)
@@ -77,8 +90,13 @@ and normalisation are applied, exactly as to its files."""
 
 
 @torch.inference_mode()
-def predict(artifact: LoadedArtifact | Path | str, images: Images, top_k: int = 5, device: str | None = None,
-            batch_size: int = 32) -> list[Prediction]:
+def predict(
+    artifact: LoadedArtifact | Path | str,
+    images: Images,
+    top_k: int = 5,
+    device: str | None = None,
+    batch_size: int = 32,
+) -> list[Prediction]:
     """The `top_k` classes and their probabilities for each image, most likely first.
 
     `artifact`: a loaded artifact, or the folder `sa2vp train` wrote (loaded here). `images`: see `Images`."""
@@ -91,15 +109,16 @@ def predict(artifact: LoadedArtifact | Path | str, images: Images, top_k: int = 
     k = min(top_k, len(loaded.classes))
     results = []
     for start in range(0, len(named), batch_size):
-        chunk = named[start:start + batch_size]
+        chunk = named[start : start + batch_size]
         batch = torch.stack([transform(pictures(item)) for item in chunk]).to(target)
         with precision.autocast(target):
             logits = model(batch)
         probabilities = logits.float().softmax(dim=1)
         values, indices = probabilities.topk(k, dim=1)
         for item, row_values, row_indices in zip(chunk, values.tolist(), indices.tolist(), strict=True):
-            results.append(Prediction(item, [(loaded.classes[i], p) for i, p in zip(row_indices, row_values,
-                                                                                    strict=True)]))
+            results.append(
+                Prediction(item, [(loaded.classes[i], p) for i, p in zip(row_indices, row_values, strict=True)])
+            )
     return results
 
 
@@ -112,8 +131,10 @@ def _as_pictures(images: Images) -> tuple[list[Any], Callable[[Any], Image.Image
         if batch.is_floating_point() and batch.numel() and not 0.0 <= float(batch.min()) <= float(batch.max()) <= 1.0:
             # normalised inputs would be normalised twice: a quietly wrong answer
             low, high = float(batch.min()), float(batch.max())
-            raise ValueError(f"images: float pixel values must be in [0, 1] (not normalised: the artifact's "
-                             f"normalisation is applied here), got [{low:.3g}, {high:.3g}]")
+            raise ValueError(
+                f"images: float pixel values must be in [0, 1] (not normalised: the artifact's "
+                f"normalisation is applied here), got [{low:.3g}, {high:.3g}]"
+            )
         if not batch.is_floating_point() and batch.dtype != torch.uint8:
             raise ValueError(f"images: expected uint8 (0–255) or float (0–1) pixels, got {batch.dtype}")
         cpu = batch.detach().cpu()

@@ -48,8 +48,12 @@ class Metrics:
     def per_class_rows(self, classes: Sequence[str]) -> list[dict[str, object]]:
         support = self.confusion.sum(axis=1)
         return [
-            {"class": name, "support": int(support[i]), "correct": int(self.confusion[i, i]),
-             "accuracy": None if support[i] == 0 else float(self.confusion[i, i] / support[i])}
+            {
+                "class": name,
+                "support": int(support[i]),
+                "correct": int(self.confusion[i, i]),
+                "accuracy": None if support[i] == 0 else float(self.confusion[i, i] / support[i]),
+            }
             for i, name in enumerate(classes)
         ]
 

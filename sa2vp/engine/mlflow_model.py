@@ -85,8 +85,9 @@ def probabilities_frame(loaded: Any, images: list[bytes], device: str | None = N
     rows = []
     for prediction in predictions:
         by_class = dict(prediction.top)
-        rows.append({LABEL_COLUMN: prediction.top[0][0],
-                     **{f"{PROBABILITY_PREFIX}{name}": by_class[name] for name in classes}})
+        rows.append(
+            {LABEL_COLUMN: prediction.top[0][0], **{f"{PROBABILITY_PREFIX}{name}": by_class[name] for name in classes}}
+        )
     return pd.DataFrame(rows, columns=[LABEL_COLUMN, *(f"{PROBABILITY_PREFIX}{name}" for name in classes)])
 
 
@@ -95,8 +96,10 @@ def _image_bytes(model_input: Any) -> list[bytes]:
     bytes (base64 text is decoded, as MLflow's JSON serving sends binary columns)."""
     if isinstance(model_input, pd.DataFrame):
         if IMAGE_COLUMN not in model_input.columns:
-            raise ArtifactError(f"model input: expected a column {IMAGE_COLUMN!r} of encoded image files, got "
-                                f"columns {list(model_input.columns)}")
+            raise ArtifactError(
+                f"model input: expected a column {IMAGE_COLUMN!r} of encoded image files, got "
+                f"columns {list(model_input.columns)}"
+            )
         values: Iterable[Any] = model_input[IMAGE_COLUMN]
     elif isinstance(model_input, (bytes, bytearray)):
         values = [model_input]
@@ -113,15 +116,21 @@ def _one_image(index: int, value: Any) -> bytes:
             return base64.decodebytes(value.encode("ascii"))
         except (binascii.Error, UnicodeEncodeError):
             pass
-    raise ArtifactError(f"model input: image {index} is a {type(value).__name__}; expected the bytes of an image "
-                        "file (base64 text in JSON)")
+    raise ArtifactError(
+        f"model input: image {index} is a {type(value).__name__}; expected the bytes of an image "
+        "file (base64 text in JSON)"
+    )
 
 
 def signature(classes: Iterable[str]) -> ModelSignature:
     return ModelSignature(
         inputs=Schema([ColSpec(DataType.binary, IMAGE_COLUMN)]),
-        outputs=Schema([ColSpec(DataType.string, LABEL_COLUMN),
-                        *(ColSpec(DataType.double, f"{PROBABILITY_PREFIX}{name}") for name in classes)]),
+        outputs=Schema(
+            [
+                ColSpec(DataType.string, LABEL_COLUMN),
+                *(ColSpec(DataType.double, f"{PROBABILITY_PREFIX}{name}") for name in classes),
+            ]
+        ),
     )
 
 
@@ -158,19 +167,34 @@ def log_model(client: Any, run_id: str, artifact: Path, tags: dict[str, str] | N
 
     _, record = read_record(artifact)
     # Made here, in the run's experiment: Model.log would make it in the global "active" experiment.
-    logged = client.create_logged_model(client.get_run(run_id).info.experiment_id, name=MODEL_NAME,
-                                        source_run_id=run_id, tags=tags, model_type="image-classifier")
+    logged = client.create_logged_model(
+        client.get_run(run_id).info.experiment_id,
+        name=MODEL_NAME,
+        source_run_id=run_id,
+        tags=tags,
+        model_type="image-classifier",
+    )
     with tempfile.TemporaryDirectory(prefix="sa2vp-pyfunc-") as folder:
         code = Path(folder) / "sa2vp_classifier.py"
         code.write_text(MODEL_CODE, encoding="utf-8")
         with _global_tracking_uri(client.tracking_uri):
             info = Model.log(
-                artifact_path=None, name=MODEL_NAME, flavor=mlflow.pyfunc, run_id=run_id, model_id=logged.model_id,
-                python_model=str(code), artifacts={ARTIFACT_KEY: str(artifact)},
-                code_paths=[str(Path(sa2vp.__file__).parent)], pip_requirements=requirements(),
-                signature=signature(record.classes), input_example=input_example(record.data_config.input_size),
-                metadata={"classes": list(record.classes), "method": record.settings.model.method,
-                          "backbone": record.backbone.name},
+                artifact_path=None,
+                name=MODEL_NAME,
+                flavor=mlflow.pyfunc,
+                run_id=run_id,
+                model_id=logged.model_id,
+                python_model=str(code),
+                artifacts={ARTIFACT_KEY: str(artifact)},
+                code_paths=[str(Path(sa2vp.__file__).parent)],
+                pip_requirements=requirements(),
+                signature=signature(record.classes),
+                input_example=input_example(record.data_config.input_size),
+                metadata={
+                    "classes": list(record.classes),
+                    "method": record.settings.model.method,
+                    "backbone": record.backbone.name,
+                },
                 model_config={"backbone_weights": None, "device": None},  # what load_model(model_config=) may set
             )
     return info.model_uri

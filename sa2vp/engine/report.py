@@ -6,11 +6,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-
-import numpy as np
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from sa2vp.atomic import write_atomic
 from sa2vp.engine.metrics import Metrics
@@ -18,8 +18,14 @@ from sa2vp.figures import confusion_figure, save_figure
 from sa2vp.tracking import Run
 
 
-def write_report(output: Path, classes: Sequence[str], history: list[dict[str, Any]], val: Metrics | None,
-                 test: Metrics | None, run: Run) -> None:
+def write_report(
+    output: Path,
+    classes: Sequence[str],
+    history: list[dict[str, Any]],
+    val: Metrics | None,
+    test: Metrics | None,
+    run: Run,
+) -> None:
     output.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, Any] = {}
     if val is not None:
@@ -49,8 +55,11 @@ def write_split_report(output: Path, classes: Sequence[str], metrics: Metrics, s
 def write_dvc_plots(folder: Path, classes: Sequence[str], metrics: Metrics) -> None:
     """confusion.csv (one `actual,predicted` row per image, DVC's confusion template) and
     per_class_accuracy.csv (one row per class, for a bar plot)."""
-    rows = [{"actual": classes[i], "predicted": classes[j]}
-            for (i, j), count in np.ndenumerate(metrics.confusion) for _ in range(int(count))]
+    rows = [
+        {"actual": classes[i], "predicted": classes[j]}
+        for (i, j), count in np.ndenumerate(metrics.confusion)
+        for _ in range(int(count))
+    ]
     write_atomic(folder / "confusion.csv", to_csv(rows) if rows else "actual,predicted\n")
     write_atomic(folder / "per_class_accuracy.csv", to_csv(metrics.per_class_rows(classes)))
 
@@ -61,4 +70,3 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
-

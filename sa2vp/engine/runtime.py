@@ -99,8 +99,10 @@ class CpuNumerics:
 
     def line(self) -> str:
         mkl = {None: "unknown", 1: "off", _MKL_CBWR_AVX2: "AVX2"}.get(self.mkl_cbwr, str(self.mkl_cbwr))
-        return (f"CPU numerics {self.setting}: ATen {self.capability} kernels, MKL CNR {mkl}, oneDNN "
-                f"{'on' if self.onednn else 'off'}, {self.threads} thread(s)")
+        return (
+            f"CPU numerics {self.setting}: ATen {self.capability} kernels, MKL CNR {mkl}, oneDNN "
+            f"{'on' if self.onednn else 'off'}, {self.threads} thread(s)"
+        )
 
 
 def configure_cpu_numerics(setting: str, device: torch.device | str, threads: int | None = None) -> CpuNumerics | None:
@@ -129,8 +131,11 @@ def configure_cpu_numerics(setting: str, device: torch.device | str, threads: in
         _cpu_numerics = _apply_portable(threads or PORTABLE_THREADS)
         log.info(_cpu_numerics.line())
         for problem in _cpu_numerics.problems:
-            log.warning("train.cpu_numerics=portable is not fully in effect: %s; this run's results may differ "
-                        "in the last bits from other machines'", problem)
+            log.warning(
+                "train.cpu_numerics=portable is not fully in effect: %s; this run's results may differ "
+                "in the last bits from other machines'",
+                problem,
+            )
     return _cpu_numerics
 
 
@@ -146,8 +151,10 @@ def _apply_portable(threads: int) -> CpuNumerics:
     if not x86:
         problems.append(f"portable numerics are defined for x86-64 CPUs, this is {platform.machine()}")
     elif _cpu_vendor() not in ("GenuineIntel", None):
-        problems.append(f"MKL's reproducible AVX2 code is Intel's, this CPU is {_cpu_vendor()} (matrix products "
-                        "may differ in the last bits from an Intel CPU's)")
+        problems.append(
+            f"MKL's reproducible AVX2 code is Intel's, this CPU is {_cpu_vendor()} (matrix products "
+            "may differ in the last bits from an Intel CPU's)"
+        )
     os.environ["ATEN_CPU_CAPABILITY"] = PORTABLE_CAPABILITY.lower()  # read on ATen's first dispatched kernel
     os.environ["MKL_CBWR"] = "AVX2"  # these two for processes started from this one (MKL reads them once)
     os.environ["MKL_ENABLE_INSTRUCTIONS"] = "AVX2"
@@ -156,11 +163,17 @@ def _apply_portable(threads: int) -> CpuNumerics:
     torch.set_num_threads(threads)
     capability = torch.backends.cpu.get_cpu_capability()
     if capability != PORTABLE_CAPABILITY and x86:
-        problems.append(f"ATen runs its {capability} kernels: "
-                        + ("this CPU lacks AVX2" if capability == "DEFAULT" else
-                           "an earlier tensor operation in this process fixed them"))
-    return CpuNumerics("portable", capability, mkl_cbwr, torch.backends.mkldnn.enabled, torch.get_num_threads(),
-                       tuple(problems))
+        problems.append(
+            f"ATen runs its {capability} kernels: "
+            + (
+                "this CPU lacks AVX2"
+                if capability == "DEFAULT"
+                else "an earlier tensor operation in this process fixed them"
+            )
+        )
+    return CpuNumerics(
+        "portable", capability, mkl_cbwr, torch.backends.mkldnn.enabled, torch.get_num_threads(), tuple(problems)
+    )
 
 
 def _set_mkl_cbwr(problems: list[str]) -> int | None:
@@ -179,8 +192,11 @@ def _set_mkl_cbwr(problems: list[str]) -> int | None:
     if in_effect is None:
         problems.append("MKL's reproducibility switch (mkl_cbwr_set) is not reachable in this torch build")
     elif in_effect != _MKL_CBWR_AVX2:
-        problems.append("MKL already ran in this process, its code branch is fixed"
-                        if status == _MKL_CBWR_ERR_MODE_CHANGE_FAILURE else f"mkl_cbwr_set returned {status}")
+        problems.append(
+            "MKL already ran in this process, its code branch is fixed"
+            if status == _MKL_CBWR_ERR_MODE_CHANGE_FAILURE
+            else f"mkl_cbwr_set returned {status}"
+        )
     return in_effect
 
 
@@ -232,7 +248,7 @@ def use_portable_dropout(model: nn.Module) -> int:
     replaced = 0
     for module in model.modules():
         for name, child in list(module.named_children()):
-            if type(child) is nn.Dropout:  # noqa: E721 — exactly nn.Dropout: a subclass may do more
+            if type(child) is nn.Dropout:
                 setattr(module, name, PortableDropout(child.p, inplace=False))
                 replaced += 1
     return replaced

@@ -67,8 +67,10 @@ class EpochReport:
     def line(self) -> str:
         parts = "  ".join(f"{name} {value:.4f}" for name, value in self.losses.items())
         val = f"  val top1 {100 * self.val.top1:.2f}%  mean-class {100 * self.val.mean_class:.2f}%" if self.val else ""
-        return (f"epoch {self.epoch}/{self.epochs}  {parts}  lr {self.lr:.3g}{val}  "
-                f"{self.seconds:.1f}s ({self.images / max(self.seconds, 1e-9):.0f} img/s)")
+        return (
+            f"epoch {self.epoch}/{self.epochs}  {parts}  lr {self.lr:.3g}{val}  "
+            f"{self.seconds:.1f}s ({self.images / max(self.seconds, 1e-9):.0f} img/s)"
+        )
 
 
 @dataclass
@@ -99,7 +101,9 @@ def fit(
 ) -> TrainResult:
     """Train `settings.model` on `settings.data` as `settings.train` says; log to `settings.tracking`."""
     device = resolve_device(settings.train.device)
-    configure_cpu_numerics(settings.train.cpu_numerics, device, settings.train.cpu_threads)  # before any tensor op (a checkpoint's load)
+    configure_cpu_numerics(
+        settings.train.cpu_numerics, device, settings.train.cpu_threads
+    )  # before any tensor op (a checkpoint's load)
     precision = resolve_precision(settings.train.precision, device)
     checkpoint = load_checkpoint(settings.train.output) if resume else None
     if checkpoint is not None:
@@ -133,42 +137,92 @@ def fit(
 
     summary = parameter_summary(model)
     name = run_name or settings.tracking.run_name or _default_run_name(settings)
-    run = start_run(settings.tracking, name, _tags(settings, manifest, backbone_sha256), parent_run_id,
-                    resume_run_id=state.run_id or None, output=Path(settings.train.output).resolve())
+    run = start_run(
+        settings.tracking,
+        name,
+        _tags(settings, manifest, backbone_sha256),
+        parent_run_id,
+        resume_run_id=state.run_id or None,
+        output=Path(settings.train.output).resolve(),
+    )
     if checkpoint is not None:
         _log_missing_epochs(run, state.history)
     if not state.run_id:  # a new run (also: resumed with tracking enabled after a run without it)
         state.run_id = run.run_id
-        run.log_params({**flatten_settings(settings), "trainable_parameters": summary.trainable,
-                        "trainable_percent": round(summary.percent_of_backbone, 4),
-                        "backbone_parameters": summary.backbone, "num_classes": len(manifest.classes)})
-        run.log_metrics({"trainable_parameters": summary.trainable,
-                         "trainable_percent": summary.percent_of_backbone})
-        run.log_inputs(manifest, {"train": settings.train.train_split, "val": settings.train.val_split,
-                                  "test": settings.train.test_split})
-    log.info("%s: %s trainable parameters (%.3f %% of the %s-parameter backbone), device %s, %s",
-             name, f"{summary.trainable:,}", summary.percent_of_backbone, f"{summary.backbone:,}", device,
-             precision.name)
+        run.log_params(
+            {
+                **flatten_settings(settings),
+                "trainable_parameters": summary.trainable,
+                "trainable_percent": round(summary.percent_of_backbone, 4),
+                "backbone_parameters": summary.backbone,
+                "num_classes": len(manifest.classes),
+            }
+        )
+        run.log_metrics({"trainable_parameters": summary.trainable, "trainable_percent": summary.percent_of_backbone})
+        run.log_inputs(
+            manifest,
+            {"train": settings.train.train_split, "val": settings.train.val_split, "test": settings.train.test_split},
+        )
+    log.info(
+        "%s: %s trainable parameters (%.3f %% of the %s-parameter backbone), device %s, %s",
+        name,
+        f"{summary.trainable:,}",
+        summary.percent_of_backbone,
+        f"{summary.backbone:,}",
+        device,
+        precision.name,
+    )
 
     stopped = False
     try:
         for epoch in range(state.epoch + 1, settings.train.epochs + 1):
-            report = _train_epoch(model, loaders, optimizer, scheduler, scaler, settings, device, precision,
-                                  epoch, len(manifest.classes), progress)
+            report = _train_epoch(
+                model,
+                loaders,
+                optimizer,
+                scheduler,
+                scaler,
+                settings,
+                device,
+                precision,
+                epoch,
+                len(manifest.classes),
+                progress,
+            )
             state.record(report, model)
             log.info(report.line())
-            save_checkpoint(settings.train.output, {
-                "model": model.trainable_state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "rng": rng_state(),
-                "state": state.as_dict(), "settings": flatten_settings(settings),
-            })
+            save_checkpoint(
+                settings.train.output,
+                {
+                    "model": model.trainable_state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict(),
+                    "rng": rng_state(),
+                    "state": state.as_dict(),
+                    "settings": flatten_settings(settings),
+                },
+            )
             # After the checkpoint: a kill before it reruns this epoch on resume, which must not log it twice.
             run.log_metrics(report.metrics(), step=epoch)
             if on_epoch is not None and on_epoch(report):
                 stopped = True
                 break
-        result = _finish(model, state, settings, manifest, config, loaders, device, precision, run, summary,
-                         backbone_sha256, progress, stopped)
+        result = _finish(
+            model,
+            state,
+            settings,
+            manifest,
+            config,
+            loaders,
+            device,
+            precision,
+            run,
+            summary,
+            backbone_sha256,
+            progress,
+            stopped,
+        )
     except BaseException as exc:
         run.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
         run.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
@@ -209,9 +263,19 @@ class _TrainingState:
         return state
 
 
-def _train_epoch(model: AdaptedModel, loaders: dict[str, DataLoader], optimizer: torch.optim.Optimizer,
-                 scheduler: Any, scaler: torch.amp.GradScaler, settings: Settings, device: torch.device,
-                 precision: Precision, epoch: int, num_classes: int, progress: Progress) -> EpochReport:
+def _train_epoch(
+    model: AdaptedModel,
+    loaders: dict[str, DataLoader],
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: torch.amp.GradScaler,
+    settings: Settings,
+    device: torch.device,
+    precision: Precision,
+    epoch: int,
+    num_classes: int,
+    progress: Progress,
+) -> EpochReport:
     train = settings.train
     loader = loaders["train"]
     loader.generator.manual_seed(train.seed * 100_003 + epoch)  # the epoch's order, the same after a resume
@@ -250,9 +314,21 @@ def _train_epoch(model: AdaptedModel, loaders: dict[str, DataLoader], optimizer:
     return EpochReport(epoch, train.epochs, losses, lr, val, seconds, images)
 
 
-def _finish(model: AdaptedModel, state: _TrainingState, settings: Settings, manifest: Any, config: dict[str, Any],
-            loaders: dict[str, DataLoader], device: torch.device, precision: Precision, run: Run, summary: Any,
-            backbone_sha256: str, progress: Progress, stopped: bool) -> TrainResult:
+def _finish(
+    model: AdaptedModel,
+    state: _TrainingState,
+    settings: Settings,
+    manifest: Any,
+    config: dict[str, Any],
+    loaders: dict[str, DataLoader],
+    device: torch.device,
+    precision: Precision,
+    run: Run,
+    summary: Any,
+    backbone_sha256: str,
+    progress: Progress,
+    stopped: bool,
+) -> TrainResult:
     if state.best_weights is not None:
         model.load_trainable_state_dict(state.best_weights)
     classes = list(manifest.classes)
@@ -262,25 +338,50 @@ def _finish(model: AdaptedModel, state: _TrainingState, settings: Settings, mani
         test = evaluate_model(model, loaders["test"], len(classes), device, precision, progress, "testing")
         # Is the other pathway learning? (SA²VP: the prompt pathway's own accuracy through the shared head.)
         for name in model.auxiliary_pathways:
-            pathways[name] = evaluate_model(PathwayClassifier(model, name), loaders["test"], len(classes), device,
-                                            precision, progress, f"testing the {name} pathway")
+            pathways[name] = evaluate_model(
+                PathwayClassifier(model, name),
+                loaders["test"],
+                len(classes),
+                device,
+                precision,
+                progress,
+                f"testing the {name} pathway",
+            )
             run.log_metrics(pathways[name].as_dict(f"test/{name}_"))
     val = None if state.best_val is None else Metrics(state.best_val.numpy())
     output = Path(settings.train.output)
     record = {
-        "backbone": {"name": settings.backbone.name, "weights": settings.backbone.weights, "sha256": backbone_sha256,
-                     "parameters": summary.backbone},
+        "backbone": {
+            "name": settings.backbone.name,
+            "weights": settings.backbone.weights,
+            "sha256": backbone_sha256,
+            "parameters": summary.backbone,
+        },
         "classes": classes,
         "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
         "transform": manifest.transform,
-        "dataset": {"name": manifest.data.get("dataset"), "protocol": manifest.data.get("protocol"),
-                    "split_dir": str(manifest.folder), "manifest_hash": manifest.data.get("content_hash")},
-        "trainable": {"parameters": summary.trainable, "percent_of_backbone": summary.percent_of_backbone,
-                      "head": summary.head, "groups": summary.groups},
-        "training": {"epochs": state.epoch, "best_epoch": state.best_epoch, "stopped_early": stopped,
-                     "val": None if val is None else val.as_dict(), "test": None if test is None else test.as_dict(),
-                     "test_pathways": {name: metrics.as_dict() for name, metrics in pathways.items()},
-                     "eval_batch_size": settings.train.eval_batch_size, "mlflow_run_id": run.run_id or None},
+        "dataset": {
+            "name": manifest.data.get("dataset"),
+            "protocol": manifest.data.get("protocol"),
+            "split_dir": str(manifest.folder),
+            "manifest_hash": manifest.data.get("content_hash"),
+        },
+        "trainable": {
+            "parameters": summary.trainable,
+            "percent_of_backbone": summary.percent_of_backbone,
+            "head": summary.head,
+            "groups": summary.groups,
+        },
+        "training": {
+            "epochs": state.epoch,
+            "best_epoch": state.best_epoch,
+            "stopped_early": stopped,
+            "val": None if val is None else val.as_dict(),
+            "test": None if test is None else test.as_dict(),
+            "test_pathways": {name: metrics.as_dict() for name, metrics in pathways.items()},
+            "eval_batch_size": settings.train.eval_batch_size,
+            "mlflow_run_id": run.run_id or None,
+        },
         "versions": _versions(),
     }
     artifact = save_artifact(output / ARTIFACT_DIR, model, settings, record)
@@ -289,12 +390,15 @@ def _finish(model: AdaptedModel, state: _TrainingState, settings: Settings, mani
     if settings.tracking.log_model:  # after the test metrics, which MLflow copies to the model
         run.log_model(output / ARTIFACT_DIR)
     if test is not None:
-        log.info("test: top1 %.2f%%  mean-class %.2f%% (best epoch %d)", 100 * test.top1, 100 * test.mean_class,
-                 state.best_epoch)
+        log.info(
+            "test: top1 %.2f%%  mean-class %.2f%% (best epoch %d)",
+            100 * test.top1,
+            100 * test.mean_class,
+            state.best_epoch,
+        )
         for name, metrics in pathways.items():
             log.info("test, %s pathway alone: top1 %.2f%%", name, 100 * metrics.top1)
-    return TrainResult(output, artifact.parent, run.run_id, state.epoch, state.best_epoch, val, test, stopped,
-                       pathways)
+    return TrainResult(output, artifact.parent, run.run_id, state.epoch, state.best_epoch, val, test, stopped, pathways)
 
 
 def _prepared(settings: Settings, progress: Progress) -> Path:
@@ -305,14 +409,24 @@ def _prepared(settings: Settings, progress: Progress) -> Path:
 
 def _loaders(settings: Settings, folder: Path, config: dict[str, Any], device: torch.device) -> dict[str, DataLoader]:
     train = settings.train
-    common = {"num_workers": train.num_workers, "pin_memory": device.type == "cuda",
-              "persistent_workers": False}
-    loaders = {"train": DataLoader(load_split(folder, train.train_split, config), batch_size=train.batch_size,
-                                   shuffle=True, generator=torch.Generator(), **common)}
+    common = {"num_workers": train.num_workers, "pin_memory": device.type == "cuda", "persistent_workers": False}
+    loaders = {
+        "train": DataLoader(
+            load_split(folder, train.train_split, config),
+            batch_size=train.batch_size,
+            shuffle=True,
+            generator=torch.Generator(),
+            **common,
+        )
+    }
     for key, split in (("val", train.val_split), ("test", train.test_split)):
         if split is not None:
-            loaders[key] = DataLoader(load_split(folder, split, config, train=False),
-                                      batch_size=train.eval_batch_size, shuffle=False, **common)
+            loaders[key] = DataLoader(
+                load_split(folder, split, config, train=False),
+                batch_size=train.eval_batch_size,
+                shuffle=False,
+                **common,
+            )
     return loaders
 
 
@@ -321,8 +435,10 @@ def _check_destinations(settings: Settings) -> None:
     output = settings.train.output
     problem = writable_problem(output)
     if problem is not None:
-        raise SettingsError(f"train.output={str(output)!r}: cannot write there ({problem}); choose a writable "
-                            "folder (--output or --set train.output=...)")
+        raise SettingsError(
+            f"train.output={str(output)!r}: cannot write there ({problem}); choose a writable "
+            "folder (--output or --set train.output=...)"
+        )
     if settings.tracking.enabled:
         check_store(settings.tracking.uri)
 
@@ -338,8 +454,11 @@ def _log_missing_epochs(run: Run, history: list[dict[str, Any]]) -> None:
 
 def _check_resumable(checkpoint: dict[str, Any], settings: Settings) -> None:
     before, now = checkpoint.get("settings", {}), flatten_settings(settings)
-    changed = [key for key in sorted(set(before) | set(now))
-               if before.get(key) != now.get(key) and not key.startswith(RESUMABLE_CHANGES)]
+    changed = [
+        key
+        for key in sorted(set(before) | set(now))
+        if before.get(key) != now.get(key) and not key.startswith(RESUMABLE_CHANGES)
+    ]
     if changed:
         key = changed[0]
         raise ArtifactError(
@@ -349,10 +468,15 @@ def _check_resumable(checkpoint: dict[str, Any], settings: Settings) -> None:
 
 
 def _tags(settings: Settings, manifest: Any, backbone_sha256: str) -> dict[str, Any]:
-    return {"dataset": manifest.data.get("dataset"), "protocol": manifest.data.get("protocol"),
-            "dataset_manifest_hash": manifest.data.get("content_hash"), "backbone": settings.backbone.name,
-            "backbone_weights": settings.backbone.weights, "backbone_sha256": backbone_sha256,
-            "method": settings.model.method}
+    return {
+        "dataset": manifest.data.get("dataset"),
+        "protocol": manifest.data.get("protocol"),
+        "dataset_manifest_hash": manifest.data.get("content_hash"),
+        "backbone": settings.backbone.name,
+        "backbone_weights": settings.backbone.weights,
+        "backbone_sha256": backbone_sha256,
+        "method": settings.model.method,
+    }
 
 
 def _default_run_name(settings: Settings) -> str:

@@ -12,10 +12,10 @@ from sa2vp.models.sa2vp_vit import SA2VPOutput, SA2VPViT, sa2vp_loss
 from sa2vp.settings import SearchDimension, Settings, SettingsError
 
 __all__ = [
-    "AdaptedModel",
-    "LossTerms",
-    "BackboneError",
     "METHODS",
+    "AdaptedModel",
+    "BackboneError",
+    "LossTerms",
     "ParameterSummary",
     "PathwayClassifier",
     "SA2VPOutput",
@@ -24,8 +24,8 @@ __all__ = [
     "build_model",
     "create_backbone",
     "parameter_summary",
-    "search_space",
     "sa2vp_loss",
+    "search_space",
 ]
 
 

@@ -30,8 +30,10 @@ from sa2vp.errors import BackboneError, one_line
 from sa2vp.settings import BackboneSettings, SettingsError
 
 WEIGHT_SUFFIXES = (".safetensors", ".npz")
-ACCEPTED_WEIGHTS = ("only safetensors files (.safetensors) and Google's original NumPy checkpoints (.npz) are loaded; "
-                    "convert a pickled one with safetensors.torch.save_file")
+ACCEPTED_WEIGHTS = (
+    "only safetensors files (.safetensors) and Google's original NumPy checkpoints (.npz) are loaded; "
+    "convert a pickled one with safetensors.torch.save_file"
+)
 
 
 def create_backbone(settings: BackboneSettings) -> nn.Module:
@@ -87,7 +89,7 @@ def set_stochastic_layers(model: nn.Module, dropout: float, drop_path: float) ->
             module.p = dropout
     blocks = [m for m in model.modules() if hasattr(m, "drop_path1") and hasattr(m, "drop_path2")]
     rates = torch.linspace(0, drop_path, len(blocks)).tolist() if blocks else []
-    for block, rate in zip(blocks, rates):
+    for block, rate in zip(blocks, rates, strict=True):
         block.drop_path1 = DropPath(rate) if rate > 0 else nn.Identity()
         block.drop_path2 = DropPath(rate) if rate > 0 else nn.Identity()
 
@@ -144,8 +146,16 @@ def _from_file(name: str, path: Path, kwargs: dict[str, Any]) -> nn.Module:
     overlay = {"file": str(path), "custom_load": npz}
     try:
         model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
-    except (KeyError, RuntimeError, ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error,
-            SafetensorError) as exc:  # what a damaged or foreign file makes timm's readers raise
+    except (
+        KeyError,
+        RuntimeError,
+        ValueError,
+        OSError,
+        EOFError,
+        zipfile.BadZipFile,
+        zlib.error,
+        SafetensorError,
+    ) as exc:  # what a damaged or foreign file makes timm's readers raise
         hint = "; an .npz must be Google's original (JAX/Flax) checkpoint of this architecture" if npz else ""
         raise BackboneError(f"backbone.weights: {path} does not fit {name!r}: {one_line(exc)}{hint}") from exc
     if not npz:

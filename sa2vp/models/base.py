@@ -1,10 +1,10 @@
 """The one small interface every adaptation method implements, so the engine needs to know none of them.
 
-    model = build_model(settings, num_classes)      # an AdaptedModel
-    output = model(images)                           # training mode: whatever `model.loss` takes
-    terms = model.loss(output, targets)              # LossTerms(total, parts): parts are logged per name
-    model.eval(); logits = model(images)             # eval mode: class logits, always
-    model.trainable_state_dict()                     # what an artifact stores: never the frozen backbone
+model = build_model(settings, num_classes)      # an AdaptedModel
+output = model(images)                           # training mode: whatever `model.loss` takes
+terms = model.loss(output, targets)              # LossTerms(total, parts): parts are logged per name
+model.eval(); logits = model(images)             # eval mode: class logits, always
+model.trainable_state_dict()                     # what an artifact stores: never the frozen backbone
 """
 
 from __future__ import annotations
@@ -69,12 +69,15 @@ class AdaptedModel(nn.Module):
         expected = {name for name, p in own.items() if p.requires_grad}
         missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
         if missing or unexpected:
-            raise ValueError(f"trainable weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise ValueError(
+                f"trainable weights do not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         with torch.no_grad():
             for name, tensor in state.items():
                 if own[name].shape != tensor.shape:
-                    raise ValueError(f"trainable weight {name}: shape {tuple(tensor.shape)} does not fit "
-                                     f"{tuple(own[name].shape)}")
+                    raise ValueError(
+                        f"trainable weight {name}: shape {tuple(tensor.shape)} does not fit {tuple(own[name].shape)}"
+                    )
                 own[name].copy_(tensor)
 
 

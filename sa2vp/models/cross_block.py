@@ -126,7 +126,15 @@ class SpatialCrossBlock(nn.Module):
         time (the block's output already carries it), which only the adapter's LN' and projections absorb.
         """
         attended = spatial_cross_attention(
-            q, k, v, self.grid, self.window, self.num_prefix, self.border, self.head_mode, self.tile_mask,
+            q,
+            k,
+            v,
+            self.grid,
+            self.window,
+            self.num_prefix,
+            self.border,
+            self.head_mode,
+            self.tile_mask,
             self.dense_mask,
         )
         attended = self.drop(out_proj(attended))

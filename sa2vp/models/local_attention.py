@@ -79,9 +79,7 @@ def spatial_cross_attention(
     batch, heads, length, head_dim = q.shape
     height, width = grid
     if length != num_prefix + height * width or k.shape[2] != length:
-        raise ValueError(
-            f"token count {length} does not match num_prefix={num_prefix} + grid {height}x{width}"
-        )
+        raise ValueError(f"token count {length} does not match num_prefix={num_prefix} + grid {height}x{width}")
     if head_mode == "single":
         q, k, v = (_one_wide_head(t) for t in (q, k, v))
 

@@ -31,8 +31,18 @@ from sa2vp.models.backbones import BackboneError
 from sa2vp.models.base import AdaptedModel, LossTerms
 from sa2vp.models.cross_block import RELEASE_NORM_EPS, LowRankPromptMap, SpatialCrossBlock, reinit_linear_layers
 from sa2vp.models.sa2vp_vit import (
-    LayerTokens, SA2VPOutput, SimilarityMaps, Trace, backbone_label, check_layers, check_window, is_stochastic,
-    sa2vp_loss, token_rows, token_similarity, traced_layer_tokens,
+    LayerTokens,
+    SA2VPOutput,
+    SimilarityMaps,
+    Trace,
+    backbone_label,
+    check_layers,
+    check_window,
+    is_stochastic,
+    sa2vp_loss,
+    token_rows,
+    token_similarity,
+    traced_layer_tokens,
 )
 from sa2vp.settings import SA2VPSettings, SettingsError
 
@@ -99,8 +109,9 @@ class SA2VPSwin(AdaptedModel):
         self.backbone.requires_grad_(False)
         self.to_prompt = resolve_cross_blocks(settings, [len(stage.blocks) for stage in backbone.layers])
         for s in self.to_prompt:  # the cross blocks attend over their stage's whole grid (not Swin's windows)
-            check_window(settings, tuple(backbone.layers[s].output_resolution),
-                         f"cross stage {s} of {backbone_label(backbone)}")
+            check_window(
+                settings, tuple(backbone.layers[s].output_resolution), f"cross stage {s} of {backbone_label(backbone)}"
+            )
         self.gamma = settings.gamma
         self.grid = tuple(backbone.patch_embed.grid_size)
 
@@ -151,11 +162,12 @@ class SA2VPSwin(AdaptedModel):
         """P_0 = LN_pe(U·W + b) on the patch grid, (1, H, W, C); timm's Swin has no absolute position embedding."""
         return self.backbone.patch_embed.norm(self.prompt_map()).reshape(1, *self.grid, -1)
 
-    def _cross_stage(self, s: int, base: torch.Tensor, prompt: torch.Tensor, trace: Trace | None = None,
-                     first: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    def _cross_stage(
+        self, s: int, base: torch.Tensor, prompt: torch.Tensor, trace: Trace | None = None, first: int = 0
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         stage = self.backbone.layers[s]
         base, prompt = stage.downsample(base), stage.downsample(prompt)
-        for i, (block, cross) in enumerate(zip(stage.blocks, self.cross[str(s)])):
+        for i, (block, cross) in enumerate(zip(stage.blocks, self.cross[str(s)], strict=True)):
             if i in self.to_prompt[s]:
                 fused = _cross_attention(block, cross, query=prompt, other=base)
                 base, prompt = block(base), block(prompt) + self.gamma * fused
@@ -201,7 +213,7 @@ class SA2VPSwin(AdaptedModel):
     def _cam_peak(self, base: torch.Tensor) -> torch.Tensor:
         """The CAM peak from the base pathway's tokens after the last cross block (the later stages run here as
         in `forward`)."""
-        for stage in self.backbone.layers[max(self.to_prompt) + 1:]:
+        for stage in self.backbone.layers[max(self.to_prompt) + 1 :]:
             base = stage(base)
         features = self.backbone.norm(base)  # (B, H, W, C)
         predicted = self.head(self.backbone.forward_head(features, pre_logits=True)).argmax(dim=-1)
@@ -210,8 +222,9 @@ class SA2VPSwin(AdaptedModel):
         peak = torch.stack([index // cam.shape[2], index % cam.shape[2]], dim=-1)
         return scale_token(peak, tuple(cam.shape[1:]), self.similarity_grid)
 
-    def similarity_maps(self, images: torch.Tensor, layers: list[int],
-                        token: torch.Tensor | tuple[int, int] | None = None) -> SimilarityMaps:
+    def similarity_maps(
+        self, images: torch.Tensor, layers: list[int], token: torch.Tensor | tuple[int, int] | None = None
+    ) -> SimilarityMaps:
         """Fig. 5 at each of `layers` (blocks of the cross stage(s)): the cosine similarity between the base
         pathway's token at `token` ((row, column) in `similarity_grid`, for all images or (B, 2) one per image;
         default `salient_tokens`) and every token of the prompt pathway, after that block."""

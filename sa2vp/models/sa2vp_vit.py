@@ -145,7 +145,9 @@ class SA2VPViT(AdaptedModel):
 
         self.prompt_map = LowRankPromptMap(tokens, settings.prompt_rank, dim)
         # Deep maps have no positional embedding in the release; each gets an SSF-style channel scale e_k.
-        self.deep_maps = nn.ModuleDict({str(i): LowRankPromptMap(tokens, settings.prompt_rank, dim) for i in sorted(self.deep)})
+        self.deep_maps = nn.ModuleDict(
+            {str(i): LowRankPromptMap(tokens, settings.prompt_rank, dim) for i in sorted(self.deep)}
+        )
         self.deep_scales = nn.ParameterDict({str(i): nn.Parameter(torch.randn(dim) * 0.02) for i in sorted(self.deep)})
         self.cross = nn.ModuleList(
             SpatialCrossBlock(
@@ -190,8 +192,9 @@ class SA2VPViT(AdaptedModel):
             pos = F.pad(pos, (0, 0, self.num_prefix, 0))
         return vit.norm_pre(vit.pos_drop((self.prompt_map() + pos).expand(batch, -1, -1)))
 
-    def _run_blocks(self, base: torch.Tensor, prompt: torch.Tensor,
-                    trace: Trace | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _run_blocks(
+        self, base: torch.Tensor, prompt: torch.Tensor, trace: Trace | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         batch = base.shape[0]
         for i, block in enumerate(self.backbone.blocks):
             both = torch.cat([base, prompt])
@@ -248,12 +251,13 @@ class SA2VPViT(AdaptedModel):
         entering = tokens[-2].base if len(tokens) > 1 else self._embed_images(images)
         q, k, _ = _attention_inputs(block, entering)
         scores = (q[:, :, :1] @ k.transpose(-2, -1)) * block.attn.scale  # the CLS query's row: (B, H, 1, L)
-        attention = scores.softmax(dim=-1).mean(dim=1)[:, 0, self.num_prefix:]  # over patch keys: (B, N)
+        attention = scores.softmax(dim=-1).mean(dim=1)[:, 0, self.num_prefix :]  # over patch keys: (B, N)
         index = attention.argmax(dim=-1)
         return torch.stack([index // self.grid[1], index % self.grid[1]], dim=-1)
 
-    def similarity_maps(self, images: torch.Tensor, layers: list[int],
-                        token: torch.Tensor | tuple[int, int] | None = None) -> SimilarityMaps:
+    def similarity_maps(
+        self, images: torch.Tensor, layers: list[int], token: torch.Tensor | tuple[int, int] | None = None
+    ) -> SimilarityMaps:
         """Fig. 5 at each of `layers`: the cosine similarity between the base pathway's patch token at `token`
         ((row, column) in the patch grid, for all images or (B, 2) one per image; default `salient_tokens`)
         and every patch token of the prompt pathway, after that layer."""
@@ -261,12 +265,13 @@ class SA2VPViT(AdaptedModel):
         tokens = self.layer_tokens(images)
         chosen = self._attention_peak(images, tokens) if token is None else token_rows(token, len(images), self.grid)
         grids = [(self._patch_grid(tokens[i].base), self._patch_grid(tokens[i].prompt)) for i in layers]
-        return SimilarityMaps(list(layers), [token_similarity(base, prompt, chosen) for base, prompt in grids],
-                              [chosen] * len(layers))
+        return SimilarityMaps(
+            list(layers), [token_similarity(base, prompt, chosen) for base, prompt in grids], [chosen] * len(layers)
+        )
 
     def _patch_grid(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, h, w, D): the patch tokens of a pathway on their grid (prefix tokens dropped)."""
-        return tokens[:, self.num_prefix:].reshape(tokens.shape[0], *self.grid, tokens.shape[-1])
+        return tokens[:, self.num_prefix :].reshape(tokens.shape[0], *self.grid, tokens.shape[-1])
 
     def compile_cross_blocks(self, mode: str | None = None) -> SA2VPViT:
         """Compile the cross blocks with torch.compile, in place.
@@ -294,8 +299,9 @@ def sa2vp_loss(
     return lam * base_loss + (1.0 - lam) * prompt_loss, base_loss, prompt_loss
 
 
-def traced_layer_tokens(base_logits: Callable[[torch.Tensor, Trace], torch.Tensor],
-                        images: torch.Tensor) -> list[LayerTokens]:
+def traced_layer_tokens(
+    base_logits: Callable[[torch.Tensor, Trace], torch.Tensor], images: torch.Tensor
+) -> list[LayerTokens]:
     """Both pathways' tokens after every layer, recorded by a trace through a model's `base_logits`."""
     tokens: list[LayerTokens] = []
 
@@ -322,8 +328,10 @@ def token_rows(token: torch.Tensor | tuple[int, int], batch: int, grid: tuple[in
     bad = (rows < 0) | (rows >= torch.tensor(grid))
     if bool(bad.any()):
         row, column = rows[bad.any(dim=1)][0].tolist()
-        raise ValueError(f"token ({row}, {column}) is outside the {grid[0]}×{grid[1]} token grid; allowed rows "
-                         f"0..{grid[0] - 1}, columns 0..{grid[1] - 1}")
+        raise ValueError(
+            f"token ({row}, {column}) is outside the {grid[0]}×{grid[1]} token grid; allowed rows "
+            f"0..{grid[0] - 1}, columns 0..{grid[1] - 1}"
+        )
     return rows
 
 

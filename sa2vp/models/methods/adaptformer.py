@@ -75,14 +75,18 @@ class AdaptFormer(BackboneClassifier):
             ParallelAdapter(block.mlp.fc1.in_features, settings.dim, settings.scale, settings.dropout)
             for block in blocks
         )
-        for block, adapter in zip(blocks, self.adapters):
+        for block, adapter in zip(blocks, self.adapters, strict=True):
             adapter.attach(block)
 
 
 def mlp_blocks(backbone: nn.Module) -> list[nn.Module]:
     """The backbone's transformer blocks (modules with `norm2` and an `mlp` whose `fc1` is nn.Linear), in order."""
-    blocks = [m for m in backbone.modules() if isinstance(getattr(m, "norm2", None), nn.Module)
-              and isinstance(getattr(getattr(m, "mlp", None), "fc1", None), nn.Linear)]
+    blocks = [
+        m
+        for m in backbone.modules()
+        if isinstance(getattr(m, "norm2", None), nn.Module)
+        and isinstance(getattr(getattr(m, "mlp", None), "fc1", None), nn.Linear)
+    ]
     if not blocks:
         raise BackboneError(
             f"model.method=adaptformer: the {type(backbone).__name__} has no transformer blocks with norm2 and "
