@@ -3,27 +3,19 @@
 from __future__ import annotations
 
 from importlib.metadata import version as package_version
-from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
 from sa2vp.data.progress import LOG_EVERY
 
+from . import artifacts
 from . import explain as explaining
 from . import train as training
 from .backbone import app as backbone_app
-from .common import (
-    ParamsOption,
-    SetOption,
-    expected_errors_exit_2,
-    set_log_every,
-    settings_from,
-    setup_logging,
-)
+from .common import set_log_every, setup_logging
 from .data import app as data_app
+from .model import app as model_app
 from .suite import app as suite_app
 
 app = typer.Typer(
@@ -33,16 +25,15 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-model_app = typer.Typer(help="Build models and inspect them.", no_args_is_help=True)
 app.add_typer(model_app, name="model")
 app.add_typer(data_app, name="data")
 app.add_typer(backbone_app, name="backbone")
 app.add_typer(suite_app, name="suite")
 app.command("train")(training.train)
-app.command("evaluate")(training.evaluate)
-app.command("predict")(training.predict)
+app.command("evaluate")(artifacts.evaluate)
+app.command("predict")(artifacts.predict)
 app.command("tune")(training.tune)
-app.command("ui")(training.ui)
+app.command("ui")(artifacts.ui)
 app.command("explain")(explaining.explain)
 
 
@@ -71,47 +62,6 @@ def main(
     """SA²VP visual prompt tuning on frozen timm backbones."""
     setup_logging()
     set_log_every(log_every)
-
-
-@model_app.command("summary")
-@expected_errors_exit_2
-def model_summary(
-    params: ParamsOption = Path("params.yaml"),
-    overrides: SetOption = None,
-    num_classes: Annotated[int, typer.Option(min=1, help="Classes of the task head.")] = 100,
-) -> None:
-    """Build the configured method (model.method: sa2vp, linear, full, vpt-shallow, vpt-deep, lora, adaptformer)
-    on the configured backbone and print its trainable parameters.
-
-    Example: sa2vp model summary --set backbone.name=swin_tiny_patch4_window7_224 --set backbone.weights=random
-    """
-    from sa2vp.models import build_model, parameter_summary
-
-    settings = settings_from(params, overrides)
-    model = build_model(settings, num_classes)
-    summary = parameter_summary(model)
-    method = "SA²VP" if settings.model.method == "sa2vp" else settings.model.method
-    table = Table(title=f"{method} on {settings.backbone.name} ({settings.backbone.weights} weights)")
-    table.add_column("group")
-    table.add_column("trainable parameters", justify="right")
-    for group, count in summary.groups.items():
-        table.add_row(group, f"{count:,}")
-    table.add_row("total (head excluded)", f"{summary.trainable:,}", style="bold")
-    table.add_row(f"head ({num_classes} classes)", f"{summary.head:,}")
-    table.add_row("backbone" if settings.model.method == "full" else "frozen backbone", f"{summary.backbone:,}")
-    table.add_row("trainable / backbone", f"{summary.percent_of_backbone:.3f} %", style="bold")
-    Console().print(table)
-    if settings.model.method != "sa2vp":
-        return
-    m = settings.model
-    if isinstance(model.to_prompt, dict):  # Swin: {cross stage: its to-prompt blocks}; no deep prompts
-        layers = "  ".join(f"stage {stage}: to_prompt={sorted(blocks)}" for stage, blocks in model.to_prompt.items())
-    else:
-        layers = f"to_prompt={sorted(model.to_prompt)}  deep={sorted(model.deep)}"
-    typer.echo(
-        f"window c={m.window}  gamma={m.gamma}  lambda={m.lam}  rank r={m.prompt_rank}  adapter t={m.adapter_dim}  "
-        f"{layers}  grid={model.grid[0]}x{model.grid[1]}"
-    )
 
 
 if __name__ == "__main__":  # pragma: no cover
