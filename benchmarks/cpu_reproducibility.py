@@ -206,7 +206,8 @@ def _child(args: argparse.Namespace) -> dict[str, Any]:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     if args.onednn_off:  # for exploring one pin at a time (with --env); `portable` turns it off itself
-        torch.backends.mkldnn.enabled = False
+        # torch types this module flag as its ContextProp descriptor; assigning a bool is its documented use.
+        torch.backends.mkldnn.enabled = False  # type: ignore[assignment]
     from sa2vp.settings import load_settings
 
     with tempfile.TemporaryDirectory(prefix="cpu-repro-") as tmp:

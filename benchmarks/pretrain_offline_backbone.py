@@ -21,10 +21,8 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import timm
 import torch
 import yaml
 from PIL import Image
@@ -36,18 +34,11 @@ from sklearn.preprocessing import StandardScaler
 
 from sa2vp.data.dataset import build_transform
 from sa2vp.data.progress import LineProgress
-from sa2vp.models.backbones import create_backbone
+from sa2vp.models.backbones import create_backbone, data_config
 from sa2vp.pretraining import materialise_backbone, read_metadata
-from sa2vp.settings import BackboneSettings, PretrainSettings, load_settings
+from sa2vp.settings import BackboneSettings, PretrainSettings, load_settings, set_dotted
 
 REPO = Path(__file__).resolve().parents[1]
-# The offline default backbone (params.yaml's backbone section), pretrained as its own pipeline does.
-DEFAULT_BACKBONE: dict[str, Any] = {
-    "name": "vit_tiny_patch16_224",
-    "img_size": 16,
-    "model_kwargs": {"patch_size": 2, "embed_dim": 64, "depth": 12, "num_heads": 4},
-    "origin": "synthetic",
-}
 
 
 def main() -> None:
@@ -128,27 +119,20 @@ def _parse() -> argparse.Namespace:
 
 
 def _settings(overrides: list[str]) -> BackboneSettings:
-    recipe = load_settings(REPO / "pipelines/backbone/params.yaml").backbone.pretrain
-    values: dict[str, Any] = {
-        **DEFAULT_BACKBONE,
-        "model_kwargs": dict(DEFAULT_BACKBONE["model_kwargs"]),
-        "pretrain": recipe.model_dump(),
-    }
+    """The offline backbone as its pipeline makes it (pipelines/backbone/params.yaml: architecture, origin and
+    pretraining), with --set's `key=value` (values are YAML) on top."""
+    made = load_settings(REPO / "pipelines/backbone/params.yaml").backbone.model_dump()
     for item in overrides:
         key, _, raw = item.partition("=")
-        *parents, leaf = key.split(".")
-        node = values
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(raw)
-    return BackboneSettings(**values)
+        set_dotted(made, key, yaml.safe_load(raw))
+    return BackboneSettings(**made)
 
 
 def _digits(model: torch.nn.Module) -> tuple[torch.Tensor, np.ndarray]:
     """All 1,797 digits as the pipeline feeds them: rendered at the input size (as digits.py writes the PNGs),
     read as RGB, then the evaluation transform built from the backbone's data config."""
-    size = model.patch_embed.img_size[0]
-    config = {**timm.data.resolve_data_config(model=model), "input_size": (3, size, size)}
+    config = data_config(model)
+    _, _, size = config["input_size"]
     transform = build_transform(config, "vtab", train=False)
     bunch = load_digits()
     images = []

@@ -10,10 +10,11 @@ from contextlib import nullcontext
 
 import timm
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch.profiler import ProfilerActivity, profile
 
+from sa2vp.models import SA2VPViT, sa2vp_loss
 from sa2vp.models.backbones import freeze
-from sa2vp.models.sa2vp_vit import SA2VPViT, sa2vp_loss
 from sa2vp.settings import SA2VPSettings
 
 
@@ -30,9 +31,13 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    vit = freeze(timm.create_model(args.backbone, pretrained=False, num_classes=0, img_size=args.img_size))
+    vit = timm.create_model(args.backbone, pretrained=False, num_classes=0, img_size=args.img_size)
+    if not isinstance(vit, VisionTransformer):
+        raise SystemExit(f"--backbone {args.backbone}: not a timm VisionTransformer ({type(vit).__name__})")
+    freeze(vit)
     window = args.window if args.window == "global" else int(args.window)
-    model = SA2VPViT(vit, 100, SA2VPSettings(window=window)).to(device).train()
+    model = SA2VPViT(vit, 100, SA2VPSettings(window=window)).to(device)
+    model.train()
     if args.compile:
         model.compile_cross_blocks()
     images = torch.randn(args.batch, 3, args.img_size, args.img_size, device=device)

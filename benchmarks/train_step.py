@@ -27,17 +27,20 @@ import argparse
 import multiprocessing
 import resource
 import time
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import timm
 import torch
 import yaml
+from timm.models.vision_transformer import VisionTransformer
 
-from sa2vp.models import build_model, parameter_summary
+from sa2vp.models import SA2VPModel, SA2VPViT, build_model, parameter_summary, sa2vp_loss
 from sa2vp.models.backbones import freeze
-from sa2vp.models.sa2vp_vit import SA2VPViT, _attention_inputs, _project_out, sa2vp_loss
+from sa2vp.models.sa2vp_vit import _attention, _attention_inputs, _project_out
 from sa2vp.settings import SA2VPSettings, SettingsError, load_settings
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -188,16 +191,12 @@ def compare_methods(args: argparse.Namespace, methods: list[str], overrides: dic
                         ),
                     )
                 )
-    print(
-        f"\nbackbone={args.backbone} (random init)  batch={args.batch}  img={args.img_size}  device={args.device}"
-        f"  torch={torch.__version__}  threads={torch.get_num_threads()}  overrides={overrides or 'none'}"
-    )
-    header = (
+    _print_header(
+        f"backbone={args.backbone} (random init)  batch={args.batch}  img={args.img_size}  device={args.device}",
+        f"overrides={overrides or 'none'}",
         f"{'method':>12} {'precision':>9} {'trainable':>12} {'% backbone':>11} {'img/s':>9} {'ms/step':>8}"
-        f" {'peak MiB':>9}"
+        f" {'peak MiB':>9}",
     )
-    print(header)
-    print("-" * len(header))
     for r in results:
         print(
             f"{r.method:>12} {r.precision:>9} {r.trainable:>12,} {r.percent:>10.3f}% {r.img_s:>9.1f}"
@@ -219,7 +218,7 @@ def measure_method(
     torch.manual_seed(0)
     device = torch.device(device_name)
     model = build_model(load_settings(None, settings), 100).to(device).train()
-    if compile_mode and hasattr(model, "compile_cross_blocks"):
+    if compile_mode and isinstance(model, SA2VPModel):
         model.compile_cross_blocks(mode=None if compile_mode == "default" else compile_mode)
     summary = parameter_summary(model)
     images = torch.randn(batch, 3, img_size, img_size, device=device)
@@ -258,8 +257,12 @@ def measure(config: Config, which: str) -> tuple[float, float, float]:
     """(seconds per step, peak MiB, seconds per step in the cross blocks) of `which` ("sa2vp" | "pathway")."""
     torch.manual_seed(0)
     device = torch.device(config.device)
-    vit = freeze(timm.create_model(config.backbone, pretrained=False, num_classes=0, img_size=config.img_size))
-    model = SA2VPViT(vit, 100, SA2VPSettings(window=config.window)).to(device).train()
+    vit = timm.create_model(config.backbone, pretrained=False, num_classes=0, img_size=config.img_size)
+    if not isinstance(vit, VisionTransformer):
+        raise SystemExit(f"--backbone {config.backbone}: not a timm VisionTransformer ({type(vit).__name__})")
+    freeze(vit)
+    model = SA2VPViT(vit, 100, SA2VPSettings(window=config.window)).to(device)
+    model.train()
     if config.compile:
         model.compile_cross_blocks(mode=None if config.compile == "default" else config.compile)
     images = torch.randn(config.batch, 3, config.img_size, config.img_size, device=device)
@@ -289,26 +292,32 @@ def measure(config: Config, which: str) -> tuple[float, float, float]:
     return seconds, peak, _cross_blocks_time(model, images, autocast, config, device)
 
 
-def _cross_blocks_time(model: SA2VPViT, images: torch.Tensor, autocast, config: Config, device) -> float:
+def _cross_blocks_time(
+    model: SA2VPViT,
+    images: torch.Tensor,
+    autocast: AbstractContextManager[Any],
+    config: Config,
+    device: torch.device,
+) -> float:
     """Forward + backward of every layer's cross block on its own, at the shapes the model feeds it."""
     with torch.no_grad(), autocast:
         tokens = model._embed_images(images)
-        q, k, v = _attention_inputs(model.backbone.blocks[0], torch.cat([tokens, tokens]))
+        q, k, v = _attention_inputs(model._blocks[0], torch.cat([tokens, tokens]))
     batch = images.shape[0]
     inputs = [t[:batch].detach().clone().requires_grad_() for t in (q, k, v)] + [tokens.detach().requires_grad_()]
 
     def step() -> None:
         with autocast:
-            total = 0.0
-            for i, block in enumerate(model.backbone.blocks):
-                out = model.cross[i](*inputs[:3], inputs[3], partial(_project_out, block.attn))
+            total = images.new_zeros((), dtype=torch.float32)
+            for i, block in enumerate(model._blocks):
+                out = model.cross[i](*inputs[:3], inputs[3], partial(_project_out, _attention(block)))
                 total = total + out.float().sum()
         total.backward()
 
     return _timed(step, config, device)[0]
 
 
-def _timed(step, config: Config, device: torch.device) -> tuple[float, float]:
+def _timed(step: Callable[[], None], config: Config, device: torch.device) -> tuple[float, float]:
     """(seconds per step, peak MiB) after warm-up."""
     rss_before = _current_rss_mib()
     for _ in range(config.warmup):
@@ -342,16 +351,12 @@ def _current_rss_mib() -> float:
 
 def print_table(results: list[Result]) -> None:
     first = results[0].config
-    print(
-        f"\nbackbone={first.backbone} (random init)  batch={first.batch}  img={first.img_size}  device={first.device}"
-        f"  torch={torch.__version__}  threads={torch.get_num_threads()}  compiled cross blocks={first.compile}"
-    )
-    header = (
+    _print_header(
+        f"backbone={first.backbone} (random init)  batch={first.batch}  img={first.img_size}  device={first.device}",
+        f"compiled cross blocks={first.compile}",
         f"{'precision':>9} {'c':>6} {'SA2VP img/s':>12} {'1-pathway img/s':>16} {'ratio':>6} {'cross %':>8}"
-        f" {'SA2VP peak MiB':>15} {'1-pathway peak MiB':>19}"
+        f" {'SA2VP peak MiB':>15} {'1-pathway peak MiB':>19}",
     )
-    print(header)
-    print("-" * len(header))
     for r in results:
         c = r.config
         print(
@@ -359,6 +364,14 @@ def print_table(results: list[Result]) -> None:
             f" {r.pathway_img_s / r.sa2vp_img_s:>6.2f} {100 * r.cross_share:>7.1f}%"
             f" {r.sa2vp_peak_mib:>15.0f} {r.pathway_peak_mib:>19.0f}"
         )
+
+
+def _print_header(measured: str, setting: str, header: str) -> None:
+    """What was measured, with torch's version and threads and one more setting (a line), then the table's
+    column names, underlined."""
+    print(f"\n{measured}  torch={torch.__version__}  threads={torch.get_num_threads()}  {setting}")
+    print(header)
+    print("-" * len(header))
 
 
 if __name__ == "__main__":

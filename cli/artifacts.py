@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -20,9 +20,6 @@ from .common import (
     settings_from,
 )
 from .train import DeviceOption
-
-if TYPE_CHECKING:
-    from sa2vp.engine import Prediction
 
 ArtifactArgument = Annotated[
     Path, typer.Argument(help="The artifact folder `sa2vp train` wrote (<train.output>/model) or its model.json.")
@@ -59,12 +56,10 @@ def evaluate(
 
     Example: sa2vp evaluate runs/train/model --split test --metrics-file metrics.json
     """
-    import json
-
-    from sa2vp.atomic import write_atomic
     from sa2vp.data import SPLITS
     from sa2vp.engine import evaluate as run_evaluation
     from sa2vp.engine import load_artifact
+    from sa2vp.engine.report import write_dvc_plots, write_metrics
 
     if split not in SPLITS:
         fail(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
@@ -80,10 +75,8 @@ def evaluate(
         f"({metrics.count:,} images)"
     )
     if metrics_file is not None:
-        write_atomic(metrics_file, json.dumps({split: metrics.as_dict()}, indent=2) + "\n")
+        write_metrics(metrics_file, {split: metrics})
     if plots_dir is not None:
-        from sa2vp.engine.report import write_dvc_plots
-
         write_dvc_plots(plots_dir, loaded.classes, metrics)
 
 
@@ -105,15 +98,16 @@ def predict(
     """
     from sa2vp.engine import load_artifact
     from sa2vp.engine import predict as classify
+    from sa2vp.engine.report import PREDICTION_SUFFIXES, write_predictions
 
     if output is not None:
-        if output.suffix not in (".csv", ".json"):
-            fail(f"--output {output}: expected a .csv or .json file name")
+        if output.suffix not in PREDICTION_SUFFIXES:
+            fail(f"--output {output}: expected a {' or '.join(PREDICTION_SUFFIXES)} file name")
         check_writable("--output", output)
     loaded = load_artifact(artifact, backbone_weights)
     predictions = classify(loaded, images, top_k, device)
     if output is not None:
-        _write_predictions(output, predictions)
+        write_predictions(output, predictions)
     table = Table(title=f"{loaded.settings.model.method} on {loaded.settings.backbone.name}")
     table.add_column("image", overflow="fold")
     table.add_column("rank", justify="right")
@@ -126,28 +120,6 @@ def predict(
     if not console.is_terminal:
         console.width = max(console.width, 120)
     console.print(table)
-
-
-def _write_predictions(path: Path, predictions: list[Prediction]) -> None:
-    import csv
-    import io
-    import json
-
-    from sa2vp.atomic import write_atomic
-
-    rows = [
-        {"image": str(p.image), "rank": rank, "class": name, "probability": probability}
-        for p in predictions
-        for rank, (name, probability) in enumerate(p.top, start=1)
-    ]
-    if path.suffix == ".json":
-        write_atomic(path, json.dumps(rows, indent=2) + "\n")
-        return
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=["image", "rank", "class", "probability"], lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path, text.getvalue())
 
 
 @expected_errors_exit_2

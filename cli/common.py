@@ -4,11 +4,10 @@ mistakes into one clear line on stderr with exit code 2 (no traceback)."""
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -18,7 +17,7 @@ import yaml
 from sa2vp.data.errors import DataError
 from sa2vp.data.progress import LOG_EVERY
 from sa2vp.errors import ArtifactError, BackboneError, TrackingError, TrainingDiverged
-from sa2vp.settings import Settings, SettingsError, load_settings, read_overrides
+from sa2vp.settings import Origin, Settings, SettingsError, load_settings, read_overrides
 
 USAGE_ERROR = 2
 
@@ -108,40 +107,61 @@ def expected_errors_exit_2(command: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class CommandLineOption(str):
-    """A `key=value` override that a command made from one of its own options or arguments (`--epochs 3`),
-    so that an error in it is not blamed on --set."""
-
-
-def settings_from(params: Path | None, overrides: list[str] | None, files: list[Path] | None = None) -> Settings:
-    """The params file < SA2VP_* environment < --set-file files < --set overrides (and command options).
+def settings_from(
+    params: Path | None,
+    overrides: list[str] | None,
+    files: list[Path] | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> Settings:
+    """The params file < SA2VP_* environment < --set-file files < --set overrides < the command's own options.
 
     `params` is the file ParamsOption gives: one that was named must exist (a typo is an error, not the
-    built-in defaults); None: no params file. Errors name the source of the bad value."""
+    built-in defaults); None: no params file. `options`: the command's options and arguments by the setting
+    they give (`{"train.epochs": 3}`), as typed values; None = not given. Errors name the source of the bad
+    value: `--set`, `command line`, the --set-file, the params file or the environment variable."""
+    return settings_and_origins(params, overrides, files, options)[0]
+
+
+def settings_and_origins(
+    params: Path | None,
+    overrides: list[str] | None,
+    files: list[Path] | None = None,
+    options: Mapping[str, Any] | None = None,
+) -> tuple[Settings, dict[str, Origin]]:
+    """settings_from's settings, and where the command line gave each of its overrides (dotted key → `--set`,
+    `command line` or the --set-file's path; what none gave came from the params file or the environment)."""
     if params is not None and not params.is_file():
         problem = "is not a file" if params.exists() else "settings file not found"
         raise SettingsError(
             f"{params}: {problem} (-p/--params names a YAML file; without -p, {DEFAULT_PARAMS} is read if present)"
         )
-    parsed: dict[str, Any] = {}
-    origins: dict[str, str | Path] = {}
+    values: dict[str, Any] = {}
+    origins: dict[str, Origin] = {}
     for path in files or []:
         if not path.is_file():
             raise SettingsError(f"--set-file {path}: " + ("is not a file" if path.exists() else "file not found"))
         for key, value in read_overrides(path).items():
-            parsed[key], origins[key] = value, path
+            values[key], origins[key] = value, path
     for item in overrides or []:
-        key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
-            raise SettingsError(f"--set {item!r}: expected KEY=VALUE, e.g. --set model.gamma=0.5")
-        key = key.strip()
-        try:
-            parsed[key] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as exc:
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise SettingsError(f"--set {key}: the value {raw!r} is not valid YAML ({problem})") from None
-        origins[key] = "command line" if isinstance(item, CommandLineOption) else "--set"
-    return load_settings(params, parsed, origins)
+        key, value = _parse_set(item)
+        values[key], origins[key] = value, "--set"
+    for key, value in (options or {}).items():
+        if value is not None:
+            values[key], origins[key] = value, "command line"
+    return load_settings(params, values, origins), origins
+
+
+def _parse_set(item: str) -> tuple[str, Any]:
+    """`--set KEY=VALUE` as (key, value), the value read as YAML (an empty one is null)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise SettingsError(f"--set {item!r}: expected KEY=VALUE, e.g. --set model.gamma=0.5")
+    key = key.strip()
+    try:
+        return key, yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SettingsError(f"--set {key}: the value {raw!r} is not valid YAML ({problem})") from None
 
 
 def check_writable(option: str, path: Path, *, folder: bool = False) -> None:
@@ -158,16 +178,6 @@ def check_writable(option: str, path: Path, *, folder: bool = False) -> None:
 
 def is_terminal() -> bool:
     return sys.stderr.isatty()
-
-
-def with_options(overrides: list[str] | None, options: dict[str, Any]) -> list[str]:
-    """--set overrides plus a command's own options (which win; None = not given); JSON keeps values exact."""
-    given = [
-        CommandLineOption(f"{key}={json.dumps(str(value) if isinstance(value, Path) else value)}")
-        for key, value in options.items()
-        if value is not None
-    ]
-    return [*(overrides or []), *given]
 
 
 def progress() -> Any:

@@ -18,7 +18,6 @@ from .common import (
     fail,
     progress,
     settings_from,
-    with_options,
 )
 
 app = typer.Typer(help="Datasets: the registry, downloads and split files.", no_args_is_help=True)
@@ -89,7 +88,7 @@ def download(
     from sa2vp.data import download as fetch
 
     options = {"data.dataset": _one_dataset(name, dataset), "data.source": from_}
-    settings = settings_from(params, with_options(overrides, options))
+    settings = settings_from(params, overrides, options=options)
     folder = fetch(settings.data, progress())
     typer.echo(f"{settings.data.dataset}: files complete in {folder}")
 
@@ -118,7 +117,7 @@ def prepare(
         "data.seed": seed,
         "data.source": from_,
     }
-    settings = settings_from(params, with_options(overrides, options))
+    settings = settings_from(params, overrides, options=options)
     folder = write_splits(settings.data, progress())
     manifest = read_manifest(folder).data
     counts = ", ".join(f"{split} {entry['count']:,}" for split, entry in manifest["splits"].items())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -92,29 +93,28 @@ def explain(
     chosen_token = _parse_token(token)
     paths = [artifact, *(images or [])]
     folder = out if out is not None else _default_folder(artifact)
+    where = _Where(folder, not no_log, tracking_uri, device)
     if tsne:
-        _explain_tsne(paths, split, points, seed, folder, not no_log, tracking_uri, device)
+        _explain_tsne(paths, split, points, seed, where)
     else:
-        _explain_one(
-            artifact,
-            images or [],
-            split,
-            n,
-            chosen_layers,
-            chosen_token,
-            points,
-            seed,
-            folder,
-            not no_log,
-            tracking_uri,
-            device,
-        )
+        _explain_one(artifact, images or [], split, n, chosen_layers, chosen_token, points, seed, where)
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where the figures go (a folder; the artifacts' MLflow runs if `log`) and where the models run."""
+
+    folder: Path
+    log: bool
+    tracking_uri: str | None
+    device: str | None
 
 
 def _default_folder(artifact: Path) -> Path:
+    from sa2vp.engine.artifact import artifact_folder
+
     # Beside the artifact, not in it: the artifact folder is a pipeline's output (DVC would see it changed).
-    folder = artifact if artifact.is_dir() or artifact.suffix != ".json" else artifact.parent
-    return folder.resolve().parent / "figures"
+    return artifact_folder(artifact).resolve().parent / "figures"
 
 
 def _parse_layers(text: str | None) -> list[int] | None:
@@ -157,20 +157,17 @@ def _explain_one(
     token: tuple[int, int] | None,
     points: int,
     seed: int | None,
-    folder: Path,
-    log: bool,
-    tracking_uri: str | None,
-    device: str | None,
+    where: _Where,
 ) -> None:
     from sa2vp.explain import explain, file_images, split_images
 
-    loaded = _load(artifact, device)
-    check_writable("--out", folder, folder=True)
+    loaded = _load(artifact, where.device)
+    check_writable("--out", where.folder, folder=True)
     batch = file_images(loaded, images) if images else split_images(loaded, split, n)
     explained = explain(
         loaded, batch, layers, token, split, points, seed, similarity_required=layers is not None or token is not None
     )
-    _finish(explained.figures, explained.notes, [loaded], folder, log, tracking_uri)
+    _finish(explained.figures, explained.notes, [loaded], where)
 
 
 def _explain_tsne(
@@ -178,32 +175,27 @@ def _explain_tsne(
     split: str,
     points: int,
     seed: int | None,
-    folder: Path,
-    log: bool,
-    tracking_uri: str | None,
-    device: str | None,
+    where: _Where,
 ) -> None:
     from sa2vp.explain import split_features, tsne_figure
 
-    loaded = [_load(path, device) for path in paths]
-    check_writable("--out", folder, folder=True)
+    loaded = [_load(path, where.device) for path in paths]
+    check_writable("--out", where.folder, folder=True)
     panels = [split_features(item, split, points) for item in loaded]
     figure = tsne_figure(panels, loaded[0].settings.train.seed if seed is None else seed)
     name = "tsne.png" if len(paths) == 1 else "tsne_comparison.png"
-    _finish({name: figure}, [], loaded, folder, log, tracking_uri)
+    _finish({name: figure}, [], loaded, where)
 
 
-def _finish(
-    figures: dict[str, Any], notes: list[str], loaded: list[Any], folder: Path, log: bool, tracking_uri: str | None
-) -> None:
+def _finish(figures: dict[str, Any], notes: list[str], loaded: list[Any], where: _Where) -> None:
     """Write the figures (only now, when every one of them could be drawn), then copy them to each run."""
     from sa2vp.explain import log_figures, write_figures
 
     for note in notes:
         typer.echo(note)
-    files = write_figures(figures, folder)
+    files = write_figures(figures, where.folder)
     for path in files:
         typer.echo(f"wrote {path}")
-    if log:
+    if where.log:
         for item in loaded:
-            typer.echo(log_figures(item.record, files, tracking_uri))
+            typer.echo(log_figures(item.record, files, where.tracking_uri))

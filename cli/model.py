@@ -23,7 +23,7 @@ def model_summary(
     num_classes: Annotated[int, typer.Option(min=1, help="Classes of the task head.")] = 100,
 ) -> None:
     """Build the configured method (model.method: sa2vp, linear, full, vpt-shallow, vpt-deep, lora, adaptformer)
-    on the configured backbone and print its trainable parameters.
+    on the configured backbone and print its trainable parameters and the settings it was built with.
 
     Example: sa2vp model summary --set backbone.name=swin_tiny_patch4_window7_224 --set backbone.weights=random
     """
@@ -32,25 +32,15 @@ def model_summary(
     settings = settings_from(params, overrides)
     model = build_model(settings, num_classes)
     summary = parameter_summary(model)
-    method = "SA²VP" if settings.model.method == "sa2vp" else settings.model.method
-    table = Table(title=f"{method} on {settings.backbone.name} ({settings.backbone.weights} weights)")
+    table = Table(title=f"{settings.model.method} on {settings.backbone.name} ({settings.backbone.weights} weights)")
     table.add_column("group")
     table.add_column("trainable parameters", justify="right")
     for group, count in summary.groups.items():
         table.add_row(group, f"{count:,}")
     table.add_row("total (head excluded)", f"{summary.trainable:,}", style="bold")
     table.add_row(f"head ({num_classes} classes)", f"{summary.head:,}")
-    table.add_row("backbone" if settings.model.method == "full" else "frozen backbone", f"{summary.backbone:,}")
+    table.add_row("backbone" if "backbone" in summary.groups else "frozen backbone", f"{summary.backbone:,}")
     table.add_row("trainable / backbone", f"{summary.percent_of_backbone:.3f} %", style="bold")
     Console().print(table)
-    if settings.model.method != "sa2vp":
-        return
-    m = settings.model
-    if isinstance(model.to_prompt, dict):  # Swin: {cross stage: its to-prompt blocks}; no deep prompts
-        layers = "  ".join(f"stage {stage}: to_prompt={sorted(blocks)}" for stage, blocks in model.to_prompt.items())
-    else:
-        layers = f"to_prompt={sorted(model.to_prompt)}  deep={sorted(model.deep)}"
-    typer.echo(
-        f"window c={m.window}  gamma={m.gamma}  lambda={m.lam}  rank r={m.prompt_rank}  adapter t={m.adapter_dim}  "
-        f"{layers}  grid={model.grid[0]}x{model.grid[1]}"
-    )
+    for line in model.describe():  # each model says what it was built as (method file: its settings, layers)
+        typer.echo(line)

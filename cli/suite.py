@@ -18,7 +18,6 @@ from .common import (
     expected_errors_exit_2,
     progress,
     settings_from,
-    with_options,
 )
 
 app = typer.Typer(help="Benchmark suites: run a dataset × variant cell, write the results table.", no_args_is_help=True)
@@ -39,7 +38,7 @@ def run(
     """
     from sa2vp.suites import RESULT_FILE, cell_dir, run_cell
 
-    settings = settings_from(params, with_options(overrides, {"data.source": from_}))
+    settings = settings_from(params, overrides, options={"data.source": from_})
     result = run_cell(settings, dataset, variant, progress())
     spread = f" ± {100 * result.std:.2f}" if len(result.seeds) > 1 else ""
     typer.echo(

@@ -11,7 +11,6 @@ from rich.console import Console
 from rich.table import Table
 
 from .common import (
-    CommandLineOption,
     DatasetOption,
     FromOption,
     ParamsOption,
@@ -19,8 +18,8 @@ from .common import (
     SetOption,
     expected_errors_exit_2,
     progress,
+    settings_and_origins,
     settings_from,
-    with_options,
 )
 
 DeviceOption = Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N or mps (train.device).")]
@@ -34,6 +33,14 @@ def train(
     resume: Annotated[
         bool, typer.Option("--resume", help="Continue the run in --output from its last checkpoint (same settings).")
     ] = False,
+    final: Annotated[
+        bool,
+        typer.Option(
+            "--final",
+            help="The final run: train on trainval (train+val) without a validation split, keeping the last "
+            "epoch, and test on test, whatever train.train_split, val_split and test_split say.",
+        ),
+    ] = False,
     from_: FromOption = None,
     params: ParamsOption = Path("params.yaml"),
     overrides: SetOption = None,
@@ -42,8 +49,9 @@ def train(
     """Train the configured method on a dataset; one MLflow run with params, curves, figures and the artifact.
 
     Example: sa2vp train -d digits --epochs 20 --set model.gamma=0.5
+    Final run with tuned settings: sa2vp train --set-file runs/tune/best.yaml --final
     """
-    _train(dataset, epochs, device, output, resume, from_, params, overrides, files)
+    _train(dataset, epochs, device, output, resume, final, from_, params, overrides, files)
 
 
 @expected_errors_exit_2
@@ -53,12 +61,13 @@ def _train(
     device: str | None,
     output: Path | None,
     resume: bool,
+    final: bool,
     from_: Path | None,
-    params: Path,
+    params: Path | None,
     overrides: list[str] | None,
     files: list[Path] | None,
 ) -> None:
-    from sa2vp.engine import fit
+    from sa2vp.engine import final_settings, fit
 
     options = {
         "data.dataset": dataset,
@@ -67,7 +76,9 @@ def _train(
         "train.output": output,
         "data.source": from_,
     }
-    settings = settings_from(params, with_options(overrides, options), files)
+    settings = settings_from(params, overrides, files, options)
+    if final:
+        settings = final_settings(settings)
     result = fit(settings, resume=resume, progress=progress())
     # The test accuracy is in the log already (the engine's `test:` line, with the best epoch): not said twice.
     typer.echo(f"artifact: {result.artifact}")
@@ -94,7 +105,6 @@ def tune(
     """
     import optuna
 
-    from sa2vp.settings import read_overrides
     from sa2vp.tuning import given_settings, plan_search
     from sa2vp.tuning import tune as run_tuning
 
@@ -109,17 +119,9 @@ def tune(
         "tune.epochs": epochs,
         "data.source": from_,
     }
-    given = with_options(overrides, options)
-    settings = settings_from(params, given, files)
-    # A searched setting given a value is pinned; where it was given, in settings_from's precedence (--set last).
-    origins = {key: str(path) for path in files or [] for key in read_overrides(path)}
-    origins.update(
-        {
-            item.partition("=")[0].strip(): "command line" if isinstance(item, CommandLineOption) else "--set"
-            for item in given
-        }
-    )
-    plan = plan_search(settings, given_settings(settings, origins, params))
+    settings, origins = settings_and_origins(params, overrides, files, options)
+    # A searched setting given a value is pinned, and said where it was given.
+    plan = plan_search(settings, given_settings(settings, {key: str(at) for key, at in origins.items()}, params))
     result = run_tuning(settings, progress(), plan=plan)
     best = result.study.best_trial
     typer.echo(f"study {result.study.study_name}: best of {len(result.study.trials)} trials")

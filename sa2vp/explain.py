@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -44,7 +44,7 @@ from sa2vp.figures import save_figure
 from sa2vp.models import AdaptedModel, SA2VPSwin, SA2VPViT
 from sa2vp.models.backbones import token_grid
 from sa2vp.models.base import BackboneClassifier
-from sa2vp.models.sa2vp_vit import SimilarityMaps, check_layers, token_rows
+from sa2vp.models.sa2vp_core import SimilarityMaps, check_layers, token_rows
 
 log = logging.getLogger("sa2vp.explain")
 
@@ -123,7 +123,7 @@ def file_images(loaded: LoadedArtifact, paths: Sequence[Path]) -> ImageBatch:
 # --- what the model computes -------------------------------------------------------------------------------
 
 
-def is_sa2vp(model: nn.Module) -> bool:
+def is_sa2vp(model: nn.Module) -> TypeGuard[SA2VPViT | SA2VPSwin]:
     return isinstance(model, (SA2VPViT, SA2VPSwin))
 
 
@@ -136,7 +136,7 @@ def predicting_forward(model: AdaptedModel) -> Callable[[torch.Tensor], torch.Te
     """The logits the model predicts with, through its head exactly once (SA²VP's eval forward also reads the
     prompt pathway out; a linear probe's forward shuts off gradients, which the CAM needs)."""
     if is_sa2vp(model):
-        return model.base_logits  # type: ignore[return-value]
+        return model.base_logits
     if isinstance(model, BackboneClassifier):
         return lambda images: model.head(model.features(images))
     return model
@@ -154,8 +154,7 @@ def similarity(
     try:
         check_layers(layers, model.num_layers)
         if token is not None:
-            grid = model.similarity_grid if isinstance(model, SA2VPSwin) else model.grid
-            token_rows(token, 1, grid)
+            token_rows(token, 1, model.similarity_grid)
     except ValueError as exc:
         what = "--token" if token is not None and "token" in str(exc) else "--layers"
         raise ArtifactError(f"{what}: {exc}") from None
@@ -376,12 +375,15 @@ def similarity_figure(
     image = None
     for r in range(rows):
         _imshow(grid[r, 0], pictures[r])
-        _mark_cell(grid[r, 0], *maps.tokens[0][r].tolist(), tuple(maps.maps[0].shape[1:]), size, "red")
+        row, column = maps.tokens[0][r].tolist()
+        map_rows, map_columns = maps.maps[0].shape[1:]
+        _mark_cell(grid[r, 0], row, column, (map_rows, map_columns), size, "red")
         grid[r, 0].set_ylabel(_caption(batch.labels, batch.names, classes, r), fontsize=9)
         for c in range(1, columns):
             values = maps.maps[c - 1][r].float().cpu().numpy()
             image = _overlay(grid[r, c], pictures[r], values, "coolwarm", SIMILARITY_RANGE, 0.8)
-            _mark_cell(grid[r, c], *maps.tokens[c - 1][r].tolist(), values.shape, size, "red")
+            row, column = maps.tokens[c - 1][r].tolist()
+            _mark_cell(grid[r, c], row, column, values.shape, size, "red")
             peak = np.unravel_index(int(values.argmax()), values.shape)
             _mark_cell(grid[r, c], int(peak[0]), int(peak[1]), values.shape, size, "white", "--")
     grid[0, 0].set_title("image and token", fontsize=9)
@@ -389,6 +391,7 @@ def similarity_figure(
         grid[0, c].set_title(f"layer {layer}", fontsize=9)
     for axes in grid.flat:
         axes.set_label("panel")
+    assert image is not None  # every map has at least one layer: check_layers refuses an empty list
     figure.colorbar(image, ax=grid, shrink=min(0.6, 3.0 / rows), label="cosine similarity")
     _title(
         figure,
@@ -421,6 +424,7 @@ def cam_figure(cam: ClassActivation, batch: ImageBatch, pictures: np.ndarray, cl
     grid[1, 0].set_ylabel("Grad-CAM", fontsize=9)
     for axes in grid.flat:
         axes.set_label("panel")
+    assert image is not None  # a batch holds at least one image
     figure.colorbar(image, ax=grid[1, :], shrink=0.9, label="share of the peak")
     _title(
         figure,

@@ -658,12 +658,9 @@ class _ParamsFileSource(PydanticBaseSettingsSource):
         path = _params_file.get()
         data = read_params(path) if path is not None else {}
         for dotted in _overridden.get():
-            *parents, leaf = dotted.split(".")
-            node: Any = data
-            for part in parents:
-                node = node.get(part) if isinstance(node, dict) else None
-            if isinstance(node, dict):
-                node.pop(leaf, None)
+            holder, leaf = dotted_parent(data, dotted)
+            if holder is not None:
+                holder.pop(leaf, None)
         return data
 
 
@@ -712,13 +709,13 @@ def load_settings(
     environment = environment_settings()
     _check_environment(environment)
     another_backbone = _keys_of_another_backbone(params, overrides or {}, origins or {}, environment)
+    sources = _Sources(params, {key: (origins or {}).get(key) for key in overrides or {}}, environment)
     token = _params_file.set(Path(params) if params is not None else None)
     keys = _overridden.set(frozenset(overrides or {}) | another_backbone)
     try:
-        return Settings(**_nest(overrides or {}))
+        return Settings(**_set_all({}, overrides or {}, sources))
     except ValidationError as exc:
-        given = {key: (origins or {}).get(key) for key in overrides or {}}
-        raise SettingsError(describe_validation_error(exc, _Sources(params, given, environment))) from None
+        raise SettingsError(describe_validation_error(exc, sources)) from None
     finally:
         _params_file.reset(token)
         _overridden.reset(keys)
@@ -880,13 +877,7 @@ def flatten_settings(settings: BaseModel, prefix: str = "") -> dict[str, Any]:
 def settings_from_dump(dump: Mapping[str, Any], overrides: Mapping[str, Any] | None = None) -> Settings:
     """Settings saved with `model_dump(mode="json")` (an artifact's record), with dotted overrides; the
     environment and params files play no part."""
-    tree = json.loads(json.dumps(dump))
-    for key, value in (overrides or {}).items():
-        *parents, leaf = key.split(".")
-        node = tree
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
+    tree = _set_all(json.loads(json.dumps(dump)), overrides or {})
     environment = _use_environment.set(False)  # model_validate runs the settings sources too
     try:
         return Settings.model_validate(tree)
@@ -896,12 +887,39 @@ def settings_from_dump(dump: Mapping[str, Any], overrides: Mapping[str, Any] | N
         _use_environment.reset(environment)
 
 
-def _nest(dotted: Mapping[str, Any]) -> dict[str, Any]:
-    nested: dict[str, Any] = {}
+def _set_all(tree: dict[str, Any], dotted: Mapping[str, Any], sources: _Sources | None = None) -> dict[str, Any]:
+    """`tree` with every dotted setting of `dotted` set in it, in order; one below a key given a value that is no
+    section (`model.gamma` after `model=1`) is a SettingsError naming its source."""
     for key, value in dotted.items():
-        *parents, leaf = key.split(".")
-        node = nested
-        for part in parents:
-            node = node.setdefault(part, {})
+        try:
+            set_dotted(tree, key, value)
+        except ValueError as exc:
+            raise SettingsError((sources or _Sources()).line(key, str(exc), unknown=False)) from None
+    return tree
+
+
+def dotted_parent(tree: dict[str, Any], key: str, *, create: bool = False) -> tuple[dict[str, Any] | None, str]:
+    """The mapping in a nested `tree` that holds a dotted `key`'s last part, and that part: `model.lora.rank` →
+    (tree["model"]["lora"], "rank"). A part on the way that is missing or null: None, or with `create` a new
+    mapping put there. One that holds another value: None, or with `create` a ValueError (`model.gamma` where
+    `model` was given 1 is no setting)."""
+    *parents, leaf = key.split(".")
+    node = tree
+    for depth, part in enumerate(parents):
+        child = node.get(part)
+        if not isinstance(child, dict):
+            if not create:
+                return None, leaf
+            if child is not None:
+                above = ".".join(parents[: depth + 1])
+                raise ValueError(f"{above} is given the value {child!r}, not a section of settings")
+            child = node[part] = {}
+        node = child
+    return node, leaf
+
+
+def set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
+    """`tree[a][b][c] = value` for the dotted key `a.b.c`, making the mappings on the way."""
+    node, leaf = dotted_parent(tree, key, create=True)
+    if node is not None:  # always, with create
         node[leaf] = value
-    return nested

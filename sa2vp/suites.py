@@ -22,7 +22,10 @@ from typing import Any
 
 from sa2vp.atomic import write_atomic
 from sa2vp.data import NO_PROGRESS, Progress, lookup
-from sa2vp.engine import fit
+from sa2vp.engine import Metrics, TrainResult, final_settings, fit
+from sa2vp.engine.artifact import CONFIG_NAME, TrainableRecord, read_record
+from sa2vp.engine.checkpoint import CHECKPOINT_NAME
+from sa2vp.errors import ArtifactError
 from sa2vp.models import METHODS
 from sa2vp.settings import SearchDimension, Settings, SettingsError, flatten_settings, load_settings
 from sa2vp.tracking import start_run
@@ -119,58 +122,72 @@ class CellResult:
 
 
 def run_cell(settings: Settings, dataset: str, variant: str, progress: Progress = NO_PROGRESS) -> CellResult:
-    """Tune the cell on its validation split (suite.tune, if the method has anything to tune), then train on
-    train+val once per seed in suite.seeds and test; write the cell's result.json."""
+    """Tune the cell on its validation split (suite.tune, if the method has anything to tune), then make its
+    final run (`final_settings`: train+val, tested) once per seed in suite.seeds; write the cell's result.json."""
     cell = cell_settings(settings, dataset, variant)
     folder = cell_dir(settings, dataset, variant)
     tuned: dict[str, Any] = {}
     val_top1 = None
     plan = cell_search_plan(settings, cell, variant)
     if settings.suite.tune and plan.space:
-        result = tune(cell, progress, plan=plan)
-        tuned, val_top1 = result.best_params, result.best_value
-    final = {
-        **flatten_settings(cell),
-        **tuned,
-        "train.train_split": "trainval",
-        "train.val_split": None,
-        "train.test_split": "test",
-    }
-    top1, mean_class, artifact = [], [], None
-    pathways: dict[str, list[float]] = {}
-    for seed in settings.suite.seeds:
-        output = folder / f"seed-{seed}"
-        run_settings = load_settings(None, {**final, "train.seed": seed, "train.output": str(output)})
-        trained = fit(
-            run_settings, progress=progress, run_name=f"{settings.suite.name}/{_slug(dataset)}/{variant}/seed-{seed}"
-        )
-        assert trained.test is not None
-        top1.append(trained.test.top1)
-        mean_class.append(trained.test.mean_class)
-        for name, metrics in trained.test_pathways.items():
-            pathways.setdefault(name, []).append(metrics.top1)
-        artifact = trained.artifact
-        (output / "checkpoint.pt").unlink(missing_ok=True)  # the artifact stays; resume state is not needed
-        log.info("%s / %s / seed %d: test top-1 %.2f %%", dataset, variant, seed, 100 * trained.test.top1)
+        tuning = tune(cell, progress, plan=plan)
+        tuned, val_top1 = tuning.best_params, tuning.best_value
+    runs = [_final_run(settings, cell, tuned, dataset, variant, seed, progress) for seed in settings.suite.seeds]
     shutil.rmtree(folder / "train", ignore_errors=True)  # tuning trials' leftovers (their runs are in MLflow)
     # The trained parameters are the same for every seed: the last artifact's record says how many.
-    record = json.loads((artifact / "model.json").read_text(encoding="utf-8"))
+    trainable = _trainable(runs[-1].artifact)
+    pathways: dict[str, list[float]] = {}
+    for run in runs:
+        for name, metrics in run.test_pathways.items():
+            pathways.setdefault(name, []).append(metrics.top1)
     result = CellResult(
         dataset=dataset,
         group=lookup(dataset).group,
         variant=variant,
         method=cell.model.method,
         seeds=list(settings.suite.seeds),
-        test_top1=top1,
-        test_mean_class=mean_class,
-        trainable_parameters=int(record["trainable"]["parameters"]),
-        trainable_percent=float(record["trainable"]["percent_of_backbone"]),
+        test_top1=[_tested(run).top1 for run in runs],
+        test_mean_class=[_tested(run).mean_class for run in runs],
+        trainable_parameters=trainable.parameters,
+        trainable_percent=trainable.percent_of_backbone,
         tuned=tuned,
         val_top1=val_top1,
         test_pathways_top1=pathways,
     )
     write_atomic(folder / RESULT_FILE, json.dumps(result.as_dict(), indent=2) + "\n")
     return result
+
+
+def _final_run(
+    settings: Settings,
+    cell: Settings,
+    tuned: dict[str, Any],
+    dataset: str,
+    variant: str,
+    seed: int,
+    progress: Progress,
+) -> TrainResult:
+    """One seed's final run of a cell with the tuned settings, in <cell>/seed-<seed>; its artifact stays."""
+    output = cell_dir(settings, dataset, variant) / f"seed-{seed}"
+    chosen = load_settings(None, {**flatten_settings(cell), **tuned, "train.seed": seed, "train.output": str(output)})
+    name = f"{settings.suite.name}/{_slug(dataset)}/{variant}/seed-{seed}"
+    trained = fit(final_settings(chosen), progress=progress, run_name=name)
+    (output / CHECKPOINT_NAME).unlink(missing_ok=True)  # the artifact stays; resume state is not needed
+    log.info("%s / %s / seed %d: test top-1 %.2f %%", dataset, variant, seed, 100 * _tested(trained).top1)
+    return trained
+
+
+def _tested(run: TrainResult) -> Metrics:
+    # A final run is always tested (FINAL_RUN names the test split).
+    assert run.test is not None, "a final run without test metrics"
+    return run.test
+
+
+def _trainable(artifact: Path) -> TrainableRecord:
+    _, record = read_record(artifact)
+    if record.trainable is None:  # sa2vp train always records it; another writer's artifact may not
+        raise ArtifactError(f"{artifact / CONFIG_NAME}: no `trainable` section (the trained parameter counts)")
+    return record.trainable
 
 
 @dataclass
@@ -330,7 +347,7 @@ def _tsne_of_variants(settings: Settings, folder: Path) -> Path | None:
     out, and None (with a log line) when there is nothing to draw or it cannot be drawn."""
     from sa2vp.data import DataError
     from sa2vp.engine import load_artifact
-    from sa2vp.errors import ArtifactError, BackboneError, one_line
+    from sa2vp.errors import BackboneError, one_line
     from sa2vp.explain import split_features, tsne_figure
     from sa2vp.figures import save_figure
 
@@ -340,7 +357,7 @@ def _tsne_of_variants(settings: Settings, folder: Path) -> Path | None:
     artifacts = {
         variant: cell_dir(settings, dataset, variant) / f"seed-{seed}" / "model" for variant in settings.suite.variants
     }
-    present = {variant: path for variant, path in artifacts.items() if (path / "model.json").is_file()}
+    present = {variant: path for variant, path in artifacts.items() if (path / CONFIG_NAME).is_file()}
     if len(present) < len(artifacts):
         log.info(
             "t-SNE of %s: no artifact for %s (left out)", dataset, ", ".join(sorted(artifacts.keys() - present.keys()))

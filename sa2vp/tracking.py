@@ -135,11 +135,6 @@ class Run:
             self.client.log_artifact(self.run_id, local, artifact_path)
 
     @_logged
-    def log_text(self, text: str, artifact_file: str) -> None:
-        with self._in_store_folder():
-            self.client.log_text(self.run_id, text, artifact_file)
-
-    @_logged
     def log_model(self, artifact: Path) -> None:
         """The sa2vp artifact folder as the run's MLflow model (`sa2vp.engine.mlflow_model`)."""
         from mlflow.exceptions import MlflowException
@@ -178,19 +173,6 @@ class Run:
     @_logged
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)
-
-    @property
-    def url(self) -> str:
-        """Where to look at the run: the server's page, or the `sa2vp ui` hint for a local store."""
-        if self.client is None:
-            return "(tracking disabled)"
-        run = self.client.get_run(self.run_id)
-        if self.uri.startswith(("http://", "https://")):
-            return (
-                f"{self.uri.rstrip('/')}/#/experiments/{run.info.experiment_id}/runs/{self.run_id}"
-                f"?{MACHINE_LEARNING_VIEW}"
-            )
-        return f"run {self.run_id} in {self.uri} (browse with `sa2vp ui`)"
 
 
 def _dataset_input(manifest: Any, split: str, context: str) -> Any:

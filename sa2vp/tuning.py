@@ -369,14 +369,9 @@ def _identity_value(key: str, identity: Mapping[str, Any]) -> str:
     return f"searched {_range(TypeAdapter(SearchDimension).validate_python(searched))}" if searched else "not searched"
 
 
-def tune(
-    settings: Settings,
-    progress: Progress = NO_PROGRESS,
-    n_trials: int | None = None,
-    timeout: float | None = None,
-    plan: SearchPlan | None = None,
-) -> TuneResult:
-    """Add trials to the study, then write tune.output/best.yaml and log the study to a parent MLflow run.
+def tune(settings: Settings, progress: Progress = NO_PROGRESS, plan: SearchPlan | None = None) -> TuneResult:
+    """Add tune.n_trials trials to the study (none starts after tune.timeout seconds), then write
+    tune.output/best.yaml and log the study to a parent MLflow run.
 
     `plan`: what to search; default `plan_search` with the settings that were given a value pinned."""
     if settings.train.val_split is None:
@@ -424,7 +419,7 @@ def tune(
             "search.pinned": json.dumps(plan.record()["pinned"]),
         }
     )
-    total = n_trials or settings.tune.n_trials
+    total = settings.tune.n_trials
     log.info("study %s (%d earlier trials): %d trials over %s", study.study_name, earlier, total, ", ".join(space))
     try:
         with warnings.catch_warnings():
@@ -432,7 +427,7 @@ def tune(
             study.optimize(
                 _objective(settings, space, parent, progress),
                 n_trials=total,
-                timeout=timeout or settings.tune.timeout,
+                timeout=settings.tune.timeout,
                 catch=(TrainingDiverged, SettingsError, ValueError),
                 callbacks=[_report(total)],
             )
@@ -453,7 +448,7 @@ def tune(
         parent.finish("FAILED")
         raise
     parent.finish()
-    return TuneResult(study, dict(best.params), float(best.value), best_file, parent.run_id)
+    return TuneResult(study, dict(best.params), study.best_value, best_file, parent.run_id)
 
 
 def _trial_base(settings: Settings, output: Path) -> dict[str, Any]:
@@ -515,8 +510,9 @@ def _contains(dimension: SearchDimension, value: Any) -> bool:
 def _report(total: int) -> Any:
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         params = "  ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in trial.params.items())
-        complete = trial.state == optuna.trial.TrialState.COMPLETE
-        outcome = f"val top1 {100 * trial.value:.2f}%" if complete else trial.state.name.lower()
+        # A pruned trial has a value too (its last report); only a completed one scored its whole training.
+        value = trial.value if trial.state == optuna.trial.TrialState.COMPLETE else None
+        outcome = f"val top1 {100 * value:.2f}%" if value is not None else trial.state.name.lower()
         try:
             best = f"best {100 * study.best_value:.2f}% (trial {study.best_trial.number})"
         except ValueError:

@@ -63,19 +63,16 @@ def naive_sa2vp_forward(model, images):
     base = vit.norm_pre(vit._pos_embed(vit.patch_embed(images)))
     prompt = vit.norm_pre(model.prompt_map() + vit.pos_embed).expand(images.shape[0], -1, -1)
     for i, block in enumerate(vit.blocks):
-        if i in model.to_prompt:
-            fused = _naive_cross(model, i, block, query=prompt, other=base)
-            prompt = block(prompt)
-            if i in model.deep:
-                prompt = prompt + model.deep_scales[str(i)] * block(model.deep_maps[str(i)]())
-            base = block(base)
+        to_prompt = i in model.to_prompt  # the prompt queries the base; otherwise the base queries the prompt
+        query, other = (prompt, base) if to_prompt else (base, prompt)
+        fused = _naive_cross(model, i, block, query=query, other=other)
+        prompt = block(prompt)
+        if i in model.deep:
+            prompt = prompt + model.deep_scales[str(i)] * block(model.deep_maps[str(i)]())
+        base = block(base)
+        if to_prompt:
             prompt = prompt + model.gamma * fused
         else:
-            fused = _naive_cross(model, i, block, query=base, other=prompt)
-            prompt = block(prompt)
-            if i in model.deep:
-                prompt = prompt + model.deep_scales[str(i)] * block(model.deep_maps[str(i)]())
-            base = block(base)
             base = base + model.gamma * fused
     pooled = [vit.forward_head(vit.norm(x), pre_logits=True) for x in (base, prompt)]
     return model.head(pooled[0]), model.head(pooled[1])

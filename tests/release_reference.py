@@ -12,9 +12,21 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from timm.layers import Attention, Mlp
+from timm.models.vision_transformer import Block, VisionTransformer
 from torch import nn
 
 from sa2vp.models.sa2vp_vit import SA2VPViT
+
+
+def frozen_block(vit: VisionTransformer, i: int) -> tuple[Block, Attention, nn.Linear, nn.Linear]:
+    """Block i of a timm ViT with its attention and its MLP's two layers, checked to be timm's standard ones
+    (the only kind SA²VP-ViT accepts)."""
+    block = vit.blocks[i]
+    assert isinstance(block, Block) and isinstance(block.attn, Attention) and isinstance(block.mlp, Mlp)
+    fc1, fc2 = block.mlp.fc1, block.mlp.fc2
+    assert isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)
+    return block, block.attn, fc1, fc2
 
 
 class ReleaseAttention(nn.Module):
@@ -123,25 +135,19 @@ class ReleaseSA2VP(nn.Module):
         super().__init__()
         vit = model.backbone
         dim, grid = vit.embed_dim, model.grid
-        heads = vit.blocks[0].attn.num_heads
-        mlp_dim = vit.blocks[0].mlp.fc1.out_features
+        _, attention, fc1, _ = frozen_block(vit, 0)
+        heads, mlp_dim = attention.num_heads, fc1.out_features
         patch = vit.patch_embed.proj
         self.patch_embeddings = nn.Conv2d(patch.in_channels, dim, patch.kernel_size, patch.stride)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        assert vit.pos_embed is not None
         self.position_embeddings = nn.Parameter(torch.zeros_like(vit.pos_embed))
         self.dropout = nn.Dropout(dropout)
         self.ppt = nn.Parameter(torch.zeros_like(model.prompt_map.tokens))
         self.ppt_proj = nn.Linear(model.prompt_map.proj.in_features, dim)
         self.layer = nn.ModuleList(ReleaseBlock(dim, heads, mlp_dim, dropout, attention_dropout) for _ in vit.blocks)
         self.cross_attn = nn.ModuleList(
-            ReleaseCrossBlock(
-                dim,
-                heads,
-                grid,
-                model.cross[i].window,
-                model.cross[i].adapter.down.out_features,
-                model.settings.dropout,
-            )
+            ReleaseCrossBlock(dim, heads, grid, *_window_and_adapter_dim(model, i), model.settings.dropout)
             for i in range(len(vit.blocks))
         )
         self.prompt_list = sorted(model.deep)
@@ -154,6 +160,16 @@ class ReleaseSA2VP(nn.Module):
         self.encoder_norm = nn.LayerNorm(dim, eps=1e-6)
         self.head = nn.Linear(dim, model.head.out_features)
         self.add_scale = model.gamma
+
+    def block(self, i: int) -> ReleaseBlock:
+        layer = self.layer[i]
+        assert isinstance(layer, ReleaseBlock)
+        return layer
+
+    def cross_block(self, i: int) -> ReleaseCrossBlock:
+        cross = self.cross_attn[i]
+        assert isinstance(cross, ReleaseCrossBlock)
+        return cross
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         batch = images.shape[0]
@@ -177,6 +193,13 @@ class ReleaseSA2VP(nn.Module):
                 hidden = layer(hidden)
                 prompt = prompt + fusion * self.add_scale
         return self.head(self.encoder_norm(hidden)[:, 0]), self.head(self.encoder_norm(prompt)[:, 0])
+
+
+def _window_and_adapter_dim(model: SA2VPViT, i: int) -> tuple[int, int]:
+    """The library's window c and adapter width t at layer i (the release has no global window, no ablation)."""
+    cross = model.cross[i]
+    assert cross.window is not None and cross.adapter is not None
+    return cross.window, cross.adapter.down.out_features
 
 
 def trainable_pairs(model: SA2VPViT) -> dict[str, str]:
@@ -209,25 +232,32 @@ def from_sa2vp(model: SA2VPViT, dropout: float, attention_dropout: float = 0.0) 
     vit = model.backbone
     dim = vit.embed_dim
     release.patch_embeddings.load_state_dict(vit.patch_embed.proj.state_dict())
+    assert vit.cls_token is not None and vit.pos_embed is not None
     release.cls_token.copy_(vit.cls_token)
     release.position_embeddings.copy_(vit.pos_embed)
     release.encoder_norm.load_state_dict(vit.norm.state_dict())
-    for i, block in enumerate(vit.blocks):
-        weights, biases = block.attn.qkv.weight.split(dim), block.attn.qkv.bias.split(dim)
-        attn, cross = release.layer[i].attn, release.cross_attn[i].attn
-        for (mine, theirs), w, b in zip(
-            ((attn.query, cross.to_q), (attn.key, cross.to_k), (attn.value, cross.to_v)), weights, biases, strict=True
+    for i in range(len(vit.blocks)):
+        block, frozen, fc1, fc2 = frozen_block(vit, i)
+        assert frozen.qkv.bias is not None
+        weights, biases = frozen.qkv.weight.split(dim), frozen.qkv.bias.split(dim)
+        layer_block, cross_block = release.block(i), release.cross_block(i)
+        attn, cross_attn = layer_block.attn, cross_block.attn
+        for pair, w, b in zip(
+            ((attn.query, cross_attn.to_q), (attn.key, cross_attn.to_k), (attn.value, cross_attn.to_v)),
+            weights,
+            biases,
+            strict=True,
         ):
-            for layer in (mine, theirs):
-                layer.weight.copy_(w)
-                layer.bias.copy_(b)
-        for layer in (attn.out, cross.to_out):
-            layer.load_state_dict(block.attn.proj.state_dict())
-        for norm in (release.layer[i].attention_norm, release.cross_attn[i].attention_norm):
+            for linear in pair:
+                linear.weight.copy_(w)
+                linear.bias.copy_(b)
+        for linear in (attn.out, cross_attn.to_out):
+            linear.load_state_dict(frozen.proj.state_dict())
+        for norm in (layer_block.attention_norm, cross_block.attention_norm):
             norm.load_state_dict(block.norm1.state_dict())
-        release.layer[i].ffn_norm.load_state_dict(block.norm2.state_dict())
-        release.layer[i].ffn.fc1.load_state_dict(block.mlp.fc1.state_dict())
-        release.layer[i].ffn.fc2.load_state_dict(block.mlp.fc2.state_dict())
+        layer_block.ffn_norm.load_state_dict(block.norm2.state_dict())
+        layer_block.ffn.fc1.load_state_dict(fc1.state_dict())
+        layer_block.ffn.fc2.load_state_dict(fc2.state_dict())
     own = dict(model.named_parameters())
     theirs = dict(release.named_parameters())
     for ours, name in trainable_pairs(model).items():

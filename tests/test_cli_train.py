@@ -15,7 +15,7 @@ import pytest
 import torch
 from mlflow import MlflowClient
 
-from tests.train_fixtures import SA2VP, digits_root, invoke_sa2vp, project, run_sa2vp  # noqa: F401  (fixtures)
+from tests.train_fixtures import SA2VP, digits_root, experiment_id, invoke_sa2vp, project, run_sa2vp  # noqa: F401  (fixtures)
 
 
 @pytest.mark.parametrize("command", ["train", "evaluate", "predict", "ui"])
@@ -83,6 +83,24 @@ def test_train_evaluate_predict_round_trip(project: Path, digits_root: Path) -> 
     assert bad.exit_code == 2 and "nope.png: no such image file" in bad.stderr
 
 
+def test_final_trains_as_the_pipeline_spelled_it_out_and_evaluate_writes_the_same_metrics_file(project: Path) -> None:
+    common = ["train", "--epochs", "1", "--set", "tracking.enabled=false"]
+    # What the root dvc.yaml spelled out before --final: the same run, to the byte.
+    spelled = ["--set", "train.train_split=trainval", "--set", "train.val_split=null"]
+    invoke_sa2vp(project, *common, "--output", "runs/spelled", *spelled)
+    # --final sets the splits whatever else says (here a --set that would validate every epoch)
+    invoke_sa2vp(project, *common, "--output", "runs/final", "--final", "--set", "train.val_split=val")
+    final, before = project / "runs/final", project / "runs/spelled"
+    assert (final / "model/model.safetensors").read_bytes() == (before / "model/model.safetensors").read_bytes()
+    splits = json.loads((final / "model/model.json").read_text())["settings"]["train"]
+    assert (splits["train_split"], splits["val_split"], splits["test_split"]) == ("trainval", None, "test")
+    metrics = (final / "metrics.json").read_text()
+    assert metrics == (before / "metrics.json").read_text() and list(json.loads(metrics)) == ["test"]
+    # One metrics format: `evaluate --metrics-file` of the test split writes the run's metrics.json again.
+    invoke_sa2vp(project, "evaluate", "runs/final/model", "--metrics-file", "m.json")
+    assert (project / "m.json").read_text() == metrics
+
+
 def _checkpoint_epoch(path: Path) -> int:
     try:
         return int(torch.load(path, weights_only=True)["state"]["epoch"])
@@ -118,7 +136,7 @@ def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(project: Path)
     assert _history_without_timing(resumed) == _history_without_timing(whole)
     # The resumed run continued its own MLflow run: one run, every epoch logged once per step.
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    runs = client.search_runs([experiment_id(client, "tests")])
     assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
 
 
@@ -155,12 +173,13 @@ def test_training_logs_to_a_real_tracking_server_started_by_sa2vp_ui(project: Pa
                         break
             except OSError:
                 if server.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"mlflow server did not start:\n{server.stdout.read()}") from None
+                    output = server.stdout.read() if server.stdout is not None else ""
+                    raise AssertionError(f"mlflow server did not start:\n{output}") from None
                 time.sleep(0.5)
         done = invoke_sa2vp(project, "train", "--epochs", "1", "--set", f"tracking.uri={url}")
-        assert url in done.stdout or "MLflow" in done.stdout
         client = MlflowClient(url)
-        (run,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+        (run,) = client.search_runs([experiment_id(client, "tests")])
+        assert f"MLflow: run {run.info.run_id} in {url} (browse: sa2vp ui)\n" in done.stdout, done.stdout
         assert run.info.status == "FINISHED" and "test/top1" in run.data.metrics
         downloaded = Path(client.download_artifacts(run.info.run_id, "model/model.safetensors", str(project)))
         assert downloaded.read_bytes() == (project / "runs/train/model/model.safetensors").read_bytes()
@@ -234,7 +253,7 @@ def test_tune_records_failed_trials_goes_on_and_resumes_its_study(project: Path)
     assert len(states) == 3 and states[0] == (0.01, "COMPLETE") and ((1e30, "FAIL") in states), states
     assert all(state == ("COMPLETE" if lr == 0.01 else "FAIL") for lr, state in states), states
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    runs = client.search_runs([experiment_id(client, "tests")])
     parents = [r for r in runs if r.info.run_name.startswith("tune-")]
     assert len(parents) == 2 and len(runs) == 2 + 3  # two tuning runs, three nested trial runs
     failed = sum(state == "FAIL" for _, state in states)

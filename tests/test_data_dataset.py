@@ -48,9 +48,9 @@ def test_transform_from_timm_data_config() -> None:
     import timm.data
     from timm.models import get_pretrained_cfg
 
-    config = timm.data.resolve_data_config(
-        pretrained_cfg=get_pretrained_cfg("vit_base_patch16_224.orig_in21k").to_dict()
-    )
+    pretrained_cfg = get_pretrained_cfg("vit_base_patch16_224.orig_in21k")
+    assert pretrained_cfg is not None
+    config = timm.data.resolve_data_config(pretrained_cfg=pretrained_cfg.to_dict())
     out = build_transform(config, "fgvc", train=False)(_asymmetric())
     assert out.shape == (3, 224, 224)
     with pytest.raises(DataError, match="interpolation 'sinc'"):

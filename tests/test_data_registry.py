@@ -45,6 +45,35 @@ def test_benchmarks_are_complete() -> None:
         assert info.protocols and info.title and info.licence and info.num_classes
 
 
+def test_fgvc_entries_say_where_their_files_come_from() -> None:
+    cub = lookup("fgvc-cub200")
+    assert cub.urls == ("https://data.caltech.edu/records/65de6-vqs81/files/CUB_200_2011.tgz",)
+    assert cub.checksums == {"CUB_200_2011.tgz": "md5:97eceeb196236b17998738112f37df78"}
+    layout = {"image_dir": "images", "archive_root": "CUB_200_2011", "json_names": "CUB_200_2011,cub,cub200"}
+    assert cub.options == lookup("hta-cub200").options == layout
+    dogs, cars, nabirds = lookup("stanford-dogs"), lookup("stanford-cars"), lookup("nabirds")
+    assert dogs.urls == ("http://vision.stanford.edu/aditya86/ImageNetDogs/images.tar",) and dogs.checksums == {}
+    assert (cars.urls, cars.options["hub_images"]) == ((), "car") and "hta-stanford-cars" not in DATASETS
+    assert nabirds.urls == () and list(nabirds.options) == ["image_dir", "archive_root", "json_names", "manual"]
+    vpt = "splits: Jia et al., Visual Prompt Tuning, ECCV 2022 (Hugging Face dataset XiN0919/FGVC, json.zip)"
+    damvp = "protocol: Huang et al., Diversity-Aware Meta Visual Prompting (DAM-VP), CVPR 2023"
+    assert cub.citation.endswith(f"CNS-TR-2011-001; {vpt}")
+    assert lookup("hta-cub200").citation == f"{cub.citation}; {damvp}"
+
+
+def test_a_source_dataset_is_credited_alike_in_every_benchmark() -> None:
+    cifar = "Krizhevsky, Learning Multiple Layers of Features from Tiny Images, 2009"
+    assert lookup("vtab-cifar100").citation.endswith(f"(2019); source dataset: {cifar}")
+    assert lookup("hta-cifar10").citation.startswith(f"{cifar}; protocol: Huang et al.")
+    for name in ("vtab-cifar100", "hta-cifar10", "hta-cifar100"):
+        info = lookup(name)
+        assert (info.licence, info.homepage) == (
+            "research use (see publisher)",
+            "https://www.cs.toronto.edu/~kriz/cifar.html",
+        )
+    assert lookup("hta-svhn").licence == lookup("vtab-svhn").licence == "non-commercial use (see publisher)"
+
+
 @pytest.mark.parametrize(
     ("name", "expected"),
     [

@@ -73,6 +73,7 @@ def test_registry_entries() -> None:
 def test_images_on_disk_show_their_labels(prepared: dict[str, Path], name: str) -> None:
     manifest = read_manifest(prepared[name])
     info = lookup(name)
+    assert info.num_classes is not None
     items = read_split(prepared[name], "trainval") + read_split(prepared[name], "test")
     assert len(items) == info.num_classes * int(info.options["per_class"])
     assert manifest.images.resolve() == (prepared[name].parents[2] / name / "seed42").resolve()

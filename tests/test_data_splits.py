@@ -16,6 +16,7 @@ from sa2vp.data import (
     SPLITS,
     ChecksumError,
     CorruptImageError,
+    DataError,
     MissingDataError,
     SplitError,
     lookup,
@@ -295,3 +296,34 @@ def test_digits_offline(tmp_path: Path) -> None:
     assert Image.open(tmp_path / "data" / "digits" / first).size == (16, 16)
     prepare(settings.model_copy(update={"render_size": 20}))  # another size: rendered again
     assert Image.open(tmp_path / "data" / "digits" / first).size == (20, 20)
+
+
+def test_unreadable_json_is_named_with_its_file(tmp_path: Path) -> None:
+    with pytest.raises(MissingDataError, match=r"manifest.json: not found; run `sa2vp data prepare` first"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(DataError, match=r"manifest.json: not valid JSON \(Expecting property name"):
+        read_manifest(tmp_path)
+    settings = _settings(tmp_path, dataset="cub200")
+    folder = tmp_path / "data" / "fgvc" / "CUB_200_2011"
+    with pytest.raises(MissingDataError, match=r"CUB_200_2011/train.json: split file not found"):
+        fgvc.catalogue(lookup("cub200"), settings)
+    folder.mkdir(parents=True)
+    (folder / "train.json").write_text("{")
+    with pytest.raises(SplitError, match=r"CUB_200_2011/train.json: not valid JSON \(Expecting property name"):
+        fgvc.catalogue(lookup("cub200"), settings)
+
+
+@pytest.mark.parametrize(
+    ("content", "named"),
+    [
+        ("[]", "expected a JSON object"),
+        ('{"format": "sa2vp-splits/1", "classes": ["a", "b"], "transform": "vtab"}', "images missing or malformed"),
+        ('{"format": "sa2vp-splits/1", "images": "x", "classes": 3, "transform": "vtab"}', "classes missing or"),
+    ],
+)
+def test_damaged_manifest_is_a_data_error(tmp_path: Path, content: str, named: str) -> None:
+    # A hand-edited or damaged manifest is bad input: one DataError naming the file, never a traceback.
+    (tmp_path / "manifest.json").write_text(content)
+    with pytest.raises(DataError, match=rf"manifest.json: {named}.*run `sa2vp data prepare` again"):
+        read_manifest(tmp_path)

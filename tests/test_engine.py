@@ -3,6 +3,7 @@ MLflow store, the artifact (small, exact, loadable), evaluation and prediction f
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 from pathlib import Path
@@ -14,12 +15,14 @@ from mlflow import MlflowClient
 from safetensors.torch import load_file
 
 from sa2vp.engine import evaluate, fit, load_artifact, predict
+from sa2vp.engine.artifact import MetricsRecord, read_record
 from sa2vp.engine.metrics import Metrics
 from sa2vp.engine.optim import WarmupCosine, build_optimizer
+from sa2vp.engine.report import write_predictions
 from sa2vp.engine.runtime import resolve_device, resolve_precision
 from sa2vp.errors import ArtifactError, TrainingDiverged
 from sa2vp.settings import SettingsError, TrainSettings
-from tests.train_fixtures import digits_root, project, tiny_settings  # noqa: F401  (fixtures)
+from tests.train_fixtures import digits_root, experiment_id, project, tiny_settings  # noqa: F401  (fixtures)
 
 
 def test_schedule_warms_up_linearly_then_follows_a_cosine_to_the_floor() -> None:
@@ -109,6 +112,26 @@ def test_the_artifact_holds_only_trainable_weights_and_how_to_rebuild_the_model(
         assert (result.output / name).is_file(), name
 
 
+def test_model_json_is_the_artifact_record_to_the_byte(trained) -> None:
+    # One record type, which sa2vp.engine.artifact alone writes and reads: model.json read and written back is
+    # the same file, in the layout artifacts have always had (those written before load as they are).
+    _, result = trained
+    text = (result.artifact / "model.json").read_text()
+    _, record = read_record(result.artifact)
+    assert json.dumps(record.model_dump(mode="json"), indent=2) + "\n" == text
+    document = json.loads(text)
+    assert list(document) == [
+        *("format", "settings", "backbone", "classes", "data_config", "transform", "dataset"),
+        *("trainable", "training", "versions"),
+    ]
+    assert list(document["backbone"]) == ["name", "weights", "sha256", "parameters"]
+    assert record.training is not None and record.training.test == MetricsRecord.of(result.test)
+    assert record.training.mlflow_run_id == result.run_id and record.training.val == MetricsRecord.of(result.val)
+    # metrics.json: the same figures, by split
+    metrics = json.loads((result.output / "metrics.json").read_text())
+    assert metrics == {"val": result.val.as_dict(), "test": result.test.as_dict()}
+
+
 def test_evaluate_reproduces_the_test_accuracy_exactly(trained) -> None:
     _, result = trained
     metrics = evaluate(load_artifact(result.artifact), "test")
@@ -126,6 +149,23 @@ def test_predict_gives_sorted_probabilities_for_image_files(trained, digits_root
         assert len(probabilities) == 4 and probabilities == sorted(probabilities, reverse=True)
         assert 0 < sum(probabilities) <= 1 + 1e-6
         assert {name for name, _ in prediction.top} <= {str(d) for d in range(10)}
+
+
+def test_predictions_are_written_as_csv_or_json_rows(trained, digits_root: Path, tmp_path: Path) -> None:
+    _, result = trained
+    images = sorted((digits_root / "digits" / "images" / "7").glob("*.png"))[:2]
+    predictions = predict(load_artifact(result.artifact), images, top_k=3)
+    rows = [
+        {"image": str(prediction.image), "rank": rank, "class": name, "probability": probability}
+        for prediction in predictions
+        for rank, (name, probability) in enumerate(prediction.top, start=1)
+    ]
+    assert len(rows) == 6 and json.loads(write_predictions(tmp_path / "p.json", predictions).read_text()) == rows
+    with write_predictions(tmp_path / "p.csv", predictions).open(newline="") as file:
+        assert list(csv.DictReader(file)) == [{key: str(value) for key, value in row.items()} for row in rows]
+    with pytest.raises(ValueError, match=r"p\.txt: predictions are written as \.csv or \.json"):
+        write_predictions(tmp_path / "p.txt", predictions)
+    assert not (tmp_path / "p.txt").exists()
 
 
 def test_an_artifact_on_other_backbone_weights_is_refused(trained, tmp_path: Path) -> None:
@@ -153,7 +193,7 @@ def test_a_diverging_loss_stops_the_run_with_a_clear_error(project: Path) -> Non
     with pytest.raises(TrainingDiverged, match="lower train.lr"):
         fit(settings)
     client = MlflowClient(settings.tracking.uri)
-    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    runs = client.search_runs([experiment_id(client, "tests")])
     assert runs[0].info.status == "FAILED" and "TrainingDiverged" in runs[0].data.tags["error"]
     assert not (project / "runs" / "train" / "model").exists()
 

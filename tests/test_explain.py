@@ -15,6 +15,7 @@ import yaml
 from mlflow import MlflowClient
 from PIL import Image
 from timm.models.swin_transformer import SwinTransformer
+from timm.models.vision_transformer import VisionTransformer
 
 from sa2vp.data import prepare
 from sa2vp.engine import fit, load_artifact
@@ -235,15 +236,17 @@ def test_vit_similarity_peaks_at_the_prompt_token_made_equal_to_the_image_token(
         depth=2,
         num_heads=2,
     )  # a 4×4 grid
+    assert isinstance(backbone, VisionTransformer) and backbone.pos_embed is not None
     model = SA2VPViT(
         backbone.requires_grad_(False), 5, SA2VPSettings(window=3, deep_layers=[], to_prompt_layers=[0], dropout=0.0)
     ).eval()
     images = torch.randn(1, 3, 16, 16)
     with torch.no_grad():
-        for block in backbone.blocks:  # every frozen block the identity, no positions, no exchange (γ = 0):
-            for linear in (block.attn.proj, block.mlp.fc2):  # each pathway's tokens stay its input's
-                linear.weight.zero_()
-                linear.bias.zero_()
+        # every frozen block the identity, no positions, no exchange (γ = 0): each pathway's tokens stay its input's
+        for name, linear in backbone.blocks.named_modules():
+            if name.endswith(("attn.proj", "mlp.fc2")):  # the residual branches' last layers: weight and bias 0
+                for parameter in linear.parameters():
+                    parameter.zero_()
         backbone.pos_embed.zero_()
         model.gamma = 0.0
         image_token = model.layer_tokens(images)[-1].base[0, 1 + 1 * 4 + 2]  # the patch at row 1, column 2
@@ -277,7 +280,8 @@ def test_swin_similarity_peaks_where_a_hooked_block_puts_the_image_token() -> No
         num_heads=(1, 2, 2, 4),
         window_size=4,
     )  # grids 16×24 … 2×3
-    model = SA2VPSwin(freeze(swin), 5, SA2VPSettings(prompt_rank=8, adapter_dim=8, dropout=0.0)).eval()
+    freeze(swin)
+    model = SA2VPSwin(swin, 5, SA2VPSettings(prompt_rank=8, adapter_dim=8, dropout=0.0)).eval()
     assert model.similarity_grid == (4, 6) and model.num_layers == 3  # cross stage 2
     model.gamma = 0.0  # no exchange after the hooked block: the maps read its outputs as they are
     calls: list[torch.Tensor] = []
@@ -290,7 +294,9 @@ def test_swin_similarity_peaks_where_a_hooked_block_puts_the_image_token() -> No
             return made
         return None
 
-    handle = model.backbone.layers[2].blocks[1].register_forward_hook(constructed)
+    blocks = model.backbone.layers[2].blocks
+    assert isinstance(blocks, torch.nn.Sequential)
+    handle = blocks[1].register_forward_hook(constructed)
     try:
         maps = model.similarity_maps(torch.randn(1, 3, 32, 48), [1], token=(0, 1))
     finally:

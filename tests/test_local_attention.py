@@ -98,7 +98,18 @@ def test_the_kernel_is_chosen_by_grid_and_device():
 def test_a_cross_block_carries_both_kernels_masks_and_uses_the_chosen_one():
     from sa2vp.models.cross_block import SpatialCrossBlock
 
-    block = SpatialCrossBlock(8, 4, "quick_gelu", 0.0, 3, "zero", "multi", (4, 4), 2, 1)
+    block = SpatialCrossBlock(
+        dim=8,
+        num_heads=2,
+        grid=(4, 4),
+        num_prefix=1,
+        window=3,
+        border="zero",
+        head_mode="multi",
+        adapter_dim=4,
+        activation="gelu",
+        dropout=0.0,
+    )
     assert block.tile_mask is not None and block.dense_mask.shape == (16, 17)
     q, k, v = (t.detach() for t in _inputs((4, 4)))
     expected = naive_cross_attention(q, k, v, grid=(4, 4), window=3, num_prefix=1, border="zero", head_mode="multi")

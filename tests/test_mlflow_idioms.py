@@ -32,6 +32,7 @@ from matplotlib.contour import ContourSet
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 from optuna.distributions import CategoricalDistribution, FloatDistribution
+from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState, create_trial
 
 from sa2vp.data import read_manifest, split_dir
@@ -41,7 +42,7 @@ from sa2vp.figures import tuning_figures
 from sa2vp.models import search_space
 from sa2vp.settings import TrackingSettings, load_settings
 from sa2vp.tracking import source_tags, start_run, trial_run_name
-from tests.train_fixtures import SA2VP, TINY_PARAMS, digits_root, invoke_sa2vp  # noqa: F401  (fixtures)
+from tests.train_fixtures import SA2VP, TINY_PARAMS, digits_root, experiment_id, invoke_sa2vp  # noqa: F401  (fixtures)
 
 
 @dataclass
@@ -76,7 +77,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, digits_root: Path) -> Store:
         "runs/study.journal",
     )
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("tests")
+    experiment = client.get_experiment(experiment_id(client))
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
     (parent,) = [run for run in runs if run.info.run_name == "tune-s"]
     trials = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
@@ -117,9 +118,7 @@ def test_trial_and_study_runs_are_named_by_what_they_try(store: Store) -> None:
     assert store.parent.info.run_name == "tune-s" and len(store.trials) == 1
     study = optuna.load_study(
         study_name="s",
-        storage=optuna.storages.JournalStorage(
-            optuna.storages.journal.JournalFileBackend(str(store.project / "runs/study.journal"))
-        ),
+        storage=optuna.storages.JournalStorage(JournalFileBackend(str(store.project / "runs/study.journal"))),
     )
     names = {run.info.run_id: run.info.run_name for run in store.trials}
     for trial in study.trials:
@@ -139,7 +138,7 @@ def test_the_splits_a_run_reads_are_its_dataset_inputs(store: Store, digits_root
     manifest = read_manifest(folder)
     digest = manifest.data["content_hash"].removeprefix("sha256:")[:36]
 
-    def inputs(run: Any) -> dict[str, tuple[str, str, int]]:
+    def inputs(run: Any) -> dict[str, tuple[str, str, str, int]]:
         found = {}
         for item in run.inputs.dataset_inputs:
             (context,) = [tag.value for tag in item.tags if tag.key == "mlflow.data.context"]
@@ -303,9 +302,11 @@ def test_a_copied_project_still_opens_its_artifacts(
         away.rename(store.project)
 
 
-def test_a_store_given_by_absolute_path_keeps_its_artifacts_beside_it(scratch: Path) -> None:
+def test_a_store_given_by_absolute_path_keeps_its_artifacts_beside_it(scratch: Path, tmp_path: Path) -> None:
+    note = tmp_path / "note.txt"
+    note.write_text("hello")
     run = start_run(_settings(scratch, "absolute"), "r")  # the current folder (the repository) is elsewhere
-    run.log_text("hello", "note.txt")
+    run.log_file(note)
     run.finish()
     experiment_id = MlflowClient(run.uri).get_run(run.run_id).info.experiment_id
     assert (scratch / "mlruns" / experiment_id / run.run_id / "artifacts/note.txt").read_text() == "hello"
@@ -322,7 +323,12 @@ def _free_port() -> int:
 
 def _lines(stream: Any) -> Queue[str]:
     lines: Queue[str] = Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in stream], daemon=True).start()
+
+    def read() -> None:
+        for line in stream:
+            lines.put(line)
+
+    threading.Thread(target=read, daemon=True).start()
     return lines
 
 

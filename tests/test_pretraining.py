@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
 import huggingface_hub.constants
 import pytest
@@ -13,19 +14,22 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from sa2vp import pretraining
+from sa2vp.engine.optim import WarmupHoldCooldown
 from sa2vp.errors import BackboneError
 from sa2vp.models.backbones import create_backbone, weights_digest
 from sa2vp.pretraining import (
     Pretrained,
+    backbone_file,
     generate,
     input_geometry,
     make_task,
     materialise_backbone,
     normalise,
-    pretrain_backbone,
+    pretrain,
     read_metadata,
 )
+from sa2vp.pretraining.backbone_file import save_weights
+from sa2vp.pretraining.loop import optimizer_and_schedule
 from sa2vp.settings import BackboneSettings, PretrainSettings, SettingsError, load_settings
 from tests.train_fixtures import invoke_sa2vp
 
@@ -33,7 +37,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 NAME = "vit_tiny_patch16_224"
 # A 4×4-token ViT small enough to pretrain in a second or two.
-TINY = {"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}
+TINY: dict[str, Any] = {"patch_size": 4, "embed_dim": 32, "depth": 1, "num_heads": 2}
 TINY_TASK = PretrainSettings(
     seed=1,
     classes=4,
@@ -103,16 +107,45 @@ def test_pretraining_learns_the_task_and_writes_a_loadable_file(materialised):
 
 def test_pretraining_is_deterministic_for_a_seed(materialised):
     settings = _tiny()
-    model = pretrain_backbone(settings)
+    model = pretrain(settings).model
     assert not model.training and model.num_classes == 0
     stored = load_file(str(materialised))
     for key, tensor in model.state_dict().items():
         torch.testing.assert_close(tensor, stored[key], rtol=0, atol=0, msg=key)
 
 
+def test_the_schedule_warms_up_from_the_first_step_holds_then_cools_down_to_zero() -> None:
+    # The committed backbone was trained with exactly these factors: a change to the warm-up (which, unlike the
+    # engine's WarmupCosine, starts at 1/warmup, not 0) or to the cool-down changes its weights.
+    schedule = WarmupHoldCooldown(total_steps=20, warmup_steps=4, cooldown=0.3)  # cool-down: round(6.0) steps
+    pinned = {0: 0.25, 1: 0.5, 3: 1.0, 4: 1.0, 14: 1.0, 15: 5 / 6, 17: 0.5, 19: 1 / 6, 20: 0.0, 25: 0.0}
+    assert {step: schedule(step) for step in pinned} == pinned
+    assert WarmupHoldCooldown(total_steps=10, warmup_steps=0, cooldown=0.01)(9) == 1.0  # at least one step down
+
+
+def test_pretraining_decays_matrices_but_not_tokens_with_its_betas_and_schedule() -> None:
+    model = timm.create_model(NAME, img_size=16, num_classes=4, **TINY)
+    optimizer, scheduler = optimizer_and_schedule(model, TINY_TASK, steps_per_epoch=4)  # 6 epochs: 24 steps
+    decayed, undecayed = optimizer.param_groups
+    names = {id(param): name for name, param in model.named_parameters()}
+    assert decayed["weight_decay"] == TINY_TASK.weight_decay and undecayed["weight_decay"] == 0.0
+    assert {"cls_token", "pos_embed"} <= {names[id(p)] for p in undecayed["params"]}
+    assert all(p.ndim >= 2 for p in decayed["params"])
+    assert len(decayed["params"]) + len(undecayed["params"]) == len(names)  # every weight is trained
+    assert decayed["betas"] == (0.9, 0.95)
+    rates = []
+    for _ in range(24):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    # a warm-up of round(0.5 × 4) = 2 steps, the peak held, and the last round(0.3 × 24) = 7 steps down towards 0
+    expected = [0.5, 1, *[1] * 15, 7 / 7, 6 / 7, 5 / 7, 4 / 7, 3 / 7, 2 / 7, 1 / 7]
+    assert rates == pytest.approx([TINY_TASK.lr * factor for factor in expected], rel=1e-12)
+
+
 def _fake_pretraining(monkeypatch):
     model = timm.create_model(NAME, img_size=16, num_classes=0, **TINY)
-    monkeypatch.setattr(pretraining, "pretrain", lambda settings, progress: Pretrained(model, 0.5))
+    monkeypatch.setattr(backbone_file, "pretrain", lambda settings, progress: Pretrained(model, 0.5))
 
 
 def test_an_unwritable_destination_is_a_clear_error_and_leaves_nothing(tmp_path, monkeypatch):
@@ -134,7 +167,7 @@ def test_a_failure_mid_write_leaves_the_previous_file_and_no_partial_one(tmp_pat
             handle.write(b"half a file")
         raise RuntimeError("interrupted")
 
-    monkeypatch.setattr(pretraining, "save_file", fails_half_way)
+    monkeypatch.setattr(backbone_file, "save_file", fails_half_way)
     with pytest.raises(RuntimeError, match="interrupted"):
         materialise_backbone(_tiny(), out)
     assert [p.name for p in tmp_path.iterdir()] == ["backbone.safetensors"]
@@ -175,16 +208,12 @@ def test_pretraining_settings_are_validated(key, value, expected):
 def test_the_weights_file_header_is_in_sorted_order(tmp_path: Path) -> None:
     # safetensors writes metadata in hash-map order, which varies between processes; the file DVC hashes must
     # not: the header is rewritten in sorted order.
-    import json
-
     from safetensors import safe_open
     from torch import nn
 
-    from sa2vp.pretraining import _save
-
     model = nn.Linear(3, 2)
     metadata = {f"key{i}": str(i) for i in (5, 3, 8, 1, 7, 2)}
-    _save(model, tmp_path / "w.safetensors", metadata)
+    save_weights(model, tmp_path / "w.safetensors", metadata)
     raw = (tmp_path / "w.safetensors").read_bytes()
     header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")], object_pairs_hook=list)
     keys = [key for key, _ in dict(header)["__metadata__"]]
@@ -236,15 +265,20 @@ def test_the_committed_offline_backbone_is_the_file_params_yaml_pins() -> None:
     (out,) = stage["outs"]
     assert (REPO / "pipelines/backbone" / out["path"]).resolve() == path.resolve()
     assert out["md5"] == hashlib.md5(path.read_bytes()).hexdigest()
-    # it carries its architecture and how it was made, and that is what both params files say
+    # it carries its architecture and how it was made, and that is what the backbone pipeline's params say
     metadata = read_metadata(path)
-    assert metadata["timm_name"] == root.name == made.name and metadata["origin"] == root.origin == "synthetic"
-    assert json.loads(metadata["img_size"]) == root.img_size == made.img_size
-    assert json.loads(metadata["model_kwargs"]) == root.model_kwargs == made.model_kwargs
+    assert metadata["timm_name"] == made.name and metadata["origin"] == root.origin == made.origin == "synthetic"
+    assert json.loads(metadata["img_size"]) == made.img_size
+    assert json.loads(metadata["model_kwargs"]) == made.model_kwargs
     assert PretrainSettings.model_validate_json(metadata["pretrain"]) == made.pretrain
     assert float(metadata["source_accuracy"]) > 0.6  # 200 glyph classes: chance is 0.5 %
+    # the root names that architecture (offline_vit12, registered with timm): the same network, the file loads
+    used = create_backbone(root.model_copy(update={"weights": str(path)}))
+    spelled = create_backbone(made.model_copy(update={"weights": str(path), "sha256": root.sha256}))
+    assert weights_digest(used) == weights_digest(spelled) and repr(used) == repr(spelled)
     # the paper backbone's depth, so that SA²VP's layer schedule applies unchanged, on a square token grid
-    assert root.model_kwargs["depth"] == 12 and root.img_size % root.model_kwargs["patch_size"] == 0
+    assert isinstance(used, timm.models.vision_transformer.VisionTransformer)
+    assert len(used.blocks) == 12 and used.patch_embed.grid_size == (8, 8)
 
 
 def test_the_main_pipeline_uses_the_committed_backbone_and_does_not_pretrain() -> None:

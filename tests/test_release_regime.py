@@ -39,7 +39,8 @@ def model_and_release(dropout: float) -> tuple[SA2VPViT, torch.nn.Module]:
     with torch.no_grad():  # non-trivial values everywhere, so no term can hide behind a zero
         for param in model.trainable_parameters():
             param.add_(torch.randn_like(param) * 0.1)
-    return model.train(), from_sa2vp(model, dropout).train()
+    model.train()
+    return model, from_sa2vp(model, dropout).train()
 
 
 def test_one_training_step_gives_the_release_gradients_with_dropout_off():

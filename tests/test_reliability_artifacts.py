@@ -21,12 +21,13 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from sa2vp.engine import fit
-from sa2vp.engine.artifact import save_artifact
+from sa2vp.engine.artifact import read_record, save_artifact
 from sa2vp.errors import ArtifactError
 from sa2vp.models import build_model
 from tests.train_fixtures import TINY_PARAMS, digits_root, invoke_sa2vp, tiny_settings  # noqa: F401  (fixtures)
 
-Tamper = Callable[[Path], None]
+# Changes a copied artifact folder (or writes a file); what it returns (write_bytes' count) is ignored.
+Tamper = Callable[[Path], object]
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def edit_record(change: Callable[[dict[str, Any]], None]) -> Tamper:
     return tamper
 
 
-def edit_tensors(change: Callable[[dict[str, torch.Tensor]], None]) -> Tamper:
+def edit_tensors(change: Callable[[dict[str, torch.Tensor]], object]) -> Tamper:
     def tamper(folder: Path) -> None:
         tensors = _read(folder / "model.safetensors")
         change(tensors)
@@ -88,7 +89,7 @@ def edit_tensors(change: Callable[[dict[str, torch.Tensor]], None]) -> Tamper:
     return tamper
 
 
-def replace_weights(write: Callable[[Path], None]) -> Tamper:
+def replace_weights(write: Tamper) -> Tamper:
     return lambda folder: write(folder / "model.safetensors")
 
 
@@ -227,7 +228,7 @@ def _pickle_legacy(path: Path) -> None:
     torch.save({"w": torch.zeros(2)}, path, _use_new_zipfile_serialization=False)
 
 
-BACKBONE_FILES: dict[str, tuple[str, Callable[[Path], None], tuple[str, ...]]] = {
+BACKBONE_FILES: dict[str, tuple[str, Tamper, tuple[str, ...]]] = {
     "torch.save renamed .safetensors": (".safetensors", _pickle_zip, ("not a safetensors file", "pickled")),
     "legacy pickle renamed .safetensors": (".safetensors", _pickle_legacy, ("not a safetensors file", "pickled")),
     "torch.save renamed .npz": (".npz", _pickle_zip, ("not of NumPy arrays", "torch.save")),
@@ -251,25 +252,24 @@ def test_backbone_weights_that_are_not_safetensors_or_npz_are_refused(
 # --- writing: an artifact that could not be loaded is never written ----------------------------------------------
 
 
-def test_save_artifact_refuses_a_record_without_its_backbone_hash(trained, tmp_path: Path) -> None:
-    project, result = trained
-    record = json.loads((result.artifact / "model.json").read_text(encoding="utf-8"))
-    settings = tiny_settings(project)
-    del record["format"], record["settings"], record["backbone"]["sha256"]
-    with pytest.raises(ArtifactError, match="backbone.sha256: missing"):
-        save_artifact(tmp_path / "model", build_model(settings, 10), settings, record)
+def test_save_artifact_refuses_a_record_that_would_not_load(trained, tmp_path: Path) -> None:
+    _, record = read_record(trained[1].artifact)
+    # model_copy does not validate: a record can be made that the reader would refuse (no backbone hash).
+    unhashed = record.model_copy(update={"backbone": record.backbone.model_copy(update={"sha256": None})})
+    with pytest.raises(ArtifactError, match="model.json: backbone.sha256: Input should be a valid string"):
+        save_artifact(tmp_path / "model", build_model(record.settings, len(record.classes)), unhashed)
     assert not (tmp_path / "model").exists()
 
 
 # --- --resume: a damaged checkpoint is one line ------------------------------------------------------------------
 
 
-def _truncated_checkpoint(trained: tuple[Path, Any]) -> Callable[[Path], None]:
+def _truncated_checkpoint(trained: tuple[Path, Any]) -> Tamper:
     data = (trained[1].output / "checkpoint.pt").read_bytes()
     return lambda path: path.write_bytes(data[: len(data) // 2])
 
 
-CHECKPOINTS: dict[str, tuple[Callable[[tuple[Path, Any]], Callable[[Path], None]], tuple[str, ...]]] = {
+CHECKPOINTS: dict[str, tuple[Callable[[tuple[Path, Any]], Tamper], tuple[str, ...]]] = {
     "truncated": (_truncated_checkpoint, ("not a readable sa2vp checkpoint",)),
     "empty": (lambda _: lambda p: p.write_bytes(b""), ("empty or cut short",)),
     "a pickled object": (lambda _: lambda p: torch.save(Path("x"), p), ("nothing else is ever unpickled",)),

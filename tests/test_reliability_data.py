@@ -10,6 +10,7 @@ import pickle
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -266,7 +267,11 @@ def test_genuine_cifar_batches_load_and_checksum_advice_keeps_verification(tmp_p
 
 def test_restricted_unpickler_admits_arrays_and_plain_values_only(tmp_path: Path) -> None:
     path = tmp_path / "f.pkl"
-    plain = {"a": [1, 2.5, "x", b"", b"bytes", None, True], "t": (1,), "n": np.arange(6, dtype=np.uint8)}
+    plain: dict[str, Any] = {
+        "a": [1, 2.5, "x", b"", b"bytes", None, True],
+        "t": (1,),
+        "n": np.arange(6, dtype=np.uint8),
+    }
     path.write_bytes(pickle.dumps(plain, protocol=2))
     loaded = load_restricted(path)
     assert loaded["a"] == plain["a"] and np.array_equal(loaded["n"], plain["n"])

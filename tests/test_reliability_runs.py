@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from sa2vp.engine import fit
-from tests.train_fixtures import SA2VP, digits_root, invoke_sa2vp, project, tiny_settings  # noqa: F401  (fixtures)
+from tests.train_fixtures import SA2VP, digits_root, experiment_id, invoke_sa2vp, project, tiny_settings  # noqa: F401  (fixtures)
 
 ROOT = os.geteuid() == 0  # root writes into a chmod 0o555 folder anyway: that variant means nothing then
 
@@ -156,7 +156,7 @@ def test_a_resumed_run_logs_every_epoch_exactly_once(project: Path) -> None:
     with pytest.raises(KeyboardInterrupt):
         fit(settings, on_epoch=interrupt)
     client = MlflowClient(settings.tracking.uri)
-    (killed,) = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    (killed,) = client.search_runs([experiment_id(client, "tests")])
     run_id = killed.info.run_id
     # The kill came between the checkpoint and the logging: the epoch is not in the store.
     with sqlite3.connect(project / "mlflow.db") as db:

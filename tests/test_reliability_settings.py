@@ -234,6 +234,17 @@ def test_an_unreadable_set_value_is_one_line(tmp_path: Path, monkeypatch: pytest
     assert message.startswith("--set model.deep_layers: the value '[4, 8' is not valid YAML"), message
 
 
+def test_a_setting_below_one_given_a_value_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    message = invoke(tmp_path, monkeypatch, "model", "summary", "--set", "model=1", "--set", "model.gamma=0.5")
+    assert message == "--set model.gamma: model is given the value 1, not a section of settings", message
+    # a deeper setting of a section given as a whole is set in it, as in the file's own sections
+    settings = load_settings(None, {"model": {"lam": 0.5}, "model.gamma": 0.25, "tune.space": None})
+    assert (settings.model.lam, settings.model.gamma) == (0.5, 0.25)
+    assert load_settings(None, {"tune.space": None, "tune.space.model.lam": None}).tune.space == {
+        "model": {"lam": None}
+    }
+
+
 def test_saved_settings_do_not_change_with_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     dump = load_settings(None, {"backbone.model_kwargs": {"depth": 2}}).model_dump(mode="json")
     monkeypatch.setenv("SA2VP_MODEL__GAMMA", "-1")  # would make the artifact's settings invalid

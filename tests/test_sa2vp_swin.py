@@ -9,14 +9,15 @@ import timm
 import torch
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
-from timm.models.swin_transformer import SwinTransformer
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerStage
 
 from sa2vp.models import BackboneError, SA2VPOutput, SA2VPSwin, build_model, parameter_summary
 from sa2vp.models.backbones import freeze
 from sa2vp.models.local_attention import spatial_cross_attention
-from sa2vp.models.sa2vp_swin import release_blocks, resolve_cross_blocks
+from sa2vp.models.sa2vp_swin import release_blocks, resolve_cross_blocks, stage_grid
 from sa2vp.settings import SA2VPSettings, SettingsError, load_settings
 from tests.reference import naive_cross_attention, naive_sa2vp_swin_forward
+from tests.test_sa2vp_vit import assert_only_sa2vp_parameters_have_gradients
 
 # A Swin small enough for naive references: grids 16×24 → 8×12 → 4×6 → 2×3, window 4 (the 4×6 stage pads
 # its width to 8 and shifts by 2 in odd blocks, so timm's padding and shift paths both run).
@@ -28,9 +29,9 @@ SWIN_RELEASE = dict(prompt_rank=8, adapter_dim=8, gamma=0.5)
 def tiny_swin(seed=0, **overrides) -> SwinTransformer:
     torch.manual_seed(seed)
     # timm's Swin defaults to drop-path 0.1; the references here compare deterministic forwards.
-    return freeze(
-        SwinTransformer(img_size=TINY_IMAGES, num_classes=0, drop_path_rate=0.0, **{**TINY_SWIN, **overrides})
-    )
+    swin = SwinTransformer(img_size=TINY_IMAGES, num_classes=0, drop_path_rate=0.0, **{**TINY_SWIN, **overrides})
+    freeze(swin)
+    return swin
 
 
 def tiny_sa2vp_swin(seed=0, **settings) -> SA2VPSwin:
@@ -48,7 +49,8 @@ def swin_grids(img_size) -> list[tuple[int, int]]:
     """The stage grids timm's Swin-B builds for `img_size` (meta device: shapes only)."""
     with torch.device("meta"):
         swin = timm.create_model("swin_base_patch4_window7_224", pretrained=False, num_classes=0, img_size=img_size)
-    return [tuple(stage.output_resolution) for stage in swin.layers]
+    assert isinstance(swin, SwinTransformer)
+    return [stage_grid(stage) for stage in swin.layers if isinstance(stage, SwinTransformerStage)]
 
 
 # Swin-B's 224² stages minus the 56×56 one (slow for the naive loop; it is the same code path as 28×28),
@@ -102,12 +104,7 @@ def test_gradients_reach_every_sa2vp_parameter_and_no_backbone_parameter():
     model = tiny_sa2vp_swin().train()
     images, labels = torch.randn(3, 3, *TINY_IMAGES), torch.tensor([0, 3, 4])
     model.loss(model(images), labels).total.backward()
-    for name, param in model.backbone.named_parameters():
-        assert not param.requires_grad and param.grad is None, name
-    trainable = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)
-    assert trainable and all(not n.startswith("backbone.") for n in trainable)
-    for name, param in trainable.items():
-        assert param.grad is not None and param.grad.abs().sum() > 0, f"{name} got no gradient"
+    assert_only_sa2vp_parameters_have_gradients(model)
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from timm.models.vision_transformer import VisionTransformer
 
-from sa2vp.models import SA2VPOutput, SA2VPViT, parameter_summary, sa2vp_loss
+from sa2vp.models import AdaptedModel, SA2VPOutput, SA2VPViT, parameter_summary, sa2vp_loss
 from sa2vp.models.backbones import BackboneError, freeze
 from sa2vp.models.sa2vp_vit import release_layers
 from sa2vp.settings import SA2VPSettings
@@ -18,7 +18,8 @@ from tests.reference import naive_sa2vp_forward
 def tiny_vit(img_size=(32, 48), depth=4, seed=0) -> VisionTransformer:
     torch.manual_seed(seed)
     vit = VisionTransformer(img_size=img_size, patch_size=8, embed_dim=32, depth=depth, num_heads=2, num_classes=0)
-    return freeze(vit)
+    freeze(vit)
+    return vit
 
 
 def tiny_sa2vp(seed=0, depth=4, **settings) -> SA2VPViT:
@@ -35,7 +36,10 @@ def tiny_sa2vp(seed=0, depth=4, **settings) -> SA2VPViT:
 
 @pytest.fixture(scope="module")
 def vit_b16() -> VisionTransformer:
-    return freeze(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0))
+    vit = timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0)
+    assert isinstance(vit, VisionTransformer)
+    freeze(vit)
+    return vit
 
 
 def test_vit_b16_release_configuration_has_exactly_372912_trainable_parameters(vit_b16):
@@ -64,6 +68,11 @@ def test_gradients_reach_every_sa2vp_parameter_and_no_backbone_parameter():
     images, labels = torch.randn(3, 3, 32, 48), torch.tensor([0, 3, 4])
     loss, _, _ = sa2vp_loss(model(images), labels, lam=0.8)
     loss.backward()
+    assert_only_sa2vp_parameters_have_gradients(model)
+
+
+def assert_only_sa2vp_parameters_have_gradients(model: AdaptedModel) -> None:
+    """After a backward pass: a non-zero gradient on every trainable tensor, none on the frozen backbone."""
     for name, param in model.backbone.named_parameters():
         assert not param.requires_grad and param.grad is None, name
     trainable = dict((n, p) for n, p in model.named_parameters() if p.requires_grad)

@@ -11,8 +11,11 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
+from sa2vp.engine.artifact import read_record
+from sa2vp.models.backbones import create_backbone, data_config, weights_digest
 from sa2vp.settings import SettingsError, load_settings
-from sa2vp.suites import CellResult, cell_dir, cell_search_space, cell_settings, read_results, write_report
+from sa2vp.suites import CellResult, cell_dir, cell_search_space, cell_settings, read_results, run_cell, write_report
+from tests.train_fixtures import digits_root, project  # noqa: F401  (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
 SUITES = ("vtab1k", "fgvc", "hta", "ablation", "offline", "offline-explain")
@@ -79,12 +82,15 @@ def test_each_committed_suite_is_valid_settings(suite: str) -> None:
 
 @pytest.mark.parametrize("suite", ["offline", "offline-explain"])
 def test_the_offline_suites_use_the_main_pipelines_backbone(suite: str) -> None:
-    root = yaml.safe_load((REPO / "params.yaml").read_text())["backbone"]
-    offline = yaml.safe_load((REPO / "pipelines" / suite / "params.yaml").read_text())["backbone"]
-    assert (REPO / "pipelines" / suite / offline["weights"]).resolve() == (REPO / root["weights"]).resolve()
-    assert set(offline) == set(root)
-    for key in set(root) - {"weights"}:
-        assert offline[key] == root[key], key
+    root = load_settings(REPO / "params.yaml").backbone
+    offline = load_settings(REPO / "pipelines" / suite / "params.yaml").backbone
+    weights = (REPO / root.weights).resolve()
+    assert (REPO / "pipelines" / suite / offline.weights).resolve() == weights
+    assert (offline.sha256, offline.origin, offline.pretrain) == (root.sha256, root.origin, root.pretrain)
+    # the root names the architecture (offline_vit12); a suite may give it as timm arguments: the same network
+    used, run = (create_backbone(b.model_copy(update={"weights": str(weights)})) for b in (root, offline))
+    assert weights_digest(used) == weights_digest(run) and repr(used) == repr(run)
+    assert data_config(used) == data_config(run)
 
 
 def test_the_offline_comparison_tunes_every_method_with_the_same_budget_over_its_learning_rate() -> None:
@@ -108,6 +114,30 @@ def test_an_ablation_pins_its_settings_and_a_method_variant_only_starts_from_the
     ablation = cell_settings(settings, "digits", "global")
     assert ablation.model.window == "global"
     assert set(cell_search_space(settings, ablation, "global")) == {"model.gamma", "model.lam", "train.lr"}
+
+
+def test_a_cell_makes_the_final_run_per_seed_and_records_it_from_the_artifacts(project: Path) -> None:
+    values = {"suite.datasets": ["digits"], "suite.variants": ["sa2vp"], "suite.seeds": [1, 2], "suite.tune": False}
+    settings = load_settings(
+        project / "params.yaml",
+        {**values, "suite.output": str(project / "results"), "train.epochs": 1, "tracking.enabled": False},
+    )
+    result = run_cell(settings, "digits", "sa2vp")
+    folder = cell_dir(settings, "digits", "sa2vp")
+    assert CellResult.read(folder / "result.json") == result
+    for index, seed in enumerate([1, 2]):
+        _, record = read_record(folder / f"seed-{seed}" / "model")
+        train = record.settings.train
+        assert (train.train_split, train.val_split, train.test_split, train.seed) == ("trainval", None, "test", seed)
+        assert record.training is not None and record.training.test is not None
+        assert result.test_top1[index] == record.training.test.top1
+        assert result.test_pathways_top1["prompt"][index] == record.training.test_pathways["prompt"].top1
+        assert not (folder / f"seed-{seed}" / "checkpoint.pt").exists()  # the artifact stays, resume state not
+    assert record.trainable is not None
+    assert (result.trainable_parameters, result.trainable_percent) == (
+        record.trainable.parameters,
+        record.trainable.percent_of_backbone,
+    )
 
 
 def _write_result(

@@ -19,10 +19,10 @@ from mlflow import MlflowClient
 from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 
-from sa2vp.settings import SettingsError, load_settings
+from sa2vp.settings import Choice, FloatRange, SettingsError, load_settings
 from sa2vp.tuning import given_settings, plan_search
 from tests.test_pipeline import BIN, TINY, _copy_repository, _env
-from tests.train_fixtures import digits_root, invoke_sa2vp, project  # noqa: F401  (fixtures)
+from tests.train_fixtures import digits_root, experiment_id, invoke_sa2vp, project  # noqa: F401  (fixtures)
 
 FAST = ["--set", "tune.epochs=1", "--set", "tune.pruner=none", "--set", "train.batch_size=128"]
 
@@ -45,7 +45,7 @@ def _params_without(project: Path, *dotted: str, **given: Any) -> None:
 
 def _trial_runs(project: Path, parent_name: str) -> tuple[Any, list[Any]]:
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("tests").experiment_id])
+    runs = client.search_runs([experiment_id(client, "tests")])
     (parent,) = [run for run in runs if run.info.run_name == parent_name]
     return parent, [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
 
@@ -126,14 +126,16 @@ def test_the_plan_rules() -> None:
         {"model.gamma": 0.3, "tune.space": {"model": {"gamma": {"high": 0.9}}}, "train.lr": 0.002, "model.lam": 0.7},
     )
     plan = plan_search(settings, given_settings(settings, {"model.gamma": "--set", "train.lr": "--set"}))
-    assert plan.space["model.gamma"].high == 0.9 and plan.space["model.gamma"].log  # merged into the method's
+    gamma = plan.space["model.gamma"]
+    assert isinstance(gamma, FloatRange) and gamma.high == 0.9 and gamma.log  # merged into the method's
     assert plan.start["model.gamma"] == 0.3 and plan.pinned == {"train.lr": "--set", "model.lam": "given"}
     # a start alone does not unpin: the value given wins
     settings = load_settings(None, {"train.lr": 0.002, "tune.space.train.lr.start": 0.005})
     assert plan_search(settings, given_settings(settings)).pinned == {"train.lr": "given"}
     # a whole new dimension, its kind from `choices`; one the method lacks needs its kind
     settings = load_settings(None, {"tune.space.model.prompt_rank.choices": [8, 16]})
-    assert plan_search(settings).space["model.prompt_rank"].choices == [8, 16]
+    rank = plan_search(settings).space["model.prompt_rank"]
+    assert isinstance(rank, Choice) and rank.choices == [8, 16]
     with pytest.raises(SettingsError, match="method 'sa2vp' does not search model.adapter_dim; give its type"):
         plan_search(load_settings(None, {"tune.space.model.adapter_dim.low": 4}))
     with pytest.raises(SettingsError, match="tune.space.model.window: a choice dimension has no low"):
@@ -240,6 +242,7 @@ def test_dvc_exp_run_pins_gamma(tmp_path: Path) -> None:
 
     repo = _copy_repository(tmp_path / "repo")
     kwargs = TINY["backbone.model_kwargs"]
+    assert isinstance(kwargs, dict)
     weights = repo / "backbones" / "tiny.safetensors"
     model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=16, **kwargs)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
@@ -276,7 +279,7 @@ def test_dvc_exp_run_pins_gamma(tmp_path: Path) -> None:
     assert "model.gamma" not in best["tuned"] and best["pinned"]["model.gamma"] == {"value": 0.5, "from": "params.yaml"}
     assert best["tuned"]["train.lr"]["start"] == 0.005  # the file's tune.space: lr searched, first at 0.005
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("sa2vp").experiment_id])
+    runs = client.search_runs([experiment_id(client, "sa2vp")])
     finals = [run for run in runs if run.data.params.get("train.train_split") == "trainval"]
     trials = [run for run in runs if run.data.tags.get("mlflow.parentRunId")]
     assert len(finals) == 1 and finals[0].data.params["model.gamma"] == "0.5"

@@ -64,6 +64,13 @@ def tiny_settings(project: Path, **overrides: Any):
     return load_settings(project / "params.yaml", {**base, **overrides})
 
 
+def experiment_id(client: Any, name: str = "tests") -> str:
+    """The id of experiment `name` in the store `client` (an MlflowClient) opens, which must hold it."""
+    experiment = client.get_experiment_by_name(name)
+    assert experiment is not None, f"no MLflow experiment {name!r} in {client.tracking_uri}"
+    return str(experiment.experiment_id)
+
+
 def copy_tree(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst

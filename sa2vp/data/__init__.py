@@ -14,22 +14,65 @@ from typing import Any
 
 from sa2vp.data.catalogue import Catalogue, Item
 from sa2vp.data.errors import (
-    ChecksumError, CorruptImageError, DataError, MissingDataError, SplitError, SplitMismatchError, UnknownDatasetError,
-    UnsafeArchiveError, UnsafePickleError,
+    ChecksumError,
+    CorruptImageError,
+    DataError,
+    MissingDataError,
+    SplitError,
+    SplitMismatchError,
+    UnknownDatasetError,
+    UnsafeArchiveError,
+    UnsafePickleError,
 )
 from sa2vp.data.images import load_image
 from sa2vp.data.progress import NO_PROGRESS, BarProgress, LineProgress, Progress
 from sa2vp.data.registry import ALIASES, DATASETS, DatasetInfo, by_group, lookup
 from sa2vp.data.splits import (
-    SPLITS, Manifest, check_prepared, download, prepare, read_manifest, read_split, split_dir, split_path,
+    SPLITS,
+    Manifest,
+    check_prepared,
+    download,
+    prepare,
+    read_manifest,
+    read_split,
+    split_dir,
+    split_path,
 )
 
 __all__ = [
-    "ALIASES", "DATASETS", "NO_PROGRESS", "SPLITS", "BarProgress", "Catalogue", "ChecksumError", "CorruptImageError",
-    "DataError", "DatasetInfo", "Item", "LineProgress", "Manifest", "MissingDataError", "Progress", "SplitDataset",
-    "SplitError", "SplitMismatchError", "UnknownDatasetError", "UnsafeArchiveError", "UnsafePickleError",
-    "build_transform", "by_group", "check_prepared", "download", "load_image", "load_split", "lookup", "prepare",
-    "read_manifest", "read_split", "split_dir", "split_path",
+    "ALIASES",
+    "DATASETS",
+    "NO_PROGRESS",
+    "SPLITS",
+    "BarProgress",
+    "Catalogue",
+    "ChecksumError",
+    "CorruptImageError",
+    "DataError",
+    "DatasetInfo",
+    "Item",
+    "LineProgress",
+    "Manifest",
+    "MissingDataError",
+    "Progress",
+    "SplitDataset",
+    "SplitError",
+    "SplitMismatchError",
+    "UnknownDatasetError",
+    "UnsafeArchiveError",
+    "UnsafePickleError",
+    "build_transform",
+    "by_group",
+    "check_prepared",
+    "download",
+    "load_image",
+    "load_split",
+    "lookup",
+    "prepare",
+    "read_manifest",
+    "read_split",
+    "split_dir",
+    "split_path",
 ]
 
 _LAZY = {"SplitDataset", "build_transform", "load_split"}  # they import torch: loaded when first used

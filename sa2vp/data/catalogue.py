@@ -29,15 +29,14 @@ class Catalogue:
         return [item for name in names for item in self.lists.get(name, ())]
 
 
-def make_catalogue(
-    root: Path, classes: Sequence[str], lists: Mapping[str, Sequence[Item]], origin: str
-) -> Catalogue:
+def make_catalogue(root: Path, classes: Sequence[str], lists: Mapping[str, Sequence[Item]], origin: str) -> Catalogue:
     """A Catalogue whose paths and labels are checked; `origin` names where the lists came from in errors."""
     classes = tuple(str(c) for c in classes)
     if len(set(classes)) != len(classes):
         classes = tuple(str(i) for i in range(len(classes)))  # names must identify classes; fall back to indices
-    checked = {name: tuple(_check(item, len(classes), f"{origin} ({name})") for item in items)
-               for name, items in lists.items()}
+    checked = {
+        name: tuple(_check(item, len(classes), f"{origin} ({name})") for item in items) for name, items in lists.items()
+    }
     return Catalogue(root=Path(root), classes=classes, lists=checked)
 
 

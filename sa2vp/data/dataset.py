@@ -37,7 +37,6 @@ class SplitDataset(Dataset):
 
     def __init__(self, split_dir: Path, split: str, transform: Transform | None = None) -> None:
         manifest = read_manifest(split_dir)
-        self.split = split
         self.root = manifest.images
         self.classes: tuple[str, ...] = manifest.classes
         self.samples = read_split(split_dir, split)
@@ -58,8 +57,9 @@ class SplitDataset(Dataset):
         return self.root / self.samples[index][0]
 
 
-def load_split(split_dir: Path, split: str, data_config: Mapping[str, Any], train: bool | None = None,
-               style: str | None = None) -> SplitDataset:
+def load_split(
+    split_dir: Path, split: str, data_config: Mapping[str, Any], train: bool | None = None, style: str | None = None
+) -> SplitDataset:
     """A split with the transforms its manifest names (`style` overrides); `train` defaults to True for the
     train and trainval splits."""
     dataset = SplitDataset(split_dir, split)
@@ -76,8 +76,11 @@ def build_transform(data_config: Mapping[str, Any], style: str, train: bool) -> 
         geometry: list[Transform] = [T.Resize((height, width), interpolation=interpolation)]
     elif style == "fgvc":
         resize = T.Resize((round(height * _FGVC_RESIZE), round(width * _FGVC_RESIZE)), interpolation=interpolation)
-        geometry = [resize, T.RandomCrop((height, width)), T.RandomHorizontalFlip()] if train else [
-            resize, T.CenterCrop((height, width))]
+        geometry = (
+            [resize, T.RandomCrop((height, width)), T.RandomHorizontalFlip()]
+            if train
+            else [resize, T.CenterCrop((height, width))]
+        )
     else:
         raise DataError(f"data.transform={style!r}: expected 'vtab' or 'fgvc'")
     mean, std = _stats(data_config)
@@ -111,4 +114,3 @@ def _stats(config: Mapping[str, Any]) -> tuple[tuple[float, ...], tuple[float, .
     if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
         raise DataError(f"data config: mean and std need 3 values each, std > 0 (got {mean}, {std})")
     return mean, std
-

@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 from typing import IO, Any
 
-from sa2vp.atomic import write_atomic  # noqa: F401  (re-exported: the data sources use it)
+from sa2vp.atomic import write_atomic
 from sa2vp.data.errors import ChecksumError, DataError, MissingDataError, UnsafeArchiveError
 from sa2vp.data.progress import NO_PROGRESS, Progress
 
@@ -51,8 +51,11 @@ def verify_checksum(path: Path, expected: str, *, can_skip: bool = True) -> None
         raise ValueError(f"checksum {expected!r}: expected 'md5:<hex>' or 'sha256:<hex>'")
     got = file_digest(path, algorithm)
     if got != want.lower():
-        advice = " (or set data.verify_checksums=false to accept it)" if can_skip else (
-            " to fetch the publisher's file (it is a pickle: a changed one is not to be trusted)")
+        advice = (
+            " (or set data.verify_checksums=false to accept it)"
+            if can_skip
+            else (" to fetch the publisher's file (it is a pickle: a changed one is not to be trusted)")
+        )
         raise ChecksumError(
             f"{path}: {algorithm} is {got}, the publisher's is {want} — the file is corrupt, incomplete or not the "
             f"publisher's; delete it and run again{advice}"
@@ -116,6 +119,16 @@ def read_marker(folder: Path) -> dict[str, Any] | None:
         return None
 
 
+def read_json(path: Path, missing: str, invalid: type[DataError] = DataError) -> Any:
+    """The content of a JSON file. Absent: MissingDataError `<path>: <missing>`; not JSON: `invalid`."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise MissingDataError(f"{path}: {missing}") from None
+    except json.JSONDecodeError as exc:
+        raise invalid(f"{path}: not valid JSON ({exc})") from None
+
+
 def mark_complete(folder: Path, details: Mapping[str, Any]) -> None:
     """Write the completion marker (last, after everything else in the folder is in place)."""
     write_atomic(Path(folder) / MARKER, json.dumps(dict(details), indent=2, sort_keys=True) + "\n")
@@ -143,8 +156,36 @@ def check_source(folder: Path, source: Path | None) -> None:
     if made_from == Path(source).resolve().as_posix():
         return
     made = f"was made from {made_from}" if made_from else "was put there by hand"
-    raise DataError(f"{folder} {made}, not from data.source={source}; remove {folder} to rebuild it from "
-                    f"{source}, or leave data.source unset to use it as it is")
+    raise DataError(
+        f"{folder} {made}, not from data.source={source}; remove {folder} to rebuild it from "
+        f"{source}, or leave data.source unset to use it as it is"
+    )
+
+
+def complete_in_place(
+    folder: Path, source: Path | None, marker: Mapping[str, Any], check: Callable[[Path], None]
+) -> bool:
+    """Whether the dataset folder `folder` is ready to use: marked complete already, or put in place by hand and
+    accepted by `check` (it is marked complete now). A data.source other than the copy the folder was made
+    from is refused first (`check_source`): a `--from` is never silently ignored."""
+    check_source(folder, source)
+    if read_marker(folder) is not None:
+        return True
+    if not folder.exists():
+        return False
+    check(folder)
+    mark_complete(folder, marker)
+    return True
+
+
+@contextmanager
+def building(folder: Path, source: Path | None, marker: Mapping[str, Any]) -> Iterator[Path]:
+    """`staging(folder)` for a dataset folder made from data.source `source` (None: downloaded): when the block
+    ends without error, what it was made from is noted and the completion marker written, last."""
+    with staging(folder) as tmp:
+        yield tmp
+        record_source(tmp, source)
+        mark_complete(tmp, marker)
 
 
 def copy_tree(src: Path, dst: Path, progress: Progress = NO_PROGRESS) -> None:
@@ -185,6 +226,11 @@ def _clone_or_copy(src: str, dst: str) -> None:
 # --- archives ---------------------------------------------------------------------------------------------
 
 Select = Callable[[str], str | None]  # archive member name → name inside the target, or None to skip it
+
+
+def members_under(prefix: str) -> Select:
+    """A `Select` that extracts the members under the folder `prefix` (`name/`, or "" for all), without it."""
+    return lambda name: name[len(prefix) :] if name.startswith(prefix) else None
 
 
 def archive_names(archive: Path) -> list[str]:

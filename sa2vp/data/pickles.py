@@ -23,7 +23,15 @@ import numpy as np
 
 from sa2vp.data.errors import DataError, MissingDataError, UnsafePickleError
 
-_RECONSTRUCT = np.ndarray.__reduce__(np.zeros(1))[0]  # numpy._core.multiarray._reconstruct (numpy.core in 1.x)
+
+def _array_reconstructor() -> Callable[..., np.ndarray]:
+    """numpy's `_reconstruct` (in numpy._core.multiarray, numpy.core in 1.x): what an array reduces to."""
+    reduced = np.zeros(1).__reduce__()
+    assert isinstance(reduced, tuple)  # an ndarray reduces to (reconstruct, args, state), never to a global's name
+    return reduced[0]
+
+
+_RECONSTRUCT = _array_reconstructor()
 
 
 def _latin1(text: str, encoding: str = "latin1") -> bytes:
@@ -92,7 +100,18 @@ def load_restricted(path: Path, allowed: dict[tuple[str, str], Any] | None = Non
         raise MissingDataError(f"{path}: file not found") from None
     except DataError:
         raise
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError, KeyError,
-            MemoryError, OverflowError, UnicodeError) as exc:
-        raise DataError(f"{path}: not a readable pickle ({type(exc).__name__}: {exc}); replace it with the "
-                        f"publisher's file") from None
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        IndexError,
+        KeyError,
+        MemoryError,
+        OverflowError,
+        UnicodeError,
+    ) as exc:
+        raise DataError(
+            f"{path}: not a readable pickle ({type(exc).__name__}: {exc}); replace it with the publisher's file"
+        ) from None

@@ -23,14 +23,18 @@ LOG_EVERY = 20.0
 
 
 class Progress(Protocol):
-    def __call__(self, description: str, total: int | None = None, unit: str = "it") -> AbstractContextManager[
-        Advance
-    ]: ...
+    def __call__(
+        self, description: str, total: int | None = None, unit: str = "it"
+    ) -> AbstractContextManager[Advance]: ...
+
+
+def _ignore(n: int) -> None:
+    pass
 
 
 @contextmanager
 def _silent(description: str, total: int | None = None, unit: str = "it") -> Iterator[Advance]:
-    yield lambda n=1: None
+    yield _ignore
 
 
 NO_PROGRESS: Progress = _silent
@@ -44,8 +48,15 @@ class BarProgress:
         from tqdm import tqdm
 
         scale = unit == "B"  # bytes read best as MB/GB
-        with tqdm(total=total, desc=description, unit=unit, unit_scale=scale, unit_divisor=1024 if scale else 1000,
-                  leave=False, dynamic_ncols=True) as bar:
+        with tqdm(
+            total=total,
+            desc=description,
+            unit=unit,
+            unit_scale=scale,
+            unit_divisor=1024 if scale else 1000,
+            leave=False,
+            dynamic_ncols=True,
+        ) as bar:
             yield bar.update
 
 
@@ -57,8 +68,9 @@ class LineProgress:
     on a busy CPU, a download that stalls) still shows a line every `every` seconds. `clock` is the time source
     of the rates and durations shown."""
 
-    def __init__(self, stream: TextIO | None = None, every: float = LOG_EVERY,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, stream: TextIO | None = None, every: float = LOG_EVERY, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         if every <= 0:
             raise ValueError(f"every must be > 0 seconds, got {every}")
         self._stream = stream

@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from sa2vp.data.errors import UnknownDatasetError
 
@@ -78,182 +78,356 @@ class DatasetInfo:
         return Path(self.folder).resolve().as_posix() if self.source == "folder" else None
 
 
-_VTAB_ARCHIVE = "Hugging Face dataset XiN0919/VTAB-1k, file vtab-1k.zip (NOAH's pre-split VTAB-1k)"
-_VTAB_CITATION = (
-    "Zhai et al., A Large-scale Study of Representation Learning with the Visual Task Adaptation Benchmark, "
-    "arXiv:1910.04867 (2019); source dataset: {source}"
-)
+_VTAB_OPTIONS = {"archive": "Hugging Face dataset XiN0919/VTAB-1k, file vtab-1k.zip (NOAH's pre-split VTAB-1k)"}
 _VPT = "splits: Jia et al., Visual Prompt Tuning, ECCV 2022 (Hugging Face dataset XiN0919/FGVC, json.zip)"
 _DAMVP = "protocol: Huang et al., Diversity-Aware Meta Visual Prompting (DAM-VP), CVPR 2023"
 
-# (name, archive folder, group, classes, source dataset citation, licence, homepage)
-_VTAB_TASKS: tuple[tuple[str, str, Group, int, str, str, str], ...] = (
-    ("caltech101", "caltech101", "vtab-natural", 102, "Fei-Fei et al., CVPR-W 2004", "research use (see publisher)",
-     "https://data.caltech.edu/records/mzrjq-6wc02"),
-    ("cifar100", "cifar", "vtab-natural", 100, "Krizhevsky, Learning Multiple Layers of Features from Tiny Images, "
-     "2009", "research use (see publisher)", "https://www.cs.toronto.edu/~kriz/cifar.html"),
-    ("dtd", "dtd", "vtab-natural", 47, "Cimpoi et al., Describing Textures in the Wild, CVPR 2014",
-     "research use (see publisher)", "https://www.robots.ox.ac.uk/~vgg/data/dtd/"),
-    ("oxford-flowers102", "oxford_flowers102", "vtab-natural", 102, "Nilsback & Zisserman, ICVGIP 2008",
-     "research use (see publisher)", "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"),
-    ("oxford-iiit-pet", "oxford_iiit_pet", "vtab-natural", 37, "Parkhi et al., Cats and Dogs, CVPR 2012",
-     "CC BY-SA 4.0", "https://www.robots.ox.ac.uk/~vgg/data/pets/"),
-    ("svhn", "svhn", "vtab-natural", 10, "Netzer et al., Reading Digits in Natural Images, NIPS-W 2011",
-     "non-commercial use (see publisher)", "http://ufldl.stanford.edu/housenumbers/"),
-    ("sun397", "sun397", "vtab-natural", 397, "Xiao et al., SUN Database, CVPR 2010",
-     "research use (see publisher)", "https://vision.princeton.edu/projects/2010/SUN/"),
-    ("patch-camelyon", "patch_camelyon", "vtab-specialized", 2, "Veeling et al., Rotation Equivariant CNNs for "
-     "Digital Pathology, MICCAI 2018", "CC0 1.0", "https://github.com/basveeling/pcam"),
-    ("eurosat", "eurosat", "vtab-specialized", 10, "Helber et al., EuroSAT, IEEE JSTARS 2019", "MIT",
-     "https://github.com/phelber/EuroSAT"),
-    ("resisc45", "resisc45", "vtab-specialized", 45, "Cheng et al., Remote Sensing Image Scene Classification, "
-     "Proc. IEEE 2017", "research use (see publisher)", "https://www.tensorflow.org/datasets/catalog/resisc45"),
-    ("diabetic-retinopathy", "diabetic_retinopathy", "vtab-specialized", 5, "Kaggle Diabetic Retinopathy "
-     "Detection, 2015", "Kaggle competition terms", "https://www.kaggle.com/c/diabetic-retinopathy-detection"),
-    ("clevr-count", "clevr_count", "vtab-structured", 8, "Johnson et al., CLEVR, CVPR 2017", "CC BY 4.0",
-     "https://cs.stanford.edu/people/jcjohns/clevr/"),
-    ("clevr-dist", "clevr_dist", "vtab-structured", 6, "Johnson et al., CLEVR, CVPR 2017", "CC BY 4.0",
-     "https://cs.stanford.edu/people/jcjohns/clevr/"),
-    ("dmlab", "dmlab", "vtab-structured", 6, "Beattie et al., DeepMind Lab, arXiv:1612.03801 (2016)",
-     "research use (see publisher)", "https://github.com/google-deepmind/lab"),
-    ("kitti", "kitti", "vtab-structured", 4, "Geiger et al., Vision meets Robotics: the KITTI Dataset, IJRR 2013",
-     "CC BY-NC-SA 3.0", "https://www.cvlibs.net/datasets/kitti/"),
-    ("dsprites-loc", "dsprites_loc", "vtab-structured", 16, "Matthey et al., dSprites, 2017", "Apache 2.0",
-     "https://github.com/google-deepmind/dsprites-dataset"),
-    ("dsprites-ori", "dsprites_ori", "vtab-structured", 16, "Matthey et al., dSprites, 2017", "Apache 2.0",
-     "https://github.com/google-deepmind/dsprites-dataset"),
-    ("smallnorb-azi", "smallnorb_azi", "vtab-structured", 18, "LeCun et al., Learning Methods for Generic Object "
-     "Recognition, CVPR 2004", "research use (see publisher)", "https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/"),
-    ("smallnorb-ele", "smallnorb_ele", "vtab-structured", 9, "LeCun et al., Learning Methods for Generic Object "
-     "Recognition, CVPR 2004", "research use (see publisher)", "https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/"),
+
+class _Benchmark(NamedTuple):
+    """What the entries of one benchmark share (built by `_entry`)."""
+
+    prefix: str  # of the entries' names
+    source: SourceKind
+    protocols: tuple[Protocol, ...]
+    transform: TransformStyle
+    citation: str  # the entries' citation; `{source}` stands for the source dataset's
+
+
+_VTAB = _Benchmark(
+    "vtab",
+    "vtab1k",
+    ("vtab1k",),
+    "vtab",
+    "Zhai et al., A Large-scale Study of Representation Learning with the Visual Task Adaptation Benchmark, "
+    "arXiv:1910.04867 (2019); source dataset: {source}",
+)
+_FGVC = _Benchmark("fgvc", "fgvc", ("fgvc", "hta"), "fgvc", f"{{source}}; {_VPT}")
+_HTA_FGVC = _Benchmark("hta", "fgvc", ("hta", "fgvc"), "fgvc", f"{{source}}; {_VPT}; {_DAMVP}")  # FGVC sets in HTA
+_HTA = _Benchmark("hta", "torchvision", ("hta",), "fgvc", f"{{source}}; {_DAMVP}")  # read by torchvision
+
+
+class _Publisher(NamedTuple):
+    """A source dataset: whom to cite, its licence, where to read about it."""
+
+    citation: str
+    licence: str
+    homepage: str
+
+
+_RESEARCH = "research use (see publisher)"
+# The datasets the benchmarks' images come from, by key: one entry serves every benchmark built on it (CIFAR,
+# DTD and SVHN are in VTAB-1k and in HTA). FGVC sets are keyed by their short name; their citations are the
+# full titles, so Oxford Flowers has a short (VTAB) and a long (FGVC) entry.
+_PUBLISHERS: Mapping[str, _Publisher] = {
+    "caltech101": _Publisher("Fei-Fei et al., CVPR-W 2004", _RESEARCH, "https://data.caltech.edu/records/mzrjq-6wc02"),
+    "cifar": _Publisher(
+        "Krizhevsky, Learning Multiple Layers of Features from Tiny Images, 2009",
+        _RESEARCH,
+        "https://www.cs.toronto.edu/~kriz/cifar.html",
+    ),
+    "dtd": _Publisher(
+        "Cimpoi et al., Describing Textures in the Wild, CVPR 2014",
+        _RESEARCH,
+        "https://www.robots.ox.ac.uk/~vgg/data/dtd/",
+    ),
+    "oxford-flowers102": _Publisher(
+        "Nilsback & Zisserman, ICVGIP 2008", _RESEARCH, "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/"
+    ),
+    "oxford-iiit-pet": _Publisher(
+        "Parkhi et al., Cats and Dogs, CVPR 2012", "CC BY-SA 4.0", "https://www.robots.ox.ac.uk/~vgg/data/pets/"
+    ),
+    "svhn": _Publisher(
+        "Netzer et al., Reading Digits in Natural Images, NIPS-W 2011",
+        "non-commercial use (see publisher)",
+        "http://ufldl.stanford.edu/housenumbers/",
+    ),
+    "sun397": _Publisher(
+        "Xiao et al., SUN Database, CVPR 2010", _RESEARCH, "https://vision.princeton.edu/projects/2010/SUN/"
+    ),
+    "patch-camelyon": _Publisher(
+        "Veeling et al., Rotation Equivariant CNNs for Digital Pathology, MICCAI 2018",
+        "CC0 1.0",
+        "https://github.com/basveeling/pcam",
+    ),
+    "eurosat": _Publisher("Helber et al., EuroSAT, IEEE JSTARS 2019", "MIT", "https://github.com/phelber/EuroSAT"),
+    "resisc45": _Publisher(
+        "Cheng et al., Remote Sensing Image Scene Classification, Proc. IEEE 2017",
+        _RESEARCH,
+        "https://www.tensorflow.org/datasets/catalog/resisc45",
+    ),
+    "diabetic-retinopathy": _Publisher(
+        "Kaggle Diabetic Retinopathy Detection, 2015",
+        "Kaggle competition terms",
+        "https://www.kaggle.com/c/diabetic-retinopathy-detection",
+    ),
+    "clevr": _Publisher(
+        "Johnson et al., CLEVR, CVPR 2017", "CC BY 4.0", "https://cs.stanford.edu/people/jcjohns/clevr/"
+    ),
+    "dmlab": _Publisher(
+        "Beattie et al., DeepMind Lab, arXiv:1612.03801 (2016)", _RESEARCH, "https://github.com/google-deepmind/lab"
+    ),
+    "kitti": _Publisher(
+        "Geiger et al., Vision meets Robotics: the KITTI Dataset, IJRR 2013",
+        "CC BY-NC-SA 3.0",
+        "https://www.cvlibs.net/datasets/kitti/",
+    ),
+    "dsprites": _Publisher(
+        "Matthey et al., dSprites, 2017", "Apache 2.0", "https://github.com/google-deepmind/dsprites-dataset"
+    ),
+    "smallnorb": _Publisher(
+        "LeCun et al., Learning Methods for Generic Object Recognition, CVPR 2004",
+        _RESEARCH,
+        "https://cs.nyu.edu/~ylclab/data/norb-v1.0-small/",
+    ),
+    "food101": _Publisher(
+        "Bossard et al., Food-101 – Mining Discriminative Components with Random Forests, ECCV 2014",
+        _RESEARCH,
+        "https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/",
+    ),
+    "gtsrb": _Publisher(
+        "Stallkamp et al., Man vs. Computer, Neural Networks 2012", "CC0 1.0", "https://benchmark.ini.rub.de/"
+    ),
+    "cub200": _Publisher(
+        "Wah et al., The Caltech-UCSD Birds-200-2011 Dataset, CNS-TR-2011-001",
+        "research use (images from Flickr; see publisher)",
+        "https://www.vision.caltech.edu/datasets/cub_200_2011/",
+    ),
+    "nabirds": _Publisher(
+        "Van Horn et al., Building a Bird Recognition App and Large Scale Dataset with Citizen Scientists, CVPR 2015",
+        "non-commercial research (terms accepted on download)",
+        "https://dl.allaboutbirds.org/nabirds",
+    ),
+    "oxford-flowers": _Publisher(
+        "Nilsback & Zisserman, Automated Flower Classification over a Large Number of Classes, ICVGIP 2008",
+        _RESEARCH,
+        "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/",
+    ),
+    "stanford-dogs": _Publisher(
+        "Khosla et al., Novel Dataset for Fine-Grained Image Categorization, CVPR-W 2011",
+        "research use (ImageNet images; see publisher)",
+        "http://vision.stanford.edu/aditya86/ImageNetDogs/",
+    ),
+    "stanford-cars": _Publisher(
+        "Krause et al., 3D Object Representations for Fine-Grained Categorization, 3dRR 2013",
+        _RESEARCH,
+        "https://huggingface.co/datasets/XiN0919/FGVC",  # the original site is gone
+    ),
+}
+
+# (task, archive folder, group, classes, publisher)
+_VTAB_TASKS: tuple[tuple[str, str, Group, int, str], ...] = (
+    ("caltech101", "caltech101", "vtab-natural", 102, "caltech101"),
+    ("cifar100", "cifar", "vtab-natural", 100, "cifar"),
+    ("dtd", "dtd", "vtab-natural", 47, "dtd"),
+    ("oxford-flowers102", "oxford_flowers102", "vtab-natural", 102, "oxford-flowers102"),
+    ("oxford-iiit-pet", "oxford_iiit_pet", "vtab-natural", 37, "oxford-iiit-pet"),
+    ("svhn", "svhn", "vtab-natural", 10, "svhn"),
+    ("sun397", "sun397", "vtab-natural", 397, "sun397"),
+    ("patch-camelyon", "patch_camelyon", "vtab-specialized", 2, "patch-camelyon"),
+    ("eurosat", "eurosat", "vtab-specialized", 10, "eurosat"),
+    ("resisc45", "resisc45", "vtab-specialized", 45, "resisc45"),
+    ("diabetic-retinopathy", "diabetic_retinopathy", "vtab-specialized", 5, "diabetic-retinopathy"),
+    ("clevr-count", "clevr_count", "vtab-structured", 8, "clevr"),
+    ("clevr-dist", "clevr_dist", "vtab-structured", 6, "clevr"),
+    ("dmlab", "dmlab", "vtab-structured", 6, "dmlab"),
+    ("kitti", "kitti", "vtab-structured", 4, "kitti"),
+    ("dsprites-loc", "dsprites_loc", "vtab-structured", 16, "dsprites"),
+    ("dsprites-ori", "dsprites_ori", "vtab-structured", 16, "dsprites"),
+    ("smallnorb-azi", "smallnorb_azi", "vtab-structured", 18, "smallnorb"),
+    ("smallnorb-ele", "smallnorb_ele", "vtab-structured", 9, "smallnorb"),
 )
 
 
 def _vtab_entries() -> Iterator[DatasetInfo]:
-    for task, folder, group, classes, source, licence, homepage in _VTAB_TASKS:
-        yield DatasetInfo(
-            name=f"vtab-{task}", group=group, num_classes=classes, source="vtab1k", folder=folder,
-            protocols=("vtab1k",), transform="vtab", title=f"VTAB-1k {folder}",
-            citation=_VTAB_CITATION.format(source=source), licence=licence, homepage=homepage,
-            options={"archive": _VTAB_ARCHIVE}, aliases=(folder,) if folder != task else (),
+    for task, folder, group, classes, publisher in _VTAB_TASKS:
+        aliases = (folder,) if folder != task else ()
+        yield _entry(
+            _VTAB, task, group, classes, folder, f"VTAB-1k {folder}", publisher, _VTAB_OPTIONS, aliases=aliases
         )
 
 
-# FGVC images come from their publishers; VPT's json splits from the hub. `image_dir` is where VPT's json
-# paths are rooted inside the folder; `archive_root` the folder inside the image archive that becomes ours.
-_CUB = dict(
-    folder="CUB_200_2011", num_classes=200, title="Caltech-UCSD Birds-200-2011",
-    citation=f"Wah et al., The Caltech-UCSD Birds-200-2011 Dataset, CNS-TR-2011-001; {_VPT}",
-    licence="research use (images from Flickr; see publisher)",
-    homepage="https://www.vision.caltech.edu/datasets/cub_200_2011/",
-    urls=("https://data.caltech.edu/records/65de6-vqs81/files/CUB_200_2011.tgz",),
-    checksums={"CUB_200_2011.tgz": "md5:97eceeb196236b17998738112f37df78"},  # published on data.caltech.edu
-    options={"image_dir": "images", "archive_root": "CUB_200_2011", "json_names": "CUB_200_2011,cub,cub200"},
+# FGVC images come from their publishers; VPT's json splits from the hub. (short name, VPT's folder, classes,
+# title, image_dir, archive_root, json_names): `image_dir` is where VPT's json paths are rooted inside the
+# folder; `archive_root` the folder inside the image archive that becomes ours; `json_names` the names of this
+# set's folder in json.zip.
+_FGVC_SETS: tuple[tuple[str, str, int, str, str, str, str], ...] = (
+    ("cub200", "CUB_200_2011", 200, "Caltech-UCSD Birds-200-2011", "images", "CUB_200_2011", "CUB_200_2011,cub,cub200"),
+    ("nabirds", "nabirds", 555, "NABirds", "images", "nabirds", "nabirds"),
+    (
+        "oxford-flowers",
+        "OxfordFlower",
+        102,
+        "Oxford Flowers-102",
+        "",
+        "",
+        "OxfordFlower,flowers,flowers102,oxford_flowers",
+    ),
+    ("stanford-dogs", "Stanford-dogs", 120, "Stanford Dogs", "Images", "", "Stanford-dogs,dogs,stanford_dogs"),
+    ("stanford-cars", "Stanford-cars", 196, "Stanford Cars", "", "", "Stanford-cars,cars,stanford_cars"),
 )
-_NABIRDS = dict(
-    folder="nabirds", num_classes=555, title="NABirds",
-    citation=f"Van Horn et al., Building a Bird Recognition App and Large Scale Dataset with Citizen "
-    f"Scientists, CVPR 2015; {_VPT}",
-    licence="non-commercial research (terms accepted on download)",
-    homepage="https://dl.allaboutbirds.org/nabirds",
-    options={"image_dir": "images", "archive_root": "nabirds", "json_names": "nabirds",
-             "manual": "nabirds.tar.gz from https://dl.allaboutbirds.org/nabirds (accept the terms of use first)"},
-)
-_FLOWERS = dict(
-    folder="OxfordFlower", num_classes=102, title="Oxford Flowers-102",
-    citation=f"Nilsback & Zisserman, Automated Flower Classification over a Large Number of Classes, ICVGIP "
-    f"2008; {_VPT}",
-    licence="research use (see publisher)", homepage="https://www.robots.ox.ac.uk/~vgg/data/flowers/102/",
-    urls=("https://www.robots.ox.ac.uk/~vgg/data/flowers/102/102flowers.tgz",),
+
+
+@dataclass(frozen=True)
+class _Images:
+    """Where an FGVC set's images come from when data.source names no local copy (read by sources/fgvc.py)."""
+
+    url: str | None = None  # the publisher's archive
+    checksum: str | None = None  # of that archive ("md5:…"), where one is known
+    manual: str | None = None  # what to download by hand, where the terms of use must be accepted first
+    hub_images: str | None = None  # a word in the name of the archive with the images in VPT's hub repo
+
+    def urls(self) -> tuple[str, ...]:
+        return (self.url,) if self.url else ()
+
+    def checksums(self) -> dict[str, str]:
+        # By file name, as sources/fgvc.py looks them up.
+        return {self.url.rsplit("/", 1)[-1]: self.checksum} if self.url and self.checksum else {}
+
+    def options(self, layout: Mapping[str, str]) -> dict[str, str]:
+        """The entry's options: the set's layout, then how to fetch its images where not from `url`."""
+        fetch = {"manual": self.manual, "hub_images": self.hub_images}
+        return {**layout, **{key: value for key, value in fetch.items() if value is not None}}
+
+
+_FGVC_IMAGES: Mapping[str, _Images] = {
+    # The checksum is the one published on data.caltech.edu.
+    "cub200": _Images(
+        "https://data.caltech.edu/records/65de6-vqs81/files/CUB_200_2011.tgz", "md5:97eceeb196236b17998738112f37df78"
+    ),
+    "nabirds": _Images(
+        manual="nabirds.tar.gz from https://dl.allaboutbirds.org/nabirds (accept the terms of use first)"
+    ),
     # The publisher gives no checksum; this is the one torchvision's Flowers102 pins for the same file.
-    checksums={"102flowers.tgz": "md5:52808999861908f626f3c1f4e79d11fa"},
-    options={"image_dir": "", "archive_root": "", "json_names": "OxfordFlower,flowers,flowers102,oxford_flowers"},
-)
-_DOGS = dict(
-    folder="Stanford-dogs", num_classes=120, title="Stanford Dogs",
-    citation=f"Khosla et al., Novel Dataset for Fine-Grained Image Categorization, CVPR-W 2011; {_VPT}",
-    licence="research use (ImageNet images; see publisher)",
-    homepage="http://vision.stanford.edu/aditya86/ImageNetDogs/",
-    urls=("http://vision.stanford.edu/aditya86/ImageNetDogs/images.tar",),
-    options={"image_dir": "Images", "archive_root": "", "json_names": "Stanford-dogs,dogs,stanford_dogs"},
-)
-_CARS = dict(
-    folder="Stanford-cars", num_classes=196, title="Stanford Cars",
-    citation=f"Krause et al., 3D Object Representations for Fine-Grained Categorization, 3dRR 2013; {_VPT}",
-    licence="research use (see publisher)",
-    homepage="https://huggingface.co/datasets/XiN0919/FGVC",
+    "oxford-flowers": _Images(
+        "https://www.robots.ox.ac.uk/~vgg/data/flowers/102/102flowers.tgz", "md5:52808999861908f626f3c1f4e79d11fa"
+    ),
+    "stanford-dogs": _Images("http://vision.stanford.edu/aditya86/ImageNetDogs/images.tar"),
     # The original site is gone; the images are in the same hub repo as the json splits.
-    options={"image_dir": "", "archive_root": "", "json_names": "Stanford-cars,cars,stanford_cars",
-             "hub_images": "car"},
-)
-_FGVC_SETS = (("cub200", _CUB), ("nabirds", _NABIRDS), ("oxford-flowers", _FLOWERS), ("stanford-dogs", _DOGS),
-              ("stanford-cars", _CARS))
+    "stanford-cars": _Images(hub_images="car"),
+}
 
 
-def _fgvc_entries(prefix: Literal["fgvc", "hta"]) -> Iterator[DatasetInfo]:
-    for short, spec in _FGVC_SETS:
-        if prefix == "hta" and short == "stanford-cars":
+def _fgvc_entries(benchmark: _Benchmark) -> Iterator[DatasetInfo]:
+    group: Group = "fgvc" if benchmark is _FGVC else "hta"
+    for short, folder, classes, title, image_dir, archive_root, json_names in _FGVC_SETS:
+        if group == "hta" and short == "stanford-cars":
             continue  # not part of HTA
-        protocols: tuple[Protocol, ...] = ("fgvc", "hta") if prefix == "fgvc" else ("hta", "fgvc")
-        citation = spec["citation"] if prefix == "fgvc" else f"{spec['citation']}; {_DAMVP}"
-        yield DatasetInfo(name=f"{prefix}-{short}", group=prefix, source="fgvc", protocols=protocols,
-                          transform="fgvc", **{**spec, "citation": citation})
+        images = _FGVC_IMAGES[short]
+        options = images.options({"image_dir": image_dir, "archive_root": archive_root, "json_names": json_names})
+        yield _entry(
+            benchmark,
+            short,
+            group,
+            classes,
+            folder,
+            title,
+            short,  # FGVC sets are their own publishers' keys
+            options,
+            urls=images.urls(),
+            checksums=images.checksums(),
+        )
 
 
 # HTA sets read by torchvision's own classes (`options["class"]`); torchvision checks its archives' md5s.
-_TORCHVISION_SETS: tuple[tuple[str, str, str, int, str, str, str, str], ...] = (
-    ("cifar10", "cifar10", "CIFAR10", 10, "CIFAR-10", "Krizhevsky, Learning Multiple Layers of Features from "
-     "Tiny Images, 2009", "research use (see publisher)", "https://www.cs.toronto.edu/~kriz/cifar.html"),
-    ("cifar100", "cifar100", "CIFAR100", 100, "CIFAR-100", "Krizhevsky, Learning Multiple Layers of Features "
-     "from Tiny Images, 2009", "research use (see publisher)", "https://www.cs.toronto.edu/~kriz/cifar.html"),
-    ("dtd", "dtd", "DTD", 47, "Describable Textures Dataset", "Cimpoi et al., Describing Textures in the Wild, "
-     "CVPR 2014", "research use (see publisher)", "https://www.robots.ox.ac.uk/~vgg/data/dtd/"),
-    ("food101", "food101", "Food101", 101, "Food-101", "Bossard et al., Food-101 – Mining Discriminative "
-     "Components with Random Forests, ECCV 2014", "research use (see publisher)",
-     "https://data.vision.ee.ethz.ch/cvl/datasets_extra/food-101/"),
-    ("gtsrb", "gtsrb", "GTSRB", 43, "German Traffic Sign Recognition Benchmark", "Stallkamp et al., Man vs. "
-     "Computer, Neural Networks 2012", "CC0 1.0", "https://benchmark.ini.rub.de/"),
-    ("svhn", "svhn", "SVHN", 10, "Street View House Numbers", "Netzer et al., Reading Digits in Natural Images, "
-     "NIPS-W 2011", "non-commercial use (see publisher)", "http://ufldl.stanford.edu/housenumbers/"),
+# (short name = folder, torchvision class, classes, title, publisher)
+_TORCHVISION_SETS: tuple[tuple[str, str, int, str, str], ...] = (
+    ("cifar10", "CIFAR10", 10, "CIFAR-10", "cifar"),
+    ("cifar100", "CIFAR100", 100, "CIFAR-100", "cifar"),
+    ("dtd", "DTD", 47, "Describable Textures Dataset", "dtd"),
+    ("food101", "Food101", 101, "Food-101", "food101"),
+    ("gtsrb", "GTSRB", 43, "German Traffic Sign Recognition Benchmark", "gtsrb"),
+    ("svhn", "SVHN", 10, "Street View House Numbers", "svhn"),
 )
 
 
 def _torchvision_entries() -> Iterator[DatasetInfo]:
-    for short, folder, cls, classes, title, citation, licence, homepage in _TORCHVISION_SETS:
-        yield DatasetInfo(
-            name=f"hta-{short}", group="hta", num_classes=classes, source="torchvision", folder=folder,
-            protocols=("hta",), transform="fgvc", title=title, citation=f"{citation}; {_DAMVP}",
-            licence=licence, homepage=homepage, options={"class": cls},
-        )
+    for short, cls, classes, title, publisher in _TORCHVISION_SETS:
+        yield _entry(_HTA, short, "hta", classes, short, title, publisher, {"class": cls})
+
+
+def _entry(
+    benchmark: _Benchmark,
+    short: str,
+    group: Group,
+    classes: int,
+    folder: str,
+    title: str,
+    publisher: str,
+    options: Mapping[str, str],
+    *,
+    urls: tuple[str, ...] = (),
+    checksums: Mapping[str, str] | None = None,
+    aliases: tuple[str, ...] = (),
+) -> DatasetInfo:
+    """The entry `<prefix>-<short>` of `benchmark`, credited to the source dataset `publisher` (a key of
+    _PUBLISHERS)."""
+    source = _PUBLISHERS[publisher]
+    return DatasetInfo(
+        name=f"{benchmark.prefix}-{short}",
+        group=group,
+        num_classes=classes,
+        source=benchmark.source,
+        folder=folder,
+        protocols=benchmark.protocols,
+        transform=benchmark.transform,
+        title=title,
+        citation=benchmark.citation.format(source=source.citation),
+        licence=source.licence,
+        homepage=source.homepage,
+        urls=urls,
+        checksums=dict(checksums or {}),
+        options=dict(options),
+        aliases=aliases,
+    )
 
 
 _DIGITS = DatasetInfo(
-    name="digits", group="demo", num_classes=10, source="digits", folder="digits", protocols=("holdout",),
-    transform="vtab", title="Handwritten digits (8×8, bundled with scikit-learn; offline demo)",
+    name="digits",
+    group="demo",
+    num_classes=10,
+    source="digits",
+    folder="digits",
+    protocols=("holdout",),
+    transform="vtab",
+    title="Handwritten digits (8×8, bundled with scikit-learn; offline demo)",
     citation="Alpaydin & Kaynak, Optical Recognition of Handwritten Digits, UCI ML Repository (1998)",
-    licence="CC BY 4.0", homepage="https://archive.ics.uci.edu/dataset/80",
+    licence="CC BY 4.0",
+    homepage="https://archive.ics.uci.edu/dataset/80",
 )
 
-# Generated by sa2vp.data.sources.shapes from data.seed at data.render_size (no download; see its docstring).
-_SHAPES_COMMON = dict(
-    group="demo", source="shapes", protocols=("holdout",), transform="vtab",
-    licence="generated here (no third-party content)", homepage="",
+
+def _shapes(task: str, classes: int, per_class: int, title: str, spirit: str) -> DatasetInfo:
+    """A task generated by sa2vp.data.sources.shapes from data.seed at data.render_size (no download; see its
+    docstring): `classes` × `per_class` images, in the spirit of the VTAB task `spirit` names."""
+    return DatasetInfo(
+        name=f"shapes-{task}",
+        group="demo",
+        num_classes=classes,
+        source="shapes",
+        folder=f"shapes-{task}",
+        protocols=("holdout",),
+        transform="vtab",
+        title=f"{title} (generated, {classes} × {per_class} images from data.seed; offline demo of a structured task)",
+        citation=f"Generated by sa2vp.data.sources.shapes; in the spirit of {spirit}",
+        licence="generated here (no third-party content)",
+        homepage="",
+        options={"task": task, "per_class": str(per_class)},
+    )
+
+
+_SHAPES_COUNT = _shapes(
+    "count",
+    6,
+    350,
+    "Counting 1–6 small shapes on a noisy background",
+    "VTAB clevr-count (Johnson et al., CLEVR, CVPR 2017)",
 )
-_SHAPES_COUNT = DatasetInfo(
-    name="shapes-count", num_classes=6, folder="shapes-count",
-    title="Counting 1–6 small shapes on a noisy background (generated, 6 × 350 images from data.seed; offline "
-    "demo of a structured task)",
-    citation="Generated by sa2vp.data.sources.shapes; in the spirit of VTAB clevr-count (Johnson et al., CLEVR, "
-    "CVPR 2017)",
-    options={"task": "count", "per_class": "350"}, **_SHAPES_COMMON,
-)
-_SHAPES_LOC = DatasetInfo(
-    name="shapes-loc", num_classes=16, folder="shapes-loc",
-    title="Location of a hollow square among 2–4 distractors, as its cell of a 4×4 grid (generated, "
-    "16 × 125 images from data.seed; offline demo of a structured task)",
-    citation="Generated by sa2vp.data.sources.shapes; in the spirit of VTAB dsprites-loc (Matthey et al., "
-    "dSprites, 2017)",
-    options={"task": "loc", "per_class": "125"}, **_SHAPES_COMMON,
+_SHAPES_LOC = _shapes(
+    "loc",
+    16,
+    125,
+    "Location of a hollow square among 2–4 distractors, as its cell of a 4×4 grid",
+    "VTAB dsprites-loc (Matthey et al., dSprites, 2017)",
 )
 # Prefixes whose bare task names become aliases (`svhn` → `vtab-svhn`); the demos' `count` would only confuse.
 _BENCHMARKS = ("vtab", "fgvc", "hta")
@@ -261,8 +435,15 @@ _BENCHMARKS = ("vtab", "fgvc", "hta")
 
 def _build() -> tuple[Mapping[str, DatasetInfo], Mapping[str, str]]:
     # Order matters for aliases: the first entry to claim a bare name keeps it (VTAB, then FGVC, then HTA).
-    entries = [*_vtab_entries(), *_fgvc_entries("fgvc"), *_fgvc_entries("hta"), *_torchvision_entries(), _DIGITS,
-               _SHAPES_COUNT, _SHAPES_LOC]
+    entries = [
+        *_vtab_entries(),
+        *_fgvc_entries(_FGVC),
+        *_fgvc_entries(_HTA_FGVC),
+        *_torchvision_entries(),
+        _DIGITS,
+        _SHAPES_COUNT,
+        _SHAPES_LOC,
+    ]
     by_name = {info.name: info for info in entries}
     aliases: dict[str, str] = {}
     for info in entries:
@@ -290,7 +471,7 @@ DATASETS, ALIASES = _build()
 def lookup(name: str) -> DatasetInfo:
     """The registry entry for a name, alias or `folder:<path>`; UnknownDatasetError suggests close names."""
     if name.startswith(FOLDER_PREFIX):
-        path = name[len(FOLDER_PREFIX):].strip()
+        path = name[len(FOLDER_PREFIX) :].strip()
         if not path:
             raise UnknownDatasetError("`folder:` needs a path, e.g. folder:data/my_images")
         return folder_entry(Path(path))
@@ -311,8 +492,16 @@ def lookup(name: str) -> DatasetInfo:
 def folder_entry(path: Path) -> DatasetInfo:
     """An entry for an image folder with one sub-folder per class (split by a seeded stratified hold-out)."""
     return DatasetInfo(
-        name=f"{FOLDER_PREFIX}{path}", group="custom", num_classes=None, source="folder", folder=str(path),
-        protocols=("holdout",), transform="vtab", title=f"image folder {path}", citation="", licence="(yours)",
+        name=f"{FOLDER_PREFIX}{path}",
+        group="custom",
+        num_classes=None,
+        source="folder",
+        folder=str(path),
+        protocols=("holdout",),
+        transform="vtab",
+        title=f"image folder {path}",
+        citation="",
+        licence="(yours)",
         homepage="",
     )
 

@@ -42,9 +42,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from sa2vp.atomic import write_atomic
 from sa2vp.data.catalogue import Catalogue, Item, format_list, read_list
 from sa2vp.data.errors import CorruptImageError, DataError, MissingDataError, SplitError, SplitMismatchError
-from sa2vp.data.files import read_marker, write_atomic
+from sa2vp.data.files import read_json, read_marker
 from sa2vp.data.images import check_image
 from sa2vp.data.progress import NO_PROGRESS, Progress
 from sa2vp.data.registry import DatasetInfo, lookup
@@ -65,44 +66,66 @@ Splits = dict[str, list[Item]]
 
 # --- protocols --------------------------------------------------------------------------------------------
 
+
 def _vtab1k(catalogue: Catalogue, settings: DataSettings) -> Splits:
     lists = _require(catalogue, "vtab1k", ("train800", "val200", "train800val200", "test"))
-    return {"train": lists["train800"], "val": lists["val200"], "trainval": lists["train800val200"],
-            "test": lists["test"]}
+    return {
+        "train": lists["train800"],
+        "val": lists["val200"],
+        "trainval": lists["train800val200"],
+        "test": lists["test"],
+    }
 
 
 def _fgvc(catalogue: Catalogue, settings: DataSettings) -> Splits:
     lists = _require(catalogue, "fgvc", ("train", "val", "test"))
-    return {"train": lists["train"], "val": lists["val"], "trainval": lists["train"] + lists["val"],
-            "test": lists["test"]}
+    return {
+        "train": lists["train"],
+        "val": lists["val"],
+        "trainval": lists["train"] + lists["val"],
+        "test": lists["test"],
+    }
 
 
 def _hta(catalogue: Catalogue, settings: DataSettings) -> Splits:
     _require(catalogue, "hta", ("train", "test"))
     official_train = catalogue.pool("train", "val")
     parts = stratified_holdout(official_train, {"val": settings.val_fraction}, settings.seed)
-    return {"train": parts["rest"], "val": parts["val"], "trainval": official_train,
-            "test": list(catalogue.lists["test"])}
+    return {
+        "train": parts["rest"],
+        "val": parts["val"],
+        "trainval": official_train,
+        "test": list(catalogue.lists["test"]),
+    }
 
 
 def _holdout(catalogue: Catalogue, settings: DataSettings) -> Splits:
     everything = catalogue.pool(*catalogue.lists)
-    parts = stratified_holdout(everything, {"test": settings.test_fraction, "val": settings.val_fraction},
-                               settings.seed)
-    return {"train": parts["rest"], "val": parts["val"], "trainval": parts["rest"] + parts["val"],
-            "test": parts["test"]}
+    parts = stratified_holdout(
+        everything, {"test": settings.test_fraction, "val": settings.val_fraction}, settings.seed
+    )
+    return {
+        "train": parts["rest"],
+        "val": parts["val"],
+        "trainval": parts["rest"] + parts["val"],
+        "test": parts["test"],
+    }
 
 
 PROTOCOLS: Mapping[str, Callable[[Catalogue, DataSettings], Splits]] = {
-    "vtab1k": _vtab1k, "fgvc": _fgvc, "hta": _hta, "holdout": _holdout,
+    "vtab1k": _vtab1k,
+    "fgvc": _fgvc,
+    "hta": _hta,
+    "holdout": _holdout,
 }
 
 
 def _require(catalogue: Catalogue, protocol: str, names: Sequence[str]) -> dict[str, list[Item]]:
     missing = [n for n in names if n not in catalogue.lists]
     if missing:
-        raise SplitError(f"protocol {protocol} needs the lists {', '.join(names)}; {catalogue.root} has "
-                         f"{', '.join(catalogue.lists)}")
+        raise SplitError(
+            f"protocol {protocol} needs the lists {', '.join(names)}; {catalogue.root} has {', '.join(catalogue.lists)}"
+        )
     return {n: list(catalogue.lists[n]) for n in names}
 
 
@@ -119,7 +142,7 @@ def stratified_holdout(items: Sequence[Item], fractions: Mapping[str, float], se
         for name, fraction in fractions.items():
             take = min(math.floor(len(ranked) * fraction + 0.5), len(ranked) - start - 1)
             take = max(take, 0)
-            parts[name] += ranked[start:start + take]
+            parts[name] += ranked[start : start + take]
             start += take
         parts["rest"] += ranked[start:]
     return parts
@@ -151,12 +174,14 @@ def check_disjoint(splits: Mapping[str, Sequence[Item]], where: str) -> None:
 
 # --- prepare ----------------------------------------------------------------------------------------------
 
+
 def resolve_protocol(info: DatasetInfo, settings: DataSettings) -> str:
     """data.protocol, or the dataset's default; an error names what the dataset allows."""
     protocol = settings.protocol or info.protocol
     if protocol not in info.protocols:
-        raise DataError(f"data.protocol={protocol!r} is not available for {info.name}; allowed: "
-                        f"{', '.join(info.protocols)}")
+        raise DataError(
+            f"data.protocol={protocol!r} is not available for {info.name}; allowed: {', '.join(info.protocols)}"
+        )
     return protocol
 
 
@@ -196,13 +221,19 @@ def check_prepared(folder: Path, settings: DataSettings) -> Manifest:
         ("transform", settings.transform or info.transform, "data.transform"),
     ):
         if data.get(key) != wanted:
-            raise SplitMismatchError(f"{folder} was prepared with {key} {data.get(key)!r}, but these settings "
-                                     f"({setting}) ask for {wanted!r}; {rewrite}")
+            raise SplitMismatchError(
+                f"{folder} was prepared with {key} {data.get(key)!r}, but these settings "
+                f"({setting}) ask for {wanted!r}; {rewrite}"
+            )
     recorded = data.get("prepared") or {}
     wanted_files = wanted_marker(info, settings)
     if wanted_files is not None and recorded != dict(wanted_files):
-        differ = ", ".join(f"{k}={recorded.get(k)!r} (asked: {v!r})" for k, v in wanted_files.items()
-                           if recorded.get(k) != v) or f"{recorded} (asked: {dict(wanted_files)})"
+        differ = (
+            ", ".join(
+                f"{k}={recorded.get(k)!r} (asked: {v!r})" for k, v in wanted_files.items() if recorded.get(k) != v
+            )
+            or f"{recorded} (asked: {dict(wanted_files)})"
+        )
         raise SplitMismatchError(f"{folder} was prepared from {info.name} files made with {differ}; {rewrite}")
     # A folder prepared before prepare refused them (one class, a class missing from a split) is refused too.
     try:
@@ -213,8 +244,10 @@ def check_prepared(folder: Path, settings: DataSettings) -> Manifest:
     images = dataset_dir(info, settings)
     current = read_marker(images) or {}
     if recorded != current:
-        raise SplitMismatchError(f"{folder} was prepared from {images} as completed then ({recorded}), which has "
-                                 f"been rebuilt or removed since (now {current or 'not complete'}); {rewrite}")
+        raise SplitMismatchError(
+            f"{folder} was prepared from {images} as completed then ({recorded}), which has "
+            f"been rebuilt or removed since (now {current or 'not complete'}); {rewrite}"
+        )
     return manifest
 
 
@@ -238,8 +271,10 @@ def prepare(settings: DataSettings, progress: Progress = NO_PROGRESS) -> Path:
     if skipped and not settings.skip_corrupt:
         first = skipped[0]
         more = f" ({len(skipped) - 1} more unreadable images)" if len(skipped) > 1 else ""
-        raise CorruptImageError(f"{where}: {catalogue.root / first['path']}: {first['reason']}{more}; replace or "
-                                f"remove it, or set data.skip_corrupt=true to leave unreadable images out")
+        raise CorruptImageError(
+            f"{where}: {catalogue.root / first['path']}: {first['reason']}{more}; replace or "
+            f"remove it, or set data.skip_corrupt=true to leave unreadable images out"
+        )
     if skipped:
         bad = {entry["path"] for entry in skipped}
         splits = {name: [item for item in items if item[0] not in bad] for name, items in splits.items()}
@@ -253,15 +288,22 @@ def prepare(settings: DataSettings, progress: Progress = NO_PROGRESS) -> Path:
     return out
 
 
-def check_classes(classes: Sequence[str], protocol: str, per_class: Mapping[str, Mapping[str, int]],
-                  settings: DataSettings, where: str) -> None:
+def check_classes(
+    classes: Sequence[str],
+    protocol: str,
+    per_class: Mapping[str, Mapping[str, int]],
+    settings: DataSettings,
+    where: str,
+) -> None:
     """SplitError unless the splits can train and test a classifier: at least two classes; every class in each
     split a seeded protocol fills by stratified hold-out (hta: train, val; holdout: train, val, test); at least
     two classes in train and in test under any protocol. `per_class`: split → class name → image count."""
     if len(classes) < 2:
         found = f"only class {classes[0]!r}" if classes else "no classes"
-        raise SplitError(f"{where}: {found}; a classifier needs at least two classes (an image folder needs one "
-                         f"sub-folder of images per class)")
+        raise SplitError(
+            f"{where}: {found}; a classifier needs at least two classes (an image folder needs one "
+            f"sub-folder of images per class)"
+        )
     stratified = _STRATIFIED.get(protocol, ())
     for name in stratified:
         for cls in classes:
@@ -272,14 +314,18 @@ def check_classes(classes: Sequence[str], protocol: str, per_class: Mapping[str,
                 reason = "it has no images to split (none in the official train split?)"
             else:
                 fraction = settings.val_fraction if name == "val" else settings.test_fraction
-                reason = (f"its {pool} image(s) are too few to hold out a {name} share at data.{name}_fraction"
-                          f"={fraction}; add images to it or remove the class")
+                reason = (
+                    f"its {pool} image(s) are too few to hold out a {name} share at data.{name}_fraction"
+                    f"={fraction}; add images to it or remove the class"
+                )
             raise SplitError(f"{where}: class {cls!r} has no images in the {name} split: {reason}")
     for name in ("train", "test"):
         present = [cls for cls in classes if per_class[name].get(cls, 0)]
         if len(present) < 2:
-            raise SplitError(f"{where}: the {name} split holds images of {len(present)} class(es) only "
-                             f"({', '.join(map(repr, present))}); it cannot {name} a classifier")
+            raise SplitError(
+                f"{where}: the {name} split holds images of {len(present)} class(es) only "
+                f"({', '.join(map(repr, present))}); it cannot {name} a classifier"
+            )
 
 
 def _per_class(classes: Sequence[str], items: Sequence[Item]) -> dict[str, int]:
@@ -291,8 +337,10 @@ def _check_files_exist(root: Path, splits: Mapping[str, Sequence[Item]], where: 
     paths = sorted({path for items in splits.values() for path, _ in items})
     missing = [path for path in paths if not os.path.isfile(root / path)]
     if missing:
-        raise MissingDataError(f"{where}: {len(missing)} of {len(paths)} listed images are missing under {root}, "
-                               f"e.g. {', '.join(missing[:3])}")
+        raise MissingDataError(
+            f"{where}: {len(missing)} of {len(paths)} listed images are missing under {root}, "
+            f"e.g. {', '.join(missing[:3])}"
+        )
 
 
 def _scan_images(root: Path, splits: Mapping[str, Sequence[Item]], progress: Progress) -> list[dict[str, str]]:
@@ -308,8 +356,15 @@ def _scan_images(root: Path, splits: Mapping[str, Sequence[Item]], progress: Pro
     return skipped
 
 
-def _write(out: Path, info: DatasetInfo, protocol: str, settings: DataSettings, catalogue: Catalogue,
-           splits: Mapping[str, Sequence[Item]], skipped: list[dict[str, str]]) -> None:
+def _write(
+    out: Path,
+    info: DatasetInfo,
+    protocol: str,
+    settings: DataSettings,
+    catalogue: Catalogue,
+    splits: Mapping[str, Sequence[Item]],
+    skipped: list[dict[str, str]],
+) -> None:
     entries: dict[str, Any] = {}
     # A folder being rewritten (other settings) must not look prepared while its files are half new: its
     # manifest goes first and comes back last.
@@ -323,8 +378,9 @@ def _write(out: Path, info: DatasetInfo, protocol: str, settings: DataSettings, 
             "sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
             "per_class": _per_class(catalogue.classes, splits[name]),
         }
-    content = json.dumps({"classes": catalogue.classes, "splits": {n: e["sha256"] for n, e in entries.items()}},
-                         sort_keys=True)
+    content = json.dumps(
+        {"classes": catalogue.classes, "splits": {n: e["sha256"] for n, e in entries.items()}}, sort_keys=True
+    )
     seeded = protocol in _SEEDED
     manifest = {
         "format": FORMAT,
@@ -362,6 +418,7 @@ def _images_ref(images: Path, out: Path, root: Path) -> str:
 
 # --- reading ----------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Manifest:
     """A split folder's manifest, with the images folder resolved."""
@@ -373,20 +430,29 @@ class Manifest:
     data: Mapping[str, Any]  # everything in manifest.json
 
 
+_MANIFEST_FIELDS = {"images": str, "classes": list, "transform": str}  # what `Manifest` is made of
+
+
 def read_manifest(folder: Path) -> Manifest:
     """The manifest of a split folder written by `prepare`."""
     path = Path(folder) / MANIFEST
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MissingDataError(f"{path}: not found; run `sa2vp data prepare` first") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json(path, "not found; run `sa2vp data prepare` first")
+    again = "run `sa2vp data prepare` again"
+    if not isinstance(data, dict):
+        raise DataError(f"{path}: expected a JSON object, found a {type(data).__name__}; {again}")
     if data.get("format") != FORMAT:
-        raise DataError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}; run `sa2vp data prepare` again")
+        raise DataError(f"{path}: format {data.get('format')!r}, expected {FORMAT!r}; {again}")
+    malformed = [key for key, kind in _MANIFEST_FIELDS.items() if not isinstance(data.get(key), kind)]
+    if malformed:
+        raise DataError(f"{path}: {', '.join(malformed)} missing or malformed; {again}")
     images = Path(data["images"])
-    return Manifest(folder=Path(folder), images=images if images.is_absolute() else Path(folder) / images,
-                    classes=tuple(data["classes"]), transform=data["transform"], data=data)
+    return Manifest(
+        folder=Path(folder),
+        images=images if images.is_absolute() else Path(folder) / images,
+        classes=tuple(data["classes"]),
+        transform=data["transform"],
+        data=data,
+    )
 
 
 def read_split(folder: Path, split: str) -> list[Item]:

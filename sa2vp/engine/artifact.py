@@ -5,10 +5,12 @@ the input transform. A few MB for ViT-B, never the frozen backbone.
     folder/model.safetensors   trainable tensors by parameter name
     folder/model.json          {"format": "sa2vp-artifact/1", "settings": …, "backbone": {…, "sha256"}, "classes": …}
 
-model.json is validated against `ArtifactRecord` when written and when read; every field that rebuilding or
-using the model depends on is required (a record without its backbone hash is refused, never trusted), and
-the trained tensors must be exactly the model's trainable parameters (names, shapes, dtypes, finite values).
-Any mismatch is an ArtifactError naming the file and the field.
+model.json is an `ArtifactRecord`, and this module is the only one that writes or reads it (`save_artifact`,
+`read_record`, `load_artifact`): the trainer builds the record, the suites and `explain` read its fields. It is
+validated when written and when read; every field that rebuilding or using the model depends on is required (a
+record without its backbone hash is refused, never trusted), and the trained tensors must be exactly the
+model's trainable parameters (names, shapes, dtypes, finite values). Any mismatch is an ArtifactError naming
+the file and the field.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import torch
 from pydantic import (
@@ -36,13 +38,14 @@ from torchvision.transforms import InterpolationMode
 
 from sa2vp.atomic import atomic_path, write_atomic
 from sa2vp.data.registry import TransformStyle
+from sa2vp.engine.metrics import Metrics
 from sa2vp.engine.runtime import configure_cpu_numerics, use_portable_dropout
 from sa2vp.errors import ArtifactError, BackboneError, one_line
-from sa2vp.models import AdaptedModel, build_model
+from sa2vp.models import AdaptedModel, ParameterSummary, build_model
 from sa2vp.models.backbones import data_config, safetensors_problem, weights_digest
 from sa2vp.settings import Settings, SettingsError, settings_from_dump
 
-FORMAT = "sa2vp-artifact/1"
+FORMAT: Final = "sa2vp-artifact/1"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "model.json"
 
@@ -59,9 +62,10 @@ class _Part(BaseModel):
 
 
 class BackboneRecord(_Part):
+    # In the order model.json has always had them (a record's fields are written in their declared order).
     name: str = Field(min_length=1, description="timm name; must be settings.backbone.name")
-    sha256: str = Field(pattern=SHA256, description="weights_digest of the backbone training started from")
     weights: str | None = Field(None, description="backbone.weights at training time (for the reader)")
+    sha256: str = Field(pattern=SHA256, description="weights_digest of the backbone training started from")
     parameters: NonNegativeInt | None = None
 
 
@@ -92,12 +96,25 @@ class MetricsRecord(_Part):
     top1: float
     mean_class: float
 
+    @classmethod
+    def of(cls, metrics: Metrics) -> MetricsRecord:
+        return cls(top1=metrics.top1, mean_class=metrics.mean_class)
+
 
 class TrainableRecord(_Part):
     parameters: NonNegativeInt
     percent_of_backbone: float
     head: NonNegativeInt
     groups: dict[str, NonNegativeInt]
+
+    @classmethod
+    def of(cls, summary: ParameterSummary) -> TrainableRecord:
+        return cls(
+            parameters=summary.trainable,
+            percent_of_backbone=summary.percent_of_backbone,
+            head=summary.head,
+            groups=summary.groups,
+        )
 
 
 class TrainingRecord(_Part):
@@ -194,15 +211,16 @@ def build_seeded(settings: Settings, num_classes: int) -> AdaptedModel:
     return model
 
 
-def save_artifact(folder: Path, model: AdaptedModel, settings: Settings, record: dict[str, Any]) -> Path:
-    """Write model.safetensors + model.json into `folder` (each atomically); returns the JSON's path.
+def save_artifact(folder: Path, model: AdaptedModel, record: ArtifactRecord) -> Path:
+    """Write model.safetensors (`model`'s trainable tensors) + model.json (`record`) into `folder`, each
+    atomically; returns the JSON's path.
 
-    `record` holds what the run knows beyond the settings: backbone (name, sha256, …), classes, data_config,
-    transform, dataset (manifest_hash, …), and the report sections (trainable, training, versions). It is
-    validated first: an artifact that could not be loaded is never written.
+    The record is validated again as it will be read (as JSON) first: a record changed without validation
+    (`model_copy(update=...)`), or settings that would not load back, would make an artifact that could not be
+    loaded, which is never written.
     """
-    document = {"format": FORMAT, "settings": settings.model_dump(mode="json"), **record}
-    validate_record(json.loads(json.dumps(document)), folder / CONFIG_NAME)
+    document = record.model_dump(mode="json")
+    validate_record(document, folder / CONFIG_NAME)
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.detach().to("cpu").contiguous() for name, t in model.trainable_state_dict().items()}
     with atomic_path(folder / WEIGHTS_NAME) as tmp:
@@ -226,9 +244,14 @@ class LoadedArtifact:
         return self.record.data_config.model_dump(mode="json")
 
 
+def artifact_folder(path: Path) -> Path:
+    """An artifact's folder, given the folder or a file in it (its model.json)."""
+    return path if path.is_dir() else path.parent
+
+
 def read_record(path: Path) -> tuple[Path, ArtifactRecord]:
     """(folder, validated model.json) of an artifact given its folder or its model.json."""
-    folder = path if path.is_dir() else path.parent
+    folder = artifact_folder(path)
     config = folder / CONFIG_NAME
     if not config.is_file():
         raise ArtifactError(

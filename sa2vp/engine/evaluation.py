@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from PIL import Image
+from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms.functional import to_pil_image
 
@@ -54,9 +55,9 @@ def evaluate(
         num_workers=settings.train.num_workers,
         pin_memory=target.type == "cuda",
     )
-    model = loaded.model.to(target)
+    model: nn.Module = loaded.model.to(target)
     if pathway is not None:
-        model = PathwayClassifier(model, pathway)
+        model = PathwayClassifier(loaded.model, pathway)
     return evaluate_model(model, loader, len(loaded.classes), target, precision, progress, f"evaluating {split}")
 
 

@@ -32,6 +32,7 @@ from typing import Any
 import mlflow
 import pandas as pd
 from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel
 from mlflow.types import ColSpec, DataType, Schema
 
 import sa2vp
@@ -55,7 +56,7 @@ set_model(Sa2vpClassifier())
 """
 
 
-class Sa2vpClassifier(mlflow.pyfunc.PythonModel):
+class Sa2vpClassifier(PythonModel):
     """Classifies a batch of encoded image files (a DataFrame column `image` of bytes; base64 text in JSON)."""
 
     def load_context(self, context: Any) -> None:

@@ -159,7 +159,8 @@ def _apply_portable(threads: int) -> CpuNumerics:
     os.environ["MKL_CBWR"] = "AVX2"  # these two for processes started from this one (MKL reads them once)
     os.environ["MKL_ENABLE_INSTRUCTIONS"] = "AVX2"
     mkl_cbwr = _set_mkl_cbwr(problems)
-    torch.backends.mkldnn.enabled = False
+    # torch annotates this module attribute as its descriptor (ContextProp); on the module object it is a bool.
+    torch.backends.mkldnn.enabled = False  # type: ignore[assignment]
     torch.set_num_threads(threads)
     capability = torch.backends.cpu.get_cpu_capability()
     if capability != PORTABLE_CAPABILITY and x86:
@@ -172,7 +173,7 @@ def _apply_portable(threads: int) -> CpuNumerics:
             )
         )
     return CpuNumerics(
-        "portable", capability, mkl_cbwr, torch.backends.mkldnn.enabled, torch.get_num_threads(), tuple(problems)
+        "portable", capability, mkl_cbwr, bool(torch.backends.mkldnn.enabled), torch.get_num_threads(), tuple(problems)
     )
 
 
@@ -183,12 +184,15 @@ def _set_mkl_cbwr(problems: list[str]) -> int | None:
         problems.append("this torch build has no MKL (its BLAS is not covered)")
         return None
     library = _torch_cpu_library()
-    try:
-        library.mkl_serv_enable_instructions(ctypes.c_int(_MKL_ENABLE_AVX2))
-        status = library.mkl_serv_cbwr_set(ctypes.c_int(_MKL_CBWR_AVX2))
-        in_effect = int(library.mkl_serv_cbwr_get(ctypes.c_int(_MKL_CBWR_ALL)))
-    except AttributeError:  # no such symbols (library None, or another build of MKL)
-        status = in_effect = None
+    status: int | None = None
+    in_effect: int | None = None
+    if library is not None:
+        try:
+            library.mkl_serv_enable_instructions(ctypes.c_int(_MKL_ENABLE_AVX2))
+            status = library.mkl_serv_cbwr_set(ctypes.c_int(_MKL_CBWR_AVX2))
+            in_effect = int(library.mkl_serv_cbwr_get(ctypes.c_int(_MKL_CBWR_ALL)))
+        except AttributeError:  # no such symbols: another build of MKL
+            status = in_effect = None
     if in_effect is None:
         problems.append("MKL's reproducibility switch (mkl_cbwr_set) is not reachable in this torch build")
     elif in_effect != _MKL_CBWR_AVX2:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,19 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from sa2vp.data import NO_PROGRESS, Progress, load_split, prepare, read_manifest, split_dir
-from sa2vp.engine.artifact import build_seeded, save_artifact
+from sa2vp.data import NO_PROGRESS, Manifest, Progress, load_split, prepare, read_manifest, split_dir
+from sa2vp.engine.artifact import (
+    FORMAT,
+    ArtifactRecord,
+    BackboneRecord,
+    DataConfigRecord,
+    DatasetRecord,
+    MetricsRecord,
+    TrainableRecord,
+    TrainingRecord,
+    build_seeded,
+    save_artifact,
+)
 from sa2vp.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
 from sa2vp.engine.metrics import Metrics, evaluate_model
 from sa2vp.engine.optim import build_optimizer, build_scheduler
@@ -34,9 +45,9 @@ from sa2vp.engine.report import write_report
 from sa2vp.engine.runtime import Precision, configure_cpu_numerics, resolve_device, resolve_precision
 from sa2vp.errors import ArtifactError, TrainingDiverged
 from sa2vp.folders import remove_stale_temporaries, writable_problem
-from sa2vp.models import AdaptedModel, PathwayClassifier, parameter_summary
+from sa2vp.models import AdaptedModel, ParameterSummary, PathwayClassifier, parameter_summary
 from sa2vp.models.backbones import data_config, weights_digest
-from sa2vp.settings import Settings, SettingsError, flatten_settings
+from sa2vp.settings import Settings, SettingsError, flatten_settings, settings_from_dump
 from sa2vp.tracking import Run, check_store, start_run
 
 log = logging.getLogger("sa2vp.train")
@@ -44,6 +55,19 @@ log = logging.getLogger("sa2vp.train")
 ARTIFACT_DIR = "model"
 # Settings that may change between a killed run and its resumption without changing its result.
 RESUMABLE_CHANGES = ("tracking.", "train.num_workers", "train.device", "train.output", "train.eval_batch_size")
+# The final run of the protocol (§4): settings chosen on the validation split, then trained on train+val with no
+# validation (its last epoch is kept) and tested once. `sa2vp train --final`, the root pipeline's final and
+# linear-probe trainings and every suite cell train this way, through `final_settings`.
+FINAL_RUN: Mapping[str, str | None] = {
+    "train.train_split": "trainval",
+    "train.val_split": None,
+    "train.test_split": "test",
+}
+
+
+def final_settings(settings: Settings) -> Settings:
+    """`settings` with the final run's splits (FINAL_RUN), whatever splits they named; the rest unchanged."""
+    return settings_from_dump(settings.model_dump(mode="json"), FINAL_RUN)
 
 
 @dataclass
@@ -318,13 +342,13 @@ def _finish(
     model: AdaptedModel,
     state: _TrainingState,
     settings: Settings,
-    manifest: Any,
+    manifest: Manifest,
     config: dict[str, Any],
     loaders: dict[str, DataLoader],
     device: torch.device,
     precision: Precision,
     run: Run,
-    summary: Any,
+    summary: ParameterSummary,
     backbone_sha256: str,
     progress: Progress,
     stopped: bool,
@@ -332,59 +356,24 @@ def _finish(
     if state.best_weights is not None:
         model.load_trainable_state_dict(state.best_weights)
     classes = list(manifest.classes)
-    test = None
+    test: Metrics | None = None
     pathways: dict[str, Metrics] = {}
     if "test" in loaders:
-        test = evaluate_model(model, loaders["test"], len(classes), device, precision, progress, "testing")
-        # Is the other pathway learning? (SA²VP: the prompt pathway's own accuracy through the shared head.)
-        for name in model.auxiliary_pathways:
-            pathways[name] = evaluate_model(
-                PathwayClassifier(model, name),
-                loaders["test"],
-                len(classes),
-                device,
-                precision,
-                progress,
-                f"testing the {name} pathway",
-            )
-            run.log_metrics(pathways[name].as_dict(f"test/{name}_"))
+        test, pathways = _test(model, loaders["test"], len(classes), device, precision, progress, run)
     val = None if state.best_val is None else Metrics(state.best_val.numpy())
     output = Path(settings.train.output)
-    record = {
-        "backbone": {
-            "name": settings.backbone.name,
-            "weights": settings.backbone.weights,
-            "sha256": backbone_sha256,
-            "parameters": summary.backbone,
-        },
-        "classes": classes,
-        "data_config": {k: list(v) if isinstance(v, tuple) else v for k, v in config.items()},
-        "transform": manifest.transform,
-        "dataset": {
-            "name": manifest.data.get("dataset"),
-            "protocol": manifest.data.get("protocol"),
-            "split_dir": str(manifest.folder),
-            "manifest_hash": manifest.data.get("content_hash"),
-        },
-        "trainable": {
-            "parameters": summary.trainable,
-            "percent_of_backbone": summary.percent_of_backbone,
-            "head": summary.head,
-            "groups": summary.groups,
-        },
-        "training": {
-            "epochs": state.epoch,
-            "best_epoch": state.best_epoch,
-            "stopped_early": stopped,
-            "val": None if val is None else val.as_dict(),
-            "test": None if test is None else test.as_dict(),
-            "test_pathways": {name: metrics.as_dict() for name, metrics in pathways.items()},
-            "eval_batch_size": settings.train.eval_batch_size,
-            "mlflow_run_id": run.run_id or None,
-        },
-        "versions": _versions(),
-    }
-    artifact = save_artifact(output / ARTIFACT_DIR, model, settings, record)
+    training = TrainingRecord(
+        epochs=state.epoch,
+        best_epoch=state.best_epoch,
+        stopped_early=stopped,
+        val=None if val is None else MetricsRecord.of(val),
+        test=None if test is None else MetricsRecord.of(test),
+        test_pathways={name: MetricsRecord.of(metrics) for name, metrics in pathways.items()},
+        eval_batch_size=settings.train.eval_batch_size,
+        mlflow_run_id=run.run_id or None,
+    )
+    record = _artifact_record(settings, manifest, config, summary, backbone_sha256, training)
+    artifact = save_artifact(output / ARTIFACT_DIR, model, record)
     write_report(output, classes, state.history, val, test, run)
     run.log_artifacts(output / ARTIFACT_DIR, ARTIFACT_DIR)
     if settings.tracking.log_model:  # after the test metrics, which MLflow copies to the model
@@ -401,6 +390,62 @@ def _finish(
     return TrainResult(output, artifact.parent, run.run_id, state.epoch, state.best_epoch, val, test, stopped, pathways)
 
 
+def _test(
+    model: AdaptedModel,
+    loader: DataLoader,
+    num_classes: int,
+    device: torch.device,
+    precision: Precision,
+    progress: Progress,
+    run: Run,
+) -> tuple[Metrics, dict[str, Metrics]]:
+    """The kept weights' test metrics, and each auxiliary pathway's own (logged to the run)."""
+    test = evaluate_model(model, loader, num_classes, device, precision, progress, "testing")
+    pathways: dict[str, Metrics] = {}
+    # Is the other pathway learning? (SA²VP: the prompt pathway's own accuracy through the shared head.)
+    for name in model.auxiliary_pathways:
+        alone = PathwayClassifier(model, name)
+        pathways[name] = evaluate_model(
+            alone, loader, num_classes, device, precision, progress, f"testing the {name} pathway"
+        )
+        run.log_metrics(pathways[name].as_dict(f"test/{name}_"))
+    return test, pathways
+
+
+def _artifact_record(
+    settings: Settings,
+    manifest: Manifest,
+    config: dict[str, Any],
+    summary: ParameterSummary,
+    backbone_sha256: str,
+    training: TrainingRecord,
+) -> ArtifactRecord:
+    """model.json of this run: how to rebuild the model (settings, backbone and the hash of the weights training
+    started from, classes, input transform), the data it was tested on, and the run's report sections."""
+    return ArtifactRecord(
+        format=FORMAT,
+        settings=settings,
+        backbone=BackboneRecord(
+            name=settings.backbone.name,
+            weights=settings.backbone.weights,
+            sha256=backbone_sha256,
+            parameters=summary.backbone,
+        ),
+        classes=list(manifest.classes),
+        data_config=DataConfigRecord.model_validate(config),
+        transform=manifest.transform,
+        dataset=DatasetRecord(
+            name=manifest.data.get("dataset"),
+            protocol=manifest.data.get("protocol"),
+            split_dir=str(manifest.folder),
+            manifest_hash=manifest.data.get("content_hash"),
+        ),
+        trainable=TrainableRecord.of(summary),
+        training=training,
+        versions=_versions(),
+    )
+
+
 def _prepared(settings: Settings, progress: Progress) -> Path:
     """The dataset's split folder, prepared first if it is not there yet."""
     folder = split_dir(settings.data)
@@ -408,25 +453,24 @@ def _prepared(settings: Settings, progress: Progress) -> Path:
 
 
 def _loaders(settings: Settings, folder: Path, config: dict[str, Any], device: torch.device) -> dict[str, DataLoader]:
+    """The train loader (shuffled by its own generator, which each epoch seeds) and the val and test loaders."""
     train = settings.train
-    common = {"num_workers": train.num_workers, "pin_memory": device.type == "cuda", "persistent_workers": False}
-    loaders = {
-        "train": DataLoader(
-            load_split(folder, train.train_split, config),
-            batch_size=train.batch_size,
-            shuffle=True,
-            generator=torch.Generator(),
-            **common,
+
+    def loader(split: str, batch_size: int, training: bool) -> DataLoader:
+        return DataLoader(
+            load_split(folder, split, config, train=training),
+            batch_size=batch_size,
+            shuffle=training,
+            generator=torch.Generator() if training else None,
+            num_workers=train.num_workers,
+            pin_memory=device.type == "cuda",
+            persistent_workers=False,
         )
-    }
+
+    loaders = {"train": loader(train.train_split, train.batch_size, training=True)}
     for key, split in (("val", train.val_split), ("test", train.test_split)):
         if split is not None:
-            loaders[key] = DataLoader(
-                load_split(folder, split, config, train=False),
-                batch_size=train.eval_batch_size,
-                shuffle=False,
-                **common,
-            )
+            loaders[key] = loader(split, train.eval_batch_size, training=False)
     return loaders
 
 

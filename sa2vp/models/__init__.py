@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from sa2vp.models.backbones import BackboneError, create_backbone
 from sa2vp.models.base import AdaptedModel, LossTerms, PathwayClassifier
 from sa2vp.models.methods import METHODS, Method
+from sa2vp.models.sa2vp_core import SA2VPModel, SA2VPOutput, sa2vp_loss
 from sa2vp.models.sa2vp_swin import SA2VPSwin
-from sa2vp.models.sa2vp_vit import SA2VPOutput, SA2VPViT, sa2vp_loss
+from sa2vp.models.sa2vp_vit import SA2VPViT
 from sa2vp.settings import SearchDimension, Settings, SettingsError
 
 __all__ = [
@@ -18,6 +19,7 @@ __all__ = [
     "LossTerms",
     "ParameterSummary",
     "PathwayClassifier",
+    "SA2VPModel",
     "SA2VPOutput",
     "SA2VPSwin",
     "SA2VPViT",

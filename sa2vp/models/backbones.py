@@ -15,7 +15,7 @@ import zipfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import timm
 import torch
@@ -26,6 +26,7 @@ from timm.models.swin_transformer import SwinTransformer
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
+import sa2vp.models.offline_vit  # noqa: F401  (registers the timm name of the offline default backbone)
 from sa2vp.errors import BackboneError, one_line
 from sa2vp.settings import BackboneSettings, SettingsError
 
@@ -35,6 +36,8 @@ ACCEPTED_WEIGHTS = (
     "convert a pickled one with safetensors.torch.save_file"
 )
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
 
 def create_backbone(settings: BackboneSettings) -> nn.Module:
     """The frozen backbone described by `settings`, in eval mode, with its classifier removed."""
@@ -43,14 +46,11 @@ def create_backbone(settings: BackboneSettings) -> nn.Module:
         close = difflib.get_close_matches(architecture, timm.list_models(), n=3, cutoff=0.6)
         hint = f"; did you mean {', '.join(close)}?" if close else "; see `timm.list_models()`"
         raise SettingsError(f"backbone.name: unknown timm model {settings.name!r}{hint}")
-    kwargs: dict[str, Any] = {**settings.model_kwargs, "num_classes": 0}
-    if settings.img_size is not None:
-        kwargs["img_size"] = settings.img_size
-
+    kwargs = timm_kwargs(settings)
     if settings.weights == "random":
         model = timm.create_model(settings.name, pretrained=False, **kwargs)
     elif settings.weights == "hub":
-        model = _from_hub(settings.name, kwargs)
+        model = from_hub(settings.name, kwargs)
     else:
         path = Path(settings.weights)
         if settings.sha256 is not None:
@@ -63,6 +63,15 @@ def create_backbone(settings: BackboneSettings) -> nn.Module:
         drop_path=drop_path if settings.drop_path is None else settings.drop_path,
     )
     return freeze(model)
+
+
+def timm_kwargs(settings: BackboneSettings, num_classes: int = 0) -> dict[str, Any]:
+    """The keyword arguments of `timm.create_model` for the architecture `settings` describe (model_kwargs,
+    img_size), with a `num_classes`-way classifier (0: none, the frozen backbone's)."""
+    kwargs: dict[str, Any] = {**settings.model_kwargs, "num_classes": num_classes}
+    if settings.img_size is not None:
+        kwargs["img_size"] = settings.img_size
+    return kwargs
 
 
 def release_stochastic_rates(model: nn.Module) -> tuple[float, float]:
@@ -115,7 +124,14 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _from_hub(name: str, kwargs: dict[str, Any]) -> nn.Module:
+def from_hub(
+    name: str,
+    kwargs: dict[str, Any],
+    setting: str = "backbone.weights=hub",
+    instead: str = "set backbone.weights to a local .safetensors/.npz file or to 'random'",
+) -> nn.Module:
+    """timm's pretrained checkpoint of `name`, built with `kwargs`; a BackboneError naming `setting` (what asked
+    for the download) and what to do `instead` when it cannot be fetched."""
     from sa2vp.data.sources.hub import single_attempt
 
     try:
@@ -123,9 +139,8 @@ def _from_hub(name: str, kwargs: dict[str, Any]) -> nn.Module:
             return timm.create_model(name, pretrained=True, **kwargs)
     except (OSError, RuntimeError, ValueError) as exc:
         raise BackboneError(
-            f"backbone.weights=hub: could not fetch pretrained weights for {name!r} ({type(exc).__name__}: "
-            f"{exc}). Check the network or HF_HUB_OFFLINE, or set backbone.weights to a local "
-            ".safetensors/.npz file or to 'random'."
+            f"{setting}: could not fetch pretrained weights for {name!r} ({type(exc).__name__}: {exc}). Check the "
+            f"network or HF_HUB_OFFLINE, or {instead}."
         ) from exc
 
 
@@ -223,15 +238,18 @@ def _pickle_hint(path: Path, signatures: tuple[bytes, ...]) -> str | None:
     return None
 
 
-def freeze(model: nn.Module) -> nn.Module:
+def freeze(model: ModuleT) -> ModuleT:
     """No gradients, and eval mode until a method puts it in training mode (model.backbone_dropout)."""
     model.requires_grad_(False)
-    return model.eval()
+    model.eval()
+    return model
 
 
 def token_grid(model: nn.Module) -> tuple[int, int]:
     """(rows, columns) of a ViT's patch-token grid."""
-    return tuple(model.patch_embed.grid_size)  # type: ignore[return-value]
+    vit: Any = model  # timm's models share no typed base beyond nn.Module
+    rows, columns = vit.patch_embed.grid_size
+    return int(rows), int(columns)
 
 
 def weights_digest(model: nn.Module, rename: Callable[[str], str | None] | None = None) -> str:

@@ -5,15 +5,21 @@ output = model(images)                           # training mode: whatever `mode
 terms = model.loss(output, targets)              # LossTerms(total, parts): parts are logged per name
 model.eval(); logits = model(images)             # eval mode: class logits, always
 model.trainable_state_dict()                     # what an artifact stores: never the frozen backbone
+model.describe()                                 # the method's own facts, for `sa2vp model summary`
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeAlias
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# A timm model of any architecture. timm's models share no class beyond nn.Module, whose typing reports every
+# attribute (num_features, forward_features, forward_head) as Tensor | Module; code that works on any of them
+# reads those attributes through this alias, unchecked. Architecture-specific code uses timm's own classes.
+TimmModel: TypeAlias = Any
 
 
 class LossTerms(NamedTuple):
@@ -56,6 +62,15 @@ class AdaptedModel(nn.Module):
     def loss(self, output: Any, target: torch.Tensor) -> LossTerms:
         return LossTerms(F.cross_entropy(output, target), {})
 
+    def pathways(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Logits by pathway, a named tuple with a field per name of `auxiliary_pathways` (see there)."""
+        raise NotImplementedError(f"{type(self).__name__} has no auxiliary pathways")
+
+    def describe(self) -> list[str]:
+        """What this model is beyond its parameter counts, a few short lines for `sa2vp model summary`: its
+        method's settings as built (window, layers, rank, …) and the geometry they were resolved to."""
+        return []
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.parameters() if p.requires_grad]
 
@@ -94,7 +109,10 @@ class BackboneClassifier(AdaptedModel):
     average pool), then a linear head. The shape of every method that leaves the token sequence alone and
     trains the backbone as a whole (full), inside it (LoRA, AdaptFormer) or not at all (linear probe)."""
 
-    def __init__(self, backbone: nn.Module, num_classes: int) -> None:
+    backbone: TimmModel
+    head: nn.Linear
+
+    def __init__(self, backbone: TimmModel, num_classes: int) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = classifier_head(backbone.num_features, num_classes)

@@ -79,21 +79,29 @@ class SpatialCrossBlock(nn.Module):
     """Cross_i of one layer: the frozen block's attention, restricted to aligned windows, plus an adapter.
 
     Only the adapter is learned; the projections come from the frozen block and are passed in, so they are
-    neither copied nor registered twice.
+    neither copied nor registered twice. The arguments are keyword-only: the frozen block's geometry (`dim`,
+    `num_heads`, the token `grid`, `num_prefix` leading tokens that query globally) and the method's settings
+    (`window` c or None for global, `border`, `head_mode`; `adapter_dim` t or None for the "w/o prompt adapter"
+    ablation, its `activation`, and `dropout`). `sa2vp_core.cross_blocks` builds them from `SA2VPSettings`.
     """
+
+    # Registered buffers (None when the attention is global); declared for the type checker.
+    tile_mask: torch.Tensor | None
+    dense_mask: torch.Tensor | None
 
     def __init__(
         self,
+        *,
         dim: int,
-        adapter_dim: int | None,
-        activation: Literal["gelu", "relu"],
-        dropout: float,
+        num_heads: int,
+        grid: tuple[int, int],
+        num_prefix: int,
         window: int | None,
         border: Border,
         head_mode: HeadMode,
-        grid: tuple[int, int],
-        num_heads: int,
-        num_prefix: int,
+        adapter_dim: int | None,
+        activation: Literal["gelu", "relu"],
+        dropout: float,
     ) -> None:
         super().__init__()
         self.window, self.border, self.head_mode = window, border, head_mode
@@ -131,11 +139,11 @@ class SpatialCrossBlock(nn.Module):
             v,
             self.grid,
             self.window,
-            self.num_prefix,
-            self.border,
-            self.head_mode,
-            self.tile_mask,
-            self.dense_mask,
+            num_prefix=self.num_prefix,
+            border=self.border,
+            head_mode=self.head_mode,
+            tile_mask=self.tile_mask,
+            dense_mask=self.dense_mask,
         )
         attended = self.drop(out_proj(attended))
         if self.adapter is None:

@@ -18,32 +18,25 @@ version it projects q, k, v again instead of reusing the block's: the block comp
 shifted, padded window partition, and reusing them would mean re-implementing that attention (shift masks,
 bias-valued padding tokens, relative-position bias). The price is 3·d² per token of the cross stage, about a
 tenth of a Swin-B training step's FLOPs.
+
+What SA²VP is on any backbone (output, loss, head, pooling, cross blocks from settings) is in `sa2vp_core`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 import torch.nn.functional as F
-from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, WindowAttention
+from timm.models.swin_transformer import SwinTransformer, SwinTransformerBlock, SwinTransformerStage, WindowAttention
 from torch import nn
 
-from sa2vp.models.backbones import BackboneError
-from sa2vp.models.base import AdaptedModel, LossTerms
+from sa2vp.models.backbones import BackboneError, token_grid
+from sa2vp.models.base import classifier_head
+from sa2vp.models.containers import ModuleDictOf, ModuleListOf
 from sa2vp.models.cross_block import RELEASE_NORM_EPS, LowRankPromptMap, SpatialCrossBlock, reinit_linear_layers
-from sa2vp.models.sa2vp_vit import (
-    LayerTokens,
-    SA2VPOutput,
-    SimilarityMaps,
-    Trace,
-    backbone_label,
-    check_layers,
-    check_window,
-    is_stochastic,
-    sa2vp_loss,
-    token_rows,
-    token_similarity,
-    traced_layer_tokens,
-)
+from sa2vp.models.sa2vp_core import LayerTokens, SA2VPModel, SA2VPOutput, Trace, is_stochastic, scale_token
 from sa2vp.settings import SA2VPSettings, SettingsError
 
 # The release: cross attention in the third stage of Swin-B (18 blocks); the prompt queries at 0, 6 and 12.
@@ -92,46 +85,39 @@ def resolve_cross_blocks(settings: SA2VPSettings, depths: list[int]) -> dict[int
     return to_prompt
 
 
-class SA2VPSwin(AdaptedModel):
-    """SA²VP over a frozen timm SwinTransformer.
+class SA2VPSwin(SA2VPModel):
+    """SA²VP over a frozen timm SwinTransformer (method file §3); see `SA2VPModel` for what every version
+    shares. `to_prompt` maps each cross stage to its TO_PROMPT blocks; `cross[str(stage)]` holds its blocks."""
 
-    In training mode `forward` returns `SA2VPOutput(base, prompt)`; in eval mode the base logits.
-    """
-
-    backbone_dropout = True  # the release trains the whole model in train mode (drop-path up to 0.2)
-    auxiliary_pathways = ("prompt",)
+    backbone: SwinTransformer
 
     def __init__(self, backbone: SwinTransformer, num_classes: int, settings: SA2VPSettings) -> None:
-        super().__init__()
         _check_backbone(backbone)
-        self.settings = settings
-        self.backbone = backbone
-        self.backbone.requires_grad_(False)
-        self.to_prompt = resolve_cross_blocks(settings, [len(stage.blocks) for stage in backbone.layers])
+        super().__init__(backbone, settings)
+        stages = _stages(backbone)
+        self.to_prompt = resolve_cross_blocks(settings, [len(_blocks(stage)) for stage in stages])
         for s in self.to_prompt:  # the cross blocks attend over their stage's whole grid (not Swin's windows)
-            check_window(
-                settings, tuple(backbone.layers[s].output_resolution), f"cross stage {s} of {backbone_label(backbone)}"
-            )
-        self.gamma = settings.gamma
-        self.grid = tuple(backbone.patch_embed.grid_size)
+            self._check_window(stage_grid(stages[s]), f"cross stage {s}")
+        self.grid = token_grid(backbone)  # the prompt map's: patch-embedding resolution
 
-        self.prompt_map = LowRankPromptMap(self.grid[0] * self.grid[1], settings.prompt_rank, backbone.layers[0].dim)
-        self.cross = nn.ModuleDict(
-            {str(s): _cross_blocks(backbone.layers[s], settings) for s in sorted(self.to_prompt)}
-        )
-        self.head = nn.Linear(backbone.num_features, num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.prompt_map = LowRankPromptMap(self.grid[0] * self.grid[1], settings.prompt_rank, stages[0].dim)
+        self.cross = ModuleDictOf({str(s): self._stage_cross_blocks(stages[s]) for s in sorted(self.to_prompt)})
+        self.head = classifier_head(backbone.num_features, num_classes)
         reinit_linear_layers(self.prompt_map)
         reinit_linear_layers(self.cross)
 
-    def forward(self, images: torch.Tensor) -> SA2VPOutput | torch.Tensor:
-        output = self._run(images, prompt_logits=self.training)
-        return output if self.training else output.base
+    def _stage_cross_blocks(self, stage: SwinTransformerStage) -> ModuleListOf[SpatialCrossBlock]:
+        """One cross block (adapter d → t → d) per block of `stage`, on the stage's full token grid, no CLS."""
+        blocks = _blocks(stage)
+        heads = [block.attn.num_heads for block in blocks]
+        return self._cross_blocks(heads, dim=blocks[0].dim, grid=stage_grid(stage), num_prefix=0)
 
     def pathways(self, images: torch.Tensor) -> SA2VPOutput:
-        """Both pathways' logits, in either mode (in eval mode: what the prompt pathway alone predicts)."""
         return self._run(images, prompt_logits=True)
+
+    def base_logits(self, images: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
+        """`SA2VPModel.base_logits`; `trace` sees both pathways after every block of the cross stage(s)."""
+        return self._run(images, prompt_logits=False, trace=trace).base
 
     def _run(self, images: torch.Tensor, prompt_logits: bool, trace: Trace | None = None) -> SA2VPOutput:
         """Both pathways; without `prompt_logits` the prompt pathway stops after the last cross stage (what it
@@ -144,10 +130,10 @@ class SA2VPSwin(AdaptedModel):
         # Otherwise the prompt pathway is the same for every image until it first reads the base: batch 1.
         last_cross = max(self.to_prompt)
         traced = 0  # blocks of the cross stages before this one
-        for s, stage in enumerate(self.backbone.layers):
+        for s, stage in enumerate(_stages(self.backbone)):
             if s in self.to_prompt:
                 base, prompt = self._cross_stage(s, base, prompt, trace, traced)
-                traced += len(stage.blocks)
+                traced += len(_blocks(stage))
             elif prompt_logits or s < last_cross:
                 base, prompt = stage(base), stage(prompt)
             else:
@@ -160,14 +146,15 @@ class SA2VPSwin(AdaptedModel):
 
     def _embed_prompt(self) -> torch.Tensor:
         """P_0 = LN_pe(U·W + b) on the patch grid, (1, H, W, C); timm's Swin has no absolute position embedding."""
-        return self.backbone.patch_embed.norm(self.prompt_map()).reshape(1, *self.grid, -1)
+        norm = self.backbone.patch_embed.get_submodule("norm")
+        return norm(self.prompt_map()).reshape(1, *self.grid, -1)
 
     def _cross_stage(
         self, s: int, base: torch.Tensor, prompt: torch.Tensor, trace: Trace | None = None, first: int = 0
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        stage = self.backbone.layers[s]
+        stage = _stages(self.backbone)[s]
         base, prompt = stage.downsample(base), stage.downsample(prompt)
-        for i, (block, cross) in enumerate(zip(stage.blocks, self.cross[str(s)], strict=True)):
+        for i, (block, cross) in enumerate(zip(_blocks(stage), self.cross[str(s)], strict=True)):
             if i in self.to_prompt[s]:
                 fused = _cross_attention(block, cross, query=prompt, other=base)
                 base, prompt = block(base), block(prompt) + self.gamma * fused
@@ -178,108 +165,61 @@ class SA2VPSwin(AdaptedModel):
                 base, prompt = trace(first + i, base, prompt)
         return base, prompt
 
-    def _pooled(self, tokens: torch.Tensor) -> torch.Tensor:
-        """The backbone's own final norm and average pooling, before any head."""
-        return self.backbone.forward_head(self.backbone.norm(tokens), pre_logits=True)
+    def describe(self) -> list[str]:
+        stages = _stages(self.backbone)
+        lines = [f"prompt map {self.grid[0]}x{self.grid[1]} through all {len(stages)} stages"]
+        for s, blocks in sorted(self.to_prompt.items()):
+            rows, columns = stage_grid(stages[s])
+            lines.append(
+                f"cross stage {s} ({len(self.cross[str(s)])} blocks): to_prompt={sorted(blocks)}  grid={rows}x{columns}"
+            )
+        return [*super().describe(), *lines]
 
     # --- looking inside (sa2vp.explain) ---------------------------------------------------------------------
 
     @property
     def num_layers(self) -> int:
         """The layers `layer_tokens` and `similarity_maps` index: the blocks of the cross stage(s), in order."""
-        return sum(len(self.backbone.layers[s].blocks) for s in self.to_prompt)
+        return sum(len(_blocks(_stages(self.backbone)[s])) for s in self.to_prompt)
 
     @property
     def similarity_grid(self) -> tuple[int, int]:
         """The token grid of the (first) cross stage, in which `similarity_maps` takes its token."""
-        return tuple(self.backbone.layers[min(self.to_prompt)].output_resolution)
+        return stage_grid(_stages(self.backbone)[min(self.to_prompt)])
 
-    def base_logits(self, images: torch.Tensor, trace: Trace | None = None) -> torch.Tensor:
-        """The logits SA²VP predicts with (the base pathway's); `trace` sees both pathways after every cross
-        block (see `Trace`). In eval mode: what `forward` returns."""
-        return self._run(images, prompt_logits=False, trace=trace).base
-
-    def layer_tokens(self, images: torch.Tensor) -> list[LayerTokens]:
-        """Both pathways' tokens, (B, H, W, C), after every block of the cross stage(s); the prompt's may be
-        batch 1 (one prompt pathway for every image until it first reads the base)."""
-        return traced_layer_tokens(self.base_logits, images)
-
-    def salient_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 2): the (row, column), in `similarity_grid`, of the token where the class activation map of the
-        predicted class peaks. Swin pools by averaging, so a position's share of a logit is exactly
-        head(norm(token)) at the last stage (Zhou et al.'s CAM); its peak is mapped onto the cross stage's grid."""
-        return self._cam_peak(self.layer_tokens(images)[-1].base)
-
-    def _cam_peak(self, base: torch.Tensor) -> torch.Tensor:
-        """The CAM peak from the base pathway's tokens after the last cross block (the later stages run here as
-        in `forward`)."""
-        for stage in self.backbone.layers[max(self.to_prompt) + 1 :]:
+    def _salient(self, images: torch.Tensor, tokens: list[LayerTokens]) -> torch.Tensor:
+        """The token where the class activation map of the predicted class peaks. Swin pools by averaging, so
+        a position's share of a logit is exactly head(norm(token)) at the last stage (Zhou et al.'s CAM); its
+        peak is mapped onto the cross stage's grid. The later stages run here on the base pathway's tokens
+        after the last cross block, as in `forward`."""
+        base = tokens[-1].base
+        for stage in _stages(self.backbone)[max(self.to_prompt) + 1 :]:
             base = stage(base)
         features = self.backbone.norm(base)  # (B, H, W, C)
         predicted = self.head(self.backbone.forward_head(features, pre_logits=True)).argmax(dim=-1)
         cam = torch.einsum("bhwc,bc->bhw", features, self.head.weight[predicted])
         index = cam.flatten(1).argmax(dim=-1)
         peak = torch.stack([index // cam.shape[2], index % cam.shape[2]], dim=-1)
-        return scale_token(peak, tuple(cam.shape[1:]), self.similarity_grid)
+        return scale_token(peak, (cam.shape[1], cam.shape[2]), self.similarity_grid)
 
-    def similarity_maps(
-        self, images: torch.Tensor, layers: list[int], token: torch.Tensor | tuple[int, int] | None = None
-    ) -> SimilarityMaps:
-        """Fig. 5 at each of `layers` (blocks of the cross stage(s)): the cosine similarity between the base
-        pathway's token at `token` ((row, column) in `similarity_grid`, for all images or (B, 2) one per image;
-        default `salient_tokens`) and every token of the prompt pathway, after that block."""
-        check_layers(layers, self.num_layers)
-        tokens = self.layer_tokens(images)
-        if token is None:
-            chosen = self._cam_peak(tokens[-1].base)
-        else:
-            chosen = token_rows(token, len(images), self.similarity_grid)
-        maps, positions = [], []
-        for i in layers:
-            base, prompt = tokens[i]
-            here = scale_token(chosen, self.similarity_grid, tuple(base.shape[1:3]))
-            maps.append(token_similarity(base, prompt, here))
-            positions.append(here)
-        return SimilarityMaps(list(layers), maps, positions)
-
-    def compile_cross_blocks(self, mode: str | None = None) -> SA2VPSwin:
-        """Compile the cross blocks with torch.compile, in place (see `SA2VPViT.compile_cross_blocks`)."""
-        for blocks in self.cross.values():
-            for block in blocks:
-                block.compile(dynamic=False, mode=mode)
-        return self
-
-    def loss(self, output: SA2VPOutput, target: torch.Tensor) -> LossTerms:
-        """λ·CE(base) + (1−λ)·CE(prompt); both pathway losses are reported."""
-        total, base, prompt = sa2vp_loss(output, target, self.settings.lam)
-        return LossTerms(total, {"base": base, "prompt": prompt})
+    def _token_grids(self, layer: LayerTokens) -> tuple[torch.Tensor, torch.Tensor]:
+        return layer.base, layer.prompt  # already (B, H, W, C)
 
 
-def scale_token(token: torch.Tensor, source: tuple[int, int], target: tuple[int, int]) -> torch.Tensor:
-    """(B, 2) grid positions moved from a `source` grid to the cell of a `target` grid under their centres."""
-    if source == target:
-        return token
-    size_from, size_to = torch.tensor(source), torch.tensor(target)
-    return ((token + 0.5) * size_to / size_from).floor().long().minimum(size_to - 1)
+def _stages(swin: SwinTransformer) -> Sequence[SwinTransformerStage]:
+    """The Swin's stages, typed (timm keeps them in an nn.Sequential, whose items are typed nn.Module)."""
+    return cast(Sequence[SwinTransformerStage], swin.layers)
 
 
-def _cross_blocks(stage: nn.Module, settings: SA2VPSettings) -> nn.ModuleList:
-    """One cross block (adapter d → t → d) per block of `stage`, on the stage's full token grid, no CLS."""
-    return nn.ModuleList(
-        SpatialCrossBlock(
-            block.dim,
-            settings.adapter_dim if settings.prompt_adapter else None,
-            settings.adapter_act,
-            settings.dropout,
-            settings.window_size,
-            settings.border,
-            settings.head_mode,
-            tuple(stage.output_resolution),
-            block.attn.num_heads,
-            num_prefix=0,
-        )
-        for block in stage.blocks
-    )
+def _blocks(stage: SwinTransformerStage) -> Sequence[SwinTransformerBlock]:
+    """A stage's blocks, typed as what `_check_backbone` verified them to be."""
+    return cast(Sequence[SwinTransformerBlock], stage.blocks)
+
+
+def stage_grid(stage: SwinTransformerStage) -> tuple[int, int]:
+    """(rows, columns) of a Swin stage's tokens, after its patch merging."""
+    rows, columns = stage.output_resolution
+    return rows, columns
 
 
 def _cross_attention(
@@ -303,7 +243,7 @@ def _project(block: SwinTransformerBlock, x: torch.Tensor, part: str) -> torch.T
     width = attn.qkv.out_features // 3
     rows = slice(0, width) if part == "q" else slice(width, 3 * width)
     bias = None if attn.qkv.bias is None else attn.qkv.bias[rows]
-    norm = block.norm1
+    norm = cast(nn.LayerNorm, block.norm1)  # verified by _check_backbone
     tokens = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, eps=RELEASE_NORM_EPS).flatten(1, 2)
     out = F.linear(tokens, attn.qkv.weight[rows], bias)
     batch, length = tokens.shape[:2]
@@ -316,10 +256,14 @@ def _check_backbone(backbone: nn.Module) -> None:
         raise BackboneError(f"SA²VP-Swin needs a timm SwinTransformer, got {type(backbone).__name__}")
     if backbone.dynamic_img_size:
         raise BackboneError("SA²VP-Swin needs a fixed input size (strict_img_size=True): the prompt map has one")
-    for s, stage in enumerate(backbone.layers):
+    for s, stage in enumerate(_stages(backbone)):
         for i, block in enumerate(stage.blocks):
-            if type(block) is not SwinTransformerBlock or type(block.attn) is not WindowAttention:
+            if (
+                type(block) is not SwinTransformerBlock
+                or type(block.attn) is not WindowAttention
+                or not isinstance(block.norm1, nn.LayerNorm)  # the cross attention re-normalises with its weights
+            ):
                 raise BackboneError(
                     f"stage {s} block {i} is {type(block).__name__}: SA²VP-Swin supports timm's SwinTransformerBlock "
-                    "with WindowAttention"
+                    "with WindowAttention and LayerNorm"
                 )

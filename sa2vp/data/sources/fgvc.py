@@ -10,7 +10,6 @@ folder given as data.source is copied (cloned where the file system can), never 
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path, PurePosixPath
@@ -18,8 +17,14 @@ from pathlib import Path, PurePosixPath
 from sa2vp.data.catalogue import Catalogue, class_names_from_paths, make_catalogue
 from sa2vp.data.errors import DataError, MissingDataError, SplitError
 from sa2vp.data.files import (
-    archive_names, check_source, copy_tree, download_url, extract, mark_complete, read_marker, record_source,
-    staging,
+    archive_names,
+    building,
+    complete_in_place,
+    copy_tree,
+    download_url,
+    extract,
+    members_under,
+    read_json,
 )
 from sa2vp.data.progress import NO_PROGRESS, Progress
 from sa2vp.data.registry import DatasetInfo, normalise
@@ -38,26 +43,23 @@ def dataset_dir(info: DatasetInfo, settings: DataSettings) -> Path:
 
 def fetch(info: DatasetInfo, settings: DataSettings, progress: Progress = NO_PROGRESS) -> Path:
     """The set's folder with its images and VPT's json splits, marked complete."""
+
+    def add_splits(images: Path) -> None:  # to the images, whether put in place by hand or just fetched
+        _add_json_splits(info, images, settings, progress)
+        _check_layout(info, images)
+
     folder = dataset_dir(info, settings)
-    source = Path(settings.source) if settings.source is not None else None
-    check_source(folder, source)  # a --from of another copy is refused, not silently ignored
-    if read_marker(folder) is not None:
-        return folder
-    if folder.exists():  # images put in place by hand
-        _add_json_splits(info, folder, settings, progress)
-        _check_layout(info, folder)
-        mark_complete(folder, {"dataset": info.folder})
+    source = settings.source
+    marker = {"dataset": info.folder}
+    if complete_in_place(folder, source, marker, add_splits):
         return folder
     images = _image_source(info, settings, progress)
-    with staging(folder) as tmp:
+    with building(folder, source, marker) as tmp:
         if images.is_dir():
             copy_tree(images, tmp, progress)
         else:
             _extract_images(info, images, tmp, progress)
-        _add_json_splits(info, tmp, settings, progress)
-        _check_layout(info, tmp)
-        record_source(tmp, source)
-        mark_complete(tmp, {"dataset": info.folder})
+        add_splits(tmp)
     return folder
 
 
@@ -75,12 +77,7 @@ def catalogue(info: DatasetInfo, settings: DataSettings, progress: Progress = NO
 
 
 def _read_json(path: Path) -> dict[str, int]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MissingDataError(f"{path}: split file not found") from None
-    except json.JSONDecodeError as exc:
-        raise SplitError(f"{path}: not valid JSON ({exc})") from None
+    data = read_json(path, "split file not found", SplitError)
     if not isinstance(data, dict):
         raise SplitError(f"{path}: expected an object {{relative/path: class id}}")
     try:
@@ -92,10 +89,9 @@ def _read_json(path: Path) -> dict[str, int]:
 def _image_source(info: DatasetInfo, settings: DataSettings, progress: Progress) -> Path:
     """A local archive or folder with the images, downloading it where there is a public source."""
     if settings.source is not None:
-        source = Path(settings.source)
-        if not source.exists():
-            raise MissingDataError(f"data.source={source}: no such file or folder")
-        return source
+        if not settings.source.exists():
+            raise MissingDataError(f"data.source={settings.source}: no such file or folder")
+        return settings.source
     if "manual" in info.options:
         raise MissingDataError(
             f"{info.title} must be downloaded by hand: {info.options['manual']}; then run `sa2vp data download "
@@ -122,7 +118,7 @@ def _extract_images(info: DatasetInfo, archive: Path, dest: Path, progress: Prog
     prefix = f"{root}/" if root else ""
     if prefix and not any(name.startswith(prefix) for name in archive_names(archive)):
         prefix = ""
-    extract(archive, dest, lambda name: name[len(prefix):] if name.startswith(prefix) else None, progress)
+    extract(archive, dest, members_under(prefix), progress)
 
 
 def _add_json_splits(info: DatasetInfo, folder: Path, settings: DataSettings, progress: Progress) -> None:
@@ -147,8 +143,10 @@ def _json_folder(info: DatasetInfo, archive: Path) -> str:
         prefix = "" if candidate == "." else f"{candidate}/"
         if normalise(PurePosixPath(candidate).name) in accepted and all(f"{prefix}{s}.json" in names for s in SPLITS):
             return prefix
-    raise DataError(f"{archive}: no folder for {info.title} with train/val/test.json (looked for "
-                    f"{info.options['json_names']}; found {', '.join(folders) or 'none'})")
+    raise DataError(
+        f"{archive}: no folder for {info.title} with train/val/test.json (looked for "
+        f"{info.options['json_names']}; found {', '.join(folders) or 'none'})"
+    )
 
 
 def _check_layout(info: DatasetInfo, folder: Path) -> None:

@@ -20,8 +20,9 @@ def dataset_dir(info: DatasetInfo, settings: DataSettings) -> Path:
 def fetch(info: DatasetInfo, settings: DataSettings, progress: Progress = NO_PROGRESS) -> Path:
     folder = dataset_dir(info, settings)
     if not folder.is_dir():
-        raise MissingDataError(f"{folder}: image folder not found (folder:<path> needs a folder with one "
-                               f"sub-folder of images per class)")
+        raise MissingDataError(
+            f"{folder}: image folder not found (folder:<path> needs a folder with one sub-folder of images per class)"
+        )
     return folder
 
 
@@ -34,15 +35,19 @@ def catalogue(info: DatasetInfo, settings: DataSettings, progress: Progress = NO
     for label, name in enumerate(classes):
         images = _images(folder / name)
         if not images:
-            raise MissingDataError(f"{folder / name}: class folder {name!r} holds no images "
-                                   f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder")
+            raise MissingDataError(
+                f"{folder / name}: class folder {name!r} holds no images "
+                f"({', '.join(IMAGE_EXTENSIONS)}); add images or remove the folder"
+            )
         items += [(path.relative_to(folder).as_posix(), label) for path in images]
     return make_catalogue(folder, classes, {"all": items}, str(folder))
 
 
 def _images(class_dir: Path) -> list[Path]:
     return sorted(
-        p for p in class_dir.rglob("*")
-        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        p
+        for p in class_dir.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() in IMAGE_EXTENSIONS
         and not any(part.startswith(".") for part in p.relative_to(class_dir).parts)
     )

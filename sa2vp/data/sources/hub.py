@@ -15,16 +15,18 @@ from sa2vp.data.files import verify_checksum
 from sa2vp.data.progress import NO_PROGRESS, Progress
 
 
-def hub_file(repo_id: str, filename: str, dest_dir: Path, verify: bool = True,
-             progress: Progress = NO_PROGRESS) -> Path:
+def hub_file(
+    repo_id: str, filename: str, dest_dir: Path, verify: bool = True, progress: Progress = NO_PROGRESS
+) -> Path:
     """Download `filename` from the hub dataset `repo_id` into `dest_dir` (kept there for later runs)."""
     from huggingface_hub import hf_hub_download
 
     with progress(f"downloading {filename} from hub dataset {repo_id}", None, "files") as advance:
         try:
             with single_attempt():
-                path = Path(hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset",
-                                            local_dir=dest_dir))
+                path = Path(
+                    hf_hub_download(repo_id=repo_id, filename=filename, repo_type="dataset", local_dir=dest_dir)
+                )
         except Exception as exc:  # network, auth and hub errors come in many types; all mean "not fetched"
             raise DataError(
                 f"could not download {filename} from hub dataset {repo_id}: {_one_line(exc)}; without internet, pass "

@@ -100,8 +100,10 @@ def fetch(info: DatasetInfo, settings: DataSettings, progress: Progress = NO_PRO
     labels = make_labels(info, settings.seed)
     names = class_names(info)
     size = settings.render_size
-    with staging(folder) as tmp, progress(f"generating {info.name} (seed {settings.seed}) at {size}×{size}",
-                                          len(labels), "images") as advance:
+    with (
+        staging(folder) as tmp,
+        progress(f"generating {info.name} (seed {settings.seed}) at {size}×{size}", len(labels), "images") as advance,
+    ):
         for index, label in enumerate(labels):
             path = tmp / _relative(index, names[label])
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -183,8 +185,14 @@ def _loc_scene(rng: np.random.Generator, label: int, grid: int, size: int) -> li
     return shapes
 
 
-def _place(rng: np.random.Generator, blocked: np.ndarray, kind: str, side: int, size: int,
-           allowed: Callable[[np.ndarray], np.ndarray] | None = None) -> Shape | None:
+def _place(
+    rng: np.random.Generator,
+    blocked: np.ndarray,
+    kind: str,
+    side: int,
+    size: int,
+    allowed: Callable[[np.ndarray], np.ndarray] | None = None,
+) -> Shape | None:
     """A shape at a uniformly drawn free position (None when there is none); marks its surroundings blocked."""
     corners = _free_corners(blocked, side)
     if allowed is not None and len(corners):
@@ -193,7 +201,7 @@ def _place(rng: np.random.Generator, blocked: np.ndarray, kind: str, side: int, 
         return None
     top, left = (int(v) for v in corners[rng.integers(len(corners))])
     gap = _pixels(GAP_UNITS, size)
-    blocked[max(top - gap, 0):top + side + gap, max(left - gap, 0):left + side + gap] = True
+    blocked[max(top - gap, 0) : top + side + gap, max(left - gap, 0) : left + side + gap] = True
     return Shape(kind, top, left, side, float(rng.uniform(*LEVEL)))
 
 
@@ -214,13 +222,13 @@ def _draw(scene: list[Shape], size: int, rng: np.random.Generator) -> np.ndarray
     background, noise = rng.uniform(*BACKGROUND), rng.uniform(*NOISE)
     ink = np.full((size, size), background)
     for shape in scene:
-        box = ink[shape.top:shape.top + shape.side, shape.left:shape.left + shape.side]
+        box = ink[shape.top : shape.top + shape.side, shape.left : shape.left + shape.side]
         box[_mask(shape.kind, shape.side)] = shape.level
     grain = np.clip(rng.standard_normal((size, size)), -3.0, 3.0)
     return np.round(np.clip(ink + noise * grain, 0.0, 1.0) * 255).astype(np.uint8)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _mask(kind: str, side: int) -> np.ndarray:
     """The pixels of a shape inside its side×side box (cached, read-only). At 1–2 px every kind is a filled
     square; at 3 px discs and diamonds are crosses and the ring a square with a one-pixel hole."""
@@ -273,8 +281,13 @@ def _rng(info: DatasetInfo, seed: int, *stream: int) -> np.random.Generator:
 
 def marker(info: DatasetInfo, settings: DataSettings) -> dict[str, object]:
     """The completion marker of the rendering these settings ask for (a split prepared from another is stale)."""
-    return {"dataset": info.name, "generator": GENERATOR, "images": _classes(info) * int(info.options["per_class"]),
-            "render_size": settings.render_size, "seed": settings.seed}
+    return {
+        "dataset": info.name,
+        "generator": GENERATOR,
+        "images": _classes(info) * int(info.options["per_class"]),
+        "render_size": settings.render_size,
+        "seed": settings.seed,
+    }
 
 
 def _relative(index: int, name: str) -> str:

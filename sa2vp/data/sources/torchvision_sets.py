@@ -25,9 +25,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from sa2vp.atomic import write_atomic
 from sa2vp.data.catalogue import Catalogue, Item, format_list, make_catalogue, read_list
 from sa2vp.data.errors import DataError, MissingDataError
-from sa2vp.data.files import mark_complete, read_marker, staging, verify_checksum, write_atomic
+from sa2vp.data.files import mark_complete, read_marker, staging, verify_checksum
 from sa2vp.data.pickles import load_restricted
 from sa2vp.data.progress import NO_PROGRESS, Progress
 from sa2vp.data.registry import DatasetInfo
@@ -44,18 +45,34 @@ class _Spec:
 
 
 _SPECS = {
-    "CIFAR10": _Spec({"train": {"train": True}, "test": {"train": False}},
-                     "cifar-10-batches-py/ (data_batch_1…5, test_batch, batches.meta)", arrays=True, pickled=True),
-    "CIFAR100": _Spec({"train": {"train": True}, "test": {"train": False}},
-                      "cifar-100-python/ (train, test, meta)", arrays=True, pickled=True),
-    "SVHN": _Spec({"train": {"split": "train"}, "test": {"split": "test"}},
-                  "train_32x32.mat and test_32x32.mat", arrays=True),
-    "DTD": _Spec({"train": {"split": "train"}, "val": {"split": "val"}, "test": {"split": "test"}},
-                 "dtd/dtd/images/<class>/*.jpg and dtd/dtd/labels/{train,val,test}1.txt", extra={"partition": 1}),
-    "Food101": _Spec({"train": {"split": "train"}, "test": {"split": "test"}},
-                     "food-101/images/<class>/*.jpg and food-101/meta/{train,test}.json"),
-    "GTSRB": _Spec({"train": {"split": "train"}, "test": {"split": "test"}},
-                   "gtsrb/GTSRB/Training/<class>/*.ppm, gtsrb/GTSRB/Final_Test/Images/*.ppm, gtsrb/GT-final_test.csv"),
+    "CIFAR10": _Spec(
+        {"train": {"train": True}, "test": {"train": False}},
+        "cifar-10-batches-py/ (data_batch_1…5, test_batch, batches.meta)",
+        arrays=True,
+        pickled=True,
+    ),
+    "CIFAR100": _Spec(
+        {"train": {"train": True}, "test": {"train": False}},
+        "cifar-100-python/ (train, test, meta)",
+        arrays=True,
+        pickled=True,
+    ),
+    "SVHN": _Spec(
+        {"train": {"split": "train"}, "test": {"split": "test"}}, "train_32x32.mat and test_32x32.mat", arrays=True
+    ),
+    "DTD": _Spec(
+        {"train": {"split": "train"}, "val": {"split": "val"}, "test": {"split": "test"}},
+        "dtd/dtd/images/<class>/*.jpg and dtd/dtd/labels/{train,val,test}1.txt",
+        extra={"partition": 1},
+    ),
+    "Food101": _Spec(
+        {"train": {"split": "train"}, "test": {"split": "test"}},
+        "food-101/images/<class>/*.jpg and food-101/meta/{train,test}.json",
+    ),
+    "GTSRB": _Spec(
+        {"train": {"split": "train"}, "test": {"split": "test"}},
+        "gtsrb/GTSRB/Training/<class>/*.ppm, gtsrb/GTSRB/Final_Test/Images/*.ppm, gtsrb/GT-final_test.csv",
+    ),
 }
 
 
@@ -67,8 +84,10 @@ def fetch(info: DatasetInfo, settings: DataSettings, progress: Progress = NO_PRO
     """The dataset's torchvision root, downloaded or found in place, verified, exported, marked complete."""
     folder = dataset_dir(info, settings)
     if settings.source is not None:  # refused even when the folder is complete: never silently ignored
-        raise DataError(f"data.source is not used for {info.name}: torchvision reads its files from {folder} "
-                        f"({_spec(info).layout}); put them there, or leave data.source unset to download them")
+        raise DataError(
+            f"data.source is not used for {info.name}: torchvision reads its files from {folder} "
+            f"({_spec(info).layout}); put them there, or leave data.source unset to download them"
+        )
     if read_marker(folder) is not None:
         return folder
     if folder.exists():  # in place
@@ -120,7 +139,8 @@ def _complete(info: DatasetInfo, folder: Path, settings: DataSettings, progress:
     mark_complete(folder, {"dataset": info.name})
 
 
-def _torchvision_class(info: DatasetInfo) -> type:
+def _torchvision_class(info: DatasetInfo) -> type[Any]:
+    """torchvision's class for the set (its attributes untyped: torchvision ships no type information)."""
     import torchvision.datasets
 
     return getattr(torchvision.datasets, spec_name(info))
@@ -141,8 +161,9 @@ def _verify(info: DatasetInfo, folder: Path) -> None:
     for name, md5 in _known_md5s(info).items():
         path = folder / name
         if not path.is_file():
-            raise MissingDataError(f"{path}: missing (torchvision's {spec_name(info)} expects "
-                                   f"{_spec(info).layout} under {folder})")
+            raise MissingDataError(
+                f"{path}: missing (torchvision's {spec_name(info)} expects {_spec(info).layout} under {folder})"
+            )
         # A pickle with the wrong checksum is not to be waved through: the advice is to replace it.
         verify_checksum(path, f"md5:{md5}", can_skip=not _spec(info).pickled)
 
@@ -154,15 +175,18 @@ def _reader(info: DatasetInfo, folder: Path, kwargs: Mapping[str, Any]) -> Any:
     try:
         return cls(str(folder), download=False, **kwargs, **_spec(info).extra)
     except (RuntimeError, OSError) as exc:
-        raise MissingDataError(f"{folder}: torchvision's {spec_name(info)} cannot read it ({exc}); it expects "
-                               f"{_spec(info).layout}; remove the folder to download it again") from None
+        raise MissingDataError(
+            f"{folder}: torchvision's {spec_name(info)} cannot read it ({exc}); it expects "
+            f"{_spec(info).layout}; remove the folder to download it again"
+        ) from None
 
 
-def _unchecked(cls: type) -> type:
+def _unchecked(cls: type[Any]) -> type[Any]:
     name = cls.__name__
     if name in ("CIFAR10", "CIFAR100"):
         raise AssertionError("CIFAR is read by _CifarArrays, never by torchvision's pickle.load")
     if name == "SVHN":
+
         def exists(self: Any) -> bool:
             return os.path.isfile(os.path.join(self.root, self.filename))
 
@@ -234,8 +258,11 @@ def _cifar_batch(info: DatasetInfo, path: Path) -> tuple[np.ndarray, list[int]]:
     labels = entry.get("labels", entry.get("fine_labels"))
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(f"{path}: not a CIFAR batch ('data' must be a uint8 array of N×3072 pixels)")
-    if (not isinstance(labels, list) or len(labels) != len(data)
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels)):
+    if (
+        not isinstance(labels, list)
+        or len(labels) != len(data)
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels)
+    ):
         raise DataError(f"{path}: not a CIFAR batch ('labels' / 'fine_labels' must list one integer per image)")
     return data, labels
 
@@ -246,8 +273,10 @@ def _file_items(info: DatasetInfo, folder: Path, kwargs: Mapping[str, Any]) -> l
     if spec_name(info) == "GTSRB":
         # GTSRB keeps (path, class id) pairs privately; the id is the folder name (train) or the csv (test),
         # so training labels are taken from the folder name, which stays right even if a class folder is absent.
-        pairs = [(Path(p), str(int(Path(p).parent.name)) if kwargs["split"] == "train" else str(c))
-                 for p, c in dataset._samples]
+        pairs = [
+            (Path(p), str(int(Path(p).parent.name)) if kwargs["split"] == "train" else str(c))
+            for p, c in dataset._samples
+        ]
     else:
         # DTD and Food-101 take a loader: one that returns the path gives their file lists without decoding.
         dataset.loader = _identity

@@ -13,9 +13,7 @@ from pathlib import Path
 
 from sa2vp.data.catalogue import Catalogue, make_catalogue, read_list
 from sa2vp.data.errors import DataError, MissingDataError
-from sa2vp.data.files import (
-    archive_names, check_source, copy_tree, extract, mark_complete, read_marker, record_source, staging,
-)
+from sa2vp.data.files import archive_names, building, complete_in_place, copy_tree, extract, members_under
 from sa2vp.data.progress import NO_PROGRESS, Progress
 from sa2vp.data.registry import DatasetInfo
 from sa2vp.data.sources.hub import hub_file
@@ -33,30 +31,24 @@ def dataset_dir(info: DatasetInfo, settings: DataSettings) -> Path:
 def fetch(info: DatasetInfo, settings: DataSettings, progress: Progress = NO_PROGRESS) -> Path:
     """The task's folder, extracted (or copied) and marked complete."""
     folder = dataset_dir(info, settings)
-    source = Path(settings.source) if settings.source is not None else None
-    check_source(folder, source)  # a --from of another copy is refused, not silently ignored
-    if read_marker(folder) is not None:
-        return folder
-    if folder.exists():  # put in place by hand: accept it if its lists are there
-        _check_lists(folder)
-        mark_complete(folder, {"dataset": info.name})
+    source = settings.source
+    marker = {"dataset": info.name}
+    if complete_in_place(folder, source, marker, _check_lists):  # by hand: accepted if its lists are there
         return folder
     if source is not None and not source.exists():
-        raise MissingDataError(f"data.source={source}: no such file or folder (expected {HUB_FILE} or the folder "
-                               f"it extracts to)")
-    archive = None
-    if source is None:
-        archive = hub_file(HUB_REPO, HUB_FILE, Path(settings.root) / "downloads", settings.verify_checksums, progress)
-    elif source.is_file():
-        archive = source
-    with staging(folder) as tmp:
-        if archive is None:
-            copy_tree(_task_in_folder(source, info.folder), tmp, progress)
+        raise MissingDataError(
+            f"data.source={source}: no such file or folder (expected {HUB_FILE} or the folder it extracts to)"
+        )
+    # VTAB-1k's archive (data.source's copy, or downloaded), or the folder it extracts to (data.source).
+    origin = source
+    if origin is None:
+        origin = hub_file(HUB_REPO, HUB_FILE, Path(settings.root) / "downloads", settings.verify_checksums, progress)
+    with building(folder, source, marker) as tmp:
+        if origin.is_file():
+            _extract_task(origin, info.folder, tmp, progress)
         else:
-            _extract_task(archive, info.folder, tmp, progress)
+            copy_tree(_task_in_folder(origin, info.folder), tmp, progress)
         _check_lists(tmp)
-        record_source(tmp, source)
-        mark_complete(tmp, {"dataset": info.name})
     return folder
 
 
@@ -71,16 +63,20 @@ def catalogue(info: DatasetInfo, settings: DataSettings, progress: Progress = NO
 def _check_lists(folder: Path) -> None:
     missing = [f"{name}.txt" for name in LISTS if not (folder / f"{name}.txt").is_file()]
     if missing:
-        raise MissingDataError(f"{folder}: missing {', '.join(missing)} (a VTAB-1k task folder holds "
-                               f"{', '.join(n + '.txt' for n in LISTS)} and its images)")
+        raise MissingDataError(
+            f"{folder}: missing {', '.join(missing)} (a VTAB-1k task folder holds "
+            f"{', '.join(n + '.txt' for n in LISTS)} and its images)"
+        )
 
 
 def _task_in_folder(source: Path, task: str) -> Path:
     for candidate in (source / task, source / "vtab-1k" / task, source):
         if (candidate / "train800.txt").is_file() and (candidate != source or source.name == task):
             return candidate
-    raise MissingDataError(f"data.source={source}: no VTAB-1k task folder {task}/ with train800.txt in it "
-                           f"(expected {source / task / 'train800.txt'})")
+    raise MissingDataError(
+        f"data.source={source}: no VTAB-1k task folder {task}/ with train800.txt in it "
+        f"(expected {source / task / 'train800.txt'})"
+    )
 
 
 def _extract_task(archive: Path, task: str, dest: Path, progress: Progress) -> None:
@@ -89,4 +85,4 @@ def _extract_task(archive: Path, task: str, dest: Path, progress: Progress) -> N
     if not lists:
         raise DataError(f"{archive}: has no {task}/train800.txt; is it VTAB-1k's {HUB_FILE}?")
     prefix = min(lists, key=len)[: -len("train800.txt")]
-    extract(archive, dest, lambda name: name[len(prefix):] if name.startswith(prefix) else None, progress)
+    extract(archive, dest, members_under(prefix), progress)

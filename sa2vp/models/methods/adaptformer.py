@@ -25,6 +25,7 @@ from torch import nn
 
 from sa2vp.models.backbones import BackboneError
 from sa2vp.models.base import AdaptedModel, BackboneClassifier
+from sa2vp.models.containers import ModuleListOf
 from sa2vp.settings import AdaptFormerSettings, Choice, FloatRange, SA2VPSettings, SearchDimension
 
 
@@ -49,8 +50,8 @@ class ParallelAdapter(nn.Module):
     def attach(self, block: nn.Module) -> None:
         """Hook this adapter beside `block.mlp`. The hooks are bound methods of the adapter, so a deep copy of
         the model hooks the copied backbone to the copied adapters."""
-        block.norm2.register_forward_hook(self._read_stream)
-        block.mlp.register_forward_hook(self._add_to_mlp)
+        block.get_submodule("norm2").register_forward_hook(self._read_stream)
+        block.get_submodule("mlp").register_forward_hook(self._add_to_mlp)
 
     def _read_stream(self, norm: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> None:
         self._stream = (args[0], output)  # (x', LN2(x')), until the MLP runs
@@ -71,21 +72,28 @@ class AdaptFormer(BackboneClassifier):
     def __init__(self, backbone: nn.Module, num_classes: int, settings: AdaptFormerSettings) -> None:
         super().__init__(backbone.requires_grad_(False), num_classes)
         blocks = mlp_blocks(backbone)
-        self.adapters = nn.ModuleList(
-            ParallelAdapter(block.mlp.fc1.in_features, settings.dim, settings.scale, settings.dropout)
-            for block in blocks
+        self.adapters = ModuleListOf(
+            ParallelAdapter(fc1.in_features, settings.dim, settings.scale, settings.dropout) for _, fc1 in blocks
         )
-        for block, adapter in zip(blocks, self.adapters, strict=True):
+        for (block, _), adapter in zip(blocks, self.adapters, strict=True):
             adapter.attach(block)
 
+    def describe(self) -> list[str]:
+        first = self.adapters[0]
+        return [
+            f"adapter dim={first.down.out_features}  scale s={first.scale:g}  dropout={first.drop.p:g}, beside the "
+            f"MLP of each of {len(self.adapters)} blocks"
+        ]
 
-def mlp_blocks(backbone: nn.Module) -> list[nn.Module]:
-    """The backbone's transformer blocks (modules with `norm2` and an `mlp` whose `fc1` is nn.Linear), in order."""
+
+def mlp_blocks(backbone: nn.Module) -> list[tuple[nn.Module, nn.Linear]]:
+    """The backbone's transformer blocks (modules with `norm2` and an `mlp` whose `fc1` is nn.Linear), in order,
+    each with that `fc1` (whose input width is the residual stream's)."""
     blocks = [
-        m
+        (m, fc1)
         for m in backbone.modules()
         if isinstance(getattr(m, "norm2", None), nn.Module)
-        and isinstance(getattr(getattr(m, "mlp", None), "fc1", None), nn.Linear)
+        and isinstance(fc1 := getattr(getattr(m, "mlp", None), "fc1", None), nn.Linear)
     ]
     if not blocks:
         raise BackboneError(

@@ -16,6 +16,9 @@ class FullFineTuning(BackboneClassifier):
     def __init__(self, backbone: nn.Module, num_classes: int) -> None:
         super().__init__(backbone.requires_grad_(True), num_classes)
 
+    def describe(self) -> list[str]:
+        return ["full fine-tuning: every backbone weight and the head train"]
+
 
 def build(backbone: nn.Module, num_classes: int, settings: SA2VPSettings) -> AdaptedModel:
     return FullFineTuning(backbone, num_classes)

@@ -14,6 +14,9 @@ class LinearProbe(BackboneClassifier):
     def __init__(self, backbone: nn.Module, num_classes: int) -> None:
         super().__init__(backbone.requires_grad_(False), num_classes)
 
+    def describe(self) -> list[str]:
+        return [f"linear probe: the head on the frozen backbone's {self.head.in_features}-d pooled feature"]
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():  # nothing below the head is trained: skip the backbone's autograd graph
             features = self.features(images)

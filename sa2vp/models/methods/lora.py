@@ -27,17 +27,20 @@ class LoRA(BackboneClassifier):
         from peft import LoraConfig, inject_adapter_in_model
 
         backbone.requires_grad_(False)
+        # Full module paths, so that a target name matching a non-Linear layer too (`proj` is also the patch
+        # embedding's Conv2d) adapts only the Linear layers the setting is about.
+        layers = target_layers(backbone, settings.targets)
         config = LoraConfig(
             r=settings.rank,
-            lora_alpha=settings.alpha,
+            # peft annotates lora_alpha as int, but only ever divides it by r: a float α is what it computes with.
+            lora_alpha=settings.alpha,  # type: ignore[arg-type]
             lora_dropout=settings.dropout,
-            # Full module paths, so that a target name matching a non-Linear layer too (`proj` is also the
-            # patch embedding's Conv2d) adapts only the Linear layers the setting is about.
-            target_modules=target_layers(backbone, settings.targets),
+            target_modules=layers,
             bias="none",
         )
         inject_adapter_in_model(config, backbone)
         super().__init__(backbone, num_classes)
+        self.lora_settings, self.adapted_layers = settings, layers
         # The dropouts live inside the backbone, which stays in eval mode unless model.backbone_dropout is on;
         # they are LoRA's own, so `train` switches them with the model.
         self._lora_dropouts = [m for name, m in backbone.named_modules() if name.endswith(".lora_dropout")]
@@ -52,6 +55,13 @@ class LoRA(BackboneClassifier):
         if ".lora_" in f".{name}":
             return None
         return name.replace(".base_layer.", ".")
+
+    def describe(self) -> list[str]:
+        s = self.lora_settings
+        return [
+            f"rank r={s.rank}  alpha={s.alpha:g} (updates scaled by {s.alpha / s.rank:g})  dropout={s.dropout:g}",
+            f"targets {', '.join(s.targets)}: {len(self.adapted_layers)} nn.Linear layers",
+        ]
 
 
 def target_layers(backbone: nn.Module, targets: list[str]) -> list[str]:

@@ -1,5 +1,5 @@
-"""SA²VP itself in the method registry: one design per backbone family (method file §2 ViT, §3 Swin), both
-defined beside the pieces they share (sa2vp.models.sa2vp_vit, sa2vp_swin, cross_block)."""
+"""SA²VP itself in the method registry: one design per backbone family (method file §2 ViT, §3 Swin) over
+one core (sa2vp.models.sa2vp_vit, sa2vp_swin; what they share: sa2vp_core, cross_block)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,8 @@ from torch import nn
 from sa2vp.models.backbones import BackboneError
 from sa2vp.models.base import AdaptedModel
 from sa2vp.models.sa2vp_swin import SA2VPSwin
-from sa2vp.models.sa2vp_vit import SEARCH_SPACE, SA2VPViT
-from sa2vp.settings import SA2VPSettings, SettingsError
-
-__all__ = ["SEARCH_SPACE", "build"]
+from sa2vp.models.sa2vp_vit import SA2VPViT
+from sa2vp.settings import Choice, FloatRange, SA2VPSettings, SearchDimension, SettingsError
 
 
 def build(backbone: nn.Module, num_classes: int, settings: SA2VPSettings) -> AdaptedModel:
@@ -27,3 +25,14 @@ def build(backbone: nn.Module, num_classes: int, settings: SA2VPSettings) -> Ada
         f"model.method=sa2vp supports timm's VisionTransformer (vit_*) and SwinTransformer (swin_*) families, "
         f"got a {type(backbone).__name__}"
     )
+
+
+# What tuning searches by default (method file §2: "γ is tuned on the validation set"): γ on a log scale
+# around the release's 0.1 and 1.5, the loss weight λ, the window c, and — as for every method — the
+# learning rate (the release's 1e-3, or 5e-4, is itself a per-dataset choice).
+SEARCH_SPACE: dict[str, SearchDimension] = {
+    "model.gamma": FloatRange(low=0.01, high=2.0, log=True),
+    "model.lam": FloatRange(low=0.5, high=1.0),
+    "model.window": Choice(choices=[1, 3, 5, 7]),
+    "train.lr": FloatRange(low=1e-4, high=2e-2, log=True),
+}

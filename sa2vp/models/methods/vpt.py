@@ -27,6 +27,7 @@ from sa2vp.settings import Choice, FloatRange, SA2VPSettings, SearchDimension, V
 class VisualPromptTuning(AdaptedModel):
     """VPT over a frozen timm VisionTransformer; `deep` selects VPT-deep. Forward returns logits."""
 
+    backbone: VisionTransformer
     # VPT's code keeps the frozen encoder in train mode for its prompt transfer types.
     backbone_dropout = True
 
@@ -74,6 +75,10 @@ class VisualPromptTuning(AdaptedModel):
 
     def extra_repr(self) -> str:
         return f"{'deep' if self.deep else 'shallow'}, tokens={self.num_prompts}"
+
+    def describe(self) -> list[str]:
+        where = f"a new set before each of {len(self.prompts)} layers" if self.deep else "at the input only"
+        return [f"{'deep' if self.deep else 'shallow'}: p={self.num_prompts} prompt tokens, {where}"]
 
 
 def build(backbone: nn.Module, num_classes: int, settings: SA2VPSettings) -> AdaptedModel:
