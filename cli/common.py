@@ -56,7 +56,7 @@ ParamsOption = Annotated[
 ]
 SetOption = Annotated[
     list[str] | None,
-    typer.Option("--set", "-s", help="Override a setting: --set model.gamma=0.5 (repeatable; values are YAML)."),
+    typer.Option("--set", "-s", help="Override a setting: --set model.sa2vp.gamma=0.5 (repeatable; values are YAML)."),
 ]
 
 SetFileOption = Annotated[
@@ -155,7 +155,7 @@ def _parse_set(item: str) -> tuple[str, Any]:
     """`--set KEY=VALUE` as (key, value), the value read as YAML (an empty one is null)."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
-        raise SettingsError(f"--set {item!r}: expected KEY=VALUE, e.g. --set model.gamma=0.5")
+        raise SettingsError(f"--set {item!r}: expected KEY=VALUE, e.g. --set model.sa2vp.gamma=0.5")
     key = key.strip()
     try:
         return key, yaml.safe_load(raw) if raw.strip() else None

@@ -48,7 +48,7 @@ def train(
 ) -> None:
     """Train the configured method on a dataset; one MLflow run with params, curves, figures and the artifact.
 
-    Example: sa2vp train -d digits --epochs 20 --set model.gamma=0.5
+    Example: sa2vp train -d digits --epochs 20 --set model.sa2vp.gamma=0.5
     Final run with tuned settings: sa2vp train --set-file runs/tune/best.yaml --final
     """
     _train(dataset, epochs, device, output, resume, final, from_, params, overrides, files)

@@ -291,7 +291,9 @@ def method_label(loaded: LoadedArtifact) -> str:
     model = loaded.settings.model
     if model.method != "sa2vp":
         return model.method
-    return "SA²VP, global attention" if model.window_size is None else f"SA²VP, window c={model.window_size}"
+    return (
+        "SA²VP, global attention" if model.sa2vp.window_size is None else f"SA²VP, window c={model.sa2vp.window_size}"
+    )
 
 
 def _imshow(axes: Any, picture: np.ndarray) -> None:

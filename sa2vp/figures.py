@@ -66,7 +66,7 @@ def tuning_figures(study: Any, space: Mapping[str, Any]) -> dict[str, Any]:
     """A study's figures by file name: the optimisation history, the parameter importances and a map of the
     trials over two searched settings (γ and the window c where both are searched). A figure the trials
     cannot make yet (too few completed, nothing varies) is left out, with a log line saying why."""
-    names = [key for key in ("model.gamma", "model.window") if key in space]
+    names = [key for key in ("model.sa2vp.gamma", "model.sa2vp.window") if key in space]
     pair = names if len(names) == 2 else list(space)[:2]
     makers = {
         "optimization_history.png": lambda: history_figure(study),
@@ -89,7 +89,7 @@ def _short(key: str) -> str:
 
 
 def _label(key: str) -> str:
-    """`model.gamma (γ)`: the setting, and its name in the method file where that differs."""
+    """`model.sa2vp.gamma (γ)`: the setting, and its name in the method file where that differs."""
     return key if _short(key) == key.rsplit(".", 1)[-1] else f"{key} ({_short(key)})"
 
 

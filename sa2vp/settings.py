@@ -1,10 +1,10 @@
 """The one schema of the experiment's settings.
 
 Every setting is defined here, once, with its default and its validation. params.yaml is an instance of
-`Settings`; `SA2VP_…` environment variables (nested keys joined by `__`, e.g. `SA2VP_MODEL__GAMMA=0.5`) and
-command-line overrides (`model.gamma=0.5`) are applied on top by `load_settings`. No other module keeps a
-second list of defaults. An invalid value is refused with its source named: `--set model.gamma: …`,
-`environment SA2VP_MODEL__GAMMA: …`, `params.yaml: model.gamma: …`.
+`Settings`; `SA2VP_…` environment variables (nested keys joined by `__`, e.g. `SA2VP_MODEL__SA2VP__GAMMA=0.5`) and
+command-line overrides (`model.sa2vp.gamma=0.5`) are applied on top by `load_settings`. No other module keeps a
+second list of defaults. An invalid value is refused with its source named: `--set model.sa2vp.gamma: …`,
+`environment SA2VP_MODEL__SA2VP__GAMMA: …`, `params.yaml: model.sa2vp.gamma: …`.
 """
 
 from __future__ import annotations
@@ -187,20 +187,12 @@ class AdaptFormerSettings(_Section):
 
 
 class SA2VPSettings(_Section):
-    """The `model:` section: the adaptation method and its settings.
+    """The `model.sa2vp:` section: SA²VP's own settings, on ViT (method file §2) and Swin (§3).
 
-    The top-level keys are SA²VP's, on ViT (method file §2) and Swin (§3); defaults are the authors' ViT release.
-    The Swin release's values that differ (γ = 0.5, r = t = 8) are not switched by the backbone: set them.
-    The baselines of the paper's Tab. 1 read their own sub-section (vpt, lora, adaptformer) and ignore the rest.
+    Defaults are the authors' ViT release. The Swin release's values that differ (γ = 0.5, r = t = 8) are not
+    switched by the backbone: set them.
     """
 
-    method: Literal["sa2vp", "linear", "full", "vpt-shallow", "vpt-deep", "lora", "adaptformer"] = Field(
-        "sa2vp",
-        description="Adaptation method: `sa2vp`; or a baseline — `linear` (linear probe on the frozen backbone's "
-        "pooled feature), `full` (fine-tune every backbone weight), `vpt-shallow` / `vpt-deep` (prompt tokens at "
-        "the input / at every layer, ViT only; model.vpt), `lora` (model.lora), `adaptformer` (model.adaptformer). "
-        "The SA²VP keys below are used by `sa2vp` only.",
-    )
     window: int | Literal["global"] = Field(
         3, description="Window c of the spatially-aligned cross attention: odd ≥ 1, or `global` (ablation)."
     )
@@ -243,27 +235,12 @@ class SA2VPSettings(_Section):
         description="Dropout of SA²VP's own layers in training: on the cross attention's output, and inside every "
         "adapter after the activation and after W_up (release: 0.1).",
     )
-    backbone_dropout: Literal["auto", "on", "off"] = Field(
-        "auto",
-        description="The backbone's own dropout and drop-path (rates: backbone.dropout, backbone.drop_path) while "
-        "training, for every method; frozen means no gradient, not no dropout. `on`: active in training (the "
-        "SA²VP release trains its whole model in train mode); `off`: the backbone always in eval mode; `auto`: "
-        "each method's reference code — on for sa2vp, vpt-* and full, off for linear, lora and adaptformer (VPT's "
-        "code freezes the encoder in eval mode for linear probing and adapters).",
-    )
     prompt_adapter: bool = Field(
         True,
         description="Pass what one pathway reads from the other through the prompt adapter (§2, Cross_i). false: "
         "the ablation `w/o prompt adapter` (paper Tab. 5): Cross_i returns the attended output A itself (after "
         "the frozen W_o and dropout), without the residual h — the block already carries h, adding it again would "
         "scale it by 1 + γ — and no adapter parameters exist.",
-    )
-    vpt: VPTSettings = Field(
-        default_factory=lambda: VPTSettings(), description="Settings of `vpt-shallow` and `vpt-deep` only."
-    )
-    lora: LoRASettings = Field(default_factory=lambda: LoRASettings(), description="Settings of `lora` only.")
-    adaptformer: AdaptFormerSettings = Field(
-        default_factory=lambda: AdaptFormerSettings(), description="Settings of `adaptformer` only."
     )
 
     @field_validator("window", mode="before")
@@ -302,6 +279,35 @@ class SA2VPSettings(_Section):
     def window_size(self) -> int | None:
         """The window c, or None for the global variant."""
         return None if self.window == "global" else int(self.window)
+
+
+class ModelSettings(_Section):
+    """The `model:` section: the adaptation method, the backbone's own dropout in training, and each method's
+    settings in a sub-section of its own (read by that method only)."""
+
+    method: Literal["sa2vp", "linear", "full", "vpt-shallow", "vpt-deep", "lora", "adaptformer"] = Field(
+        "sa2vp",
+        description="Adaptation method: `sa2vp` (model.sa2vp); or a baseline — `linear` (linear probe on the frozen "
+        "backbone's pooled feature), `full` (fine-tune every backbone weight), `vpt-shallow` / `vpt-deep` (prompt "
+        "tokens at the input / at every layer, ViT only; model.vpt), `lora` (model.lora), `adaptformer` "
+        "(model.adaptformer).",
+    )
+    backbone_dropout: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="The backbone's own dropout and drop-path (rates: backbone.dropout, backbone.drop_path) while "
+        "training, for every method; frozen means no gradient, not no dropout. `on`: active in training (the "
+        "SA²VP release trains its whole model in train mode); `off`: the backbone always in eval mode; `auto`: "
+        "each method's reference code — on for sa2vp, vpt-* and full, off for linear, lora and adaptformer (VPT's "
+        "code freezes the encoder in eval mode for linear probing and adapters).",
+    )
+    sa2vp: SA2VPSettings = Field(default_factory=lambda: SA2VPSettings(), description="Settings of `sa2vp` only.")
+    vpt: VPTSettings = Field(
+        default_factory=lambda: VPTSettings(), description="Settings of `vpt-shallow` and `vpt-deep` only."
+    )
+    lora: LoRASettings = Field(default_factory=lambda: LoRASettings(), description="Settings of `lora` only.")
+    adaptformer: AdaptFormerSettings = Field(
+        default_factory=lambda: AdaptFormerSettings(), description="Settings of `adaptformer` only."
+    )
 
 
 class DataSettings(_Section):
@@ -470,10 +476,10 @@ class TuneSettings(_Section):
         None,
         description="Changes to the method's own search space (SA²VP: γ log-scale, λ, the window c and train.lr), "
         "nested like the settings, so that one `--set` / `dvc exp run -S` changes one thing: "
-        "`tune.space.model.gamma.high=2` (a field of a dimension; the rest stays the method's), "
-        "`tune.space.model.window.choices=[1,3]`, `tune.space.train.lr.start=0.005` (the first trial's value; "
-        "default: the setting's), `tune.space.model.lam=null` (not searched), or a whole new dimension "
-        "`tune.space.model.prompt_rank={type: choice, choices: [8, 16]}` (float and int: low, high, log; int: "
+        "`tune.space.model.sa2vp.gamma.high=2` (a field of a dimension; the rest stays the method's), "
+        "`tune.space.model.sa2vp.window.choices=[1,3]`, `tune.space.train.lr.start=0.005` (the first trial's value; "
+        "default: the setting's), `tune.space.model.sa2vp.lam=null` (not searched), or a whole new dimension "
+        "`tune.space.model.sa2vp.prompt_rank={type: choice, choices: [8, 16]}` (float and int: low, high, log; int: "
         "step). A searched setting that is given a value (params.yaml, --set, SA2VP_*) is pinned — left out of the "
         "search — unless its entry here gives a range or choices; then the value is where its search starts.",
     )
@@ -512,8 +518,9 @@ SEARCHABLE_SECTIONS = ("model", "train", "backbone")
 def space_entries(space: Mapping[str, Any] | None) -> dict[str, dict[str, Any] | None]:
     """tune.space as dotted setting → its entry: a mapping of SPACE_FIELDS, or None (not searched).
 
-    Entries nest by the settings' sections (model: {gamma: {high: 2}}); a dotted key (model.gamma: …) names the
-    same entry. Raises ValueError naming the first key that is no setting, or an entry that is no mapping."""
+    Entries nest by the settings' sections (model: {sa2vp: {gamma: {high: 2}}}); a dotted key
+    (model.sa2vp.gamma: …) names the same entry. Raises ValueError naming the first key that is no setting, or
+    an entry that is no mapping."""
     leaves = set(setting_keys(sections=False))
     entries: dict[str, dict[str, Any] | None] = {}
 
@@ -567,7 +574,7 @@ class SuiteSettings(_Section):
     variants: list[str] = Field(
         default_factory=list,
         description="The table's rows: a method name (`linear`, `sa2vp`, …: sets model.method), or a name given "
-        "settings in `overrides` (an ablation such as `global: {model.window: global}`).",
+        "settings in `overrides` (an ablation such as `global: {model.sa2vp.window: global}`).",
     )
     seeds: list[int] = Field(
         default_factory=lambda: [42],
@@ -595,12 +602,14 @@ class SuiteSettings(_Section):
         for scope, settings in value.items():
             for key in settings:
                 if "." not in key or key.split(".", 1)[0] not in {"model", "train", "tune", "backbone", "data"}:
-                    raise ValueError(f"{scope}: key {key!r}: expected a dotted setting (model.gamma, train.lr, …)")
+                    raise ValueError(
+                        f"{scope}: key {key!r}: expected a dotted setting (model.sa2vp.gamma, train.lr, …)"
+                    )
         return value
 
     @model_validator(mode="after")
     def _known_variants(self) -> SuiteSettings:
-        methods = set(get_args(SA2VPSettings.model_fields["method"].annotation))
+        methods = set(get_args(ModelSettings.model_fields["method"].annotation))
         unknown = [v for v in self.variants if v not in methods and v not in self.overrides]
         if unknown:
             raise ValueError(
@@ -620,7 +629,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_nested_delimiter=ENV_DELIMITER, extra="forbid")
 
     backbone: BackboneSettings = BackboneSettings()
-    model: SA2VPSettings = SA2VPSettings()
+    model: ModelSettings = ModelSettings()
     data: DataSettings = DataSettings()
     train: TrainSettings = TrainSettings()
     tune: TuneSettings = TuneSettings()
@@ -686,7 +695,7 @@ def read_overrides(path: Path) -> dict[str, Any]:
     overrides = data.get("settings", data)
     if not isinstance(overrides, dict) or not all(isinstance(k, str) and "." in k for k in overrides):
         raise SettingsError(
-            f"{path}: expected a mapping of dotted settings (model.gamma: 0.5), optionally under `settings:`"
+            f"{path}: expected a mapping of dotted settings (model.sa2vp.gamma: 0.5), optionally under `settings:`"
         )
     return dict(overrides)
 
@@ -700,11 +709,12 @@ def load_settings(
     overrides: Mapping[str, Any] | None = None,
     origins: Mapping[str, Origin] | None = None,
 ) -> Settings:
-    """Settings from a params file, the environment and dotted overrides (`{"model.gamma": 0.5}`).
+    """Settings from a params file, the environment and dotted overrides (`{"model.sa2vp.gamma": 0.5}`).
 
     `origins` says where each override came from (`--set`, a --set-file's path), for the error message.
-    Raises SettingsError with one part per invalid key, each naming its source: `--set model.window: …`,
-    `environment SA2VP_MODEL__GAMMA: …`, `params.yaml: model.lam: …` (an override without an origin: the key).
+    Raises SettingsError with one part per invalid key, each naming its source: `--set model.sa2vp.window: …`,
+    `environment SA2VP_MODEL__SA2VP__GAMMA: …`, `params.yaml: model.sa2vp.lam: …` (an override without an
+    origin: the key).
     """
     environment = environment_settings()
     _check_environment(environment)
@@ -775,7 +785,7 @@ def _keys_of_another_backbone(
 
 
 def environment_settings(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The SA2VP_* variables as dotted key → variable name (`model.gamma` → `SA2VP_MODEL__GAMMA`).
+    """The SA2VP_* variables as dotted key → variable name (`model.sa2vp.gamma` → `SA2VP_MODEL__SA2VP__GAMMA`).
 
     Matched without regard to case, as pydantic-settings reads them."""
     environ = os.environ if environ is None else environ
@@ -788,7 +798,7 @@ def environment_settings(environ: Mapping[str, str] | None = None) -> dict[str, 
 
 @functools.cache
 def setting_keys(sections: bool = True) -> tuple[str, ...]:
-    """Every valid dotted key (`model.gamma`), with the sections themselves (`model`, `model.vpt`) unless
+    """Every valid dotted key (`model.sa2vp.gamma`), with the sections themselves (`model`, `model.vpt`) unless
     `sections` is false."""
     flat = flatten_settings(Settings.model_construct())
     parents = {".".join(key.split(".")[:depth]) for key in flat for depth in range(1, key.count(".") + 1)}
@@ -796,8 +806,26 @@ def setting_keys(sections: bool = True) -> tuple[str, ...]:
 
 
 def did_you_mean(key: str) -> str:
-    """`; did you mean model.gamma?` for a mistyped key, or nothing when no setting is close."""
-    close = difflib.get_close_matches(key, setting_keys(), n=1, cutoff=0.75)
+    """`; did you mean model.sa2vp.gamma?` for a mistyped key, or nothing when no setting is close.
+
+    First the setting of the same section whose own name is closest (`model.gamma`, as SA²VP's settings were
+    named before they moved into model.sa2vp, and `model.gama` both mean model.sa2vp.gamma), where one is
+    clearly closest; then the closest whole key."""
+    keys = setting_keys()
+    section, leaf = key.partition(".")[0], key.rpartition(".")[2]
+    sections = {k.partition(".")[0] for k in keys}
+    if section not in sections:  # a mistyped section (modle.gamma): look in the closest one
+        section = next(iter(difflib.get_close_matches(section, sections, n=1, cutoff=0.75)), section)
+    in_section = [k for k in keys if k.startswith(section + ".") and k != key]
+    for cutoff in (1.0, 0.75):
+        leaves = {k.rpartition(".")[2] for k in in_section}
+        best = difflib.get_close_matches(leaf, leaves, n=1, cutoff=cutoff)
+        named = [k for k in in_section if best and k.rpartition(".")[2] == best[0]]
+        if len(named) == 1:
+            return f"; did you mean {named[0]}?"
+        if named and cutoff == 1.0:  # the same name in several methods' sections (dropout)
+            return f"; did you mean one of {', '.join(named)}?"
+    close = difflib.get_close_matches(key, keys, n=1, cutoff=0.75)
     return f"; did you mean {close[0]}?" if close else ""
 
 
@@ -889,7 +917,7 @@ def settings_from_dump(dump: Mapping[str, Any], overrides: Mapping[str, Any] | N
 
 def _set_all(tree: dict[str, Any], dotted: Mapping[str, Any], sources: _Sources | None = None) -> dict[str, Any]:
     """`tree` with every dotted setting of `dotted` set in it, in order; one below a key given a value that is no
-    section (`model.gamma` after `model=1`) is a SettingsError naming its source."""
+    section (`model.sa2vp.gamma` after `model=1`) is a SettingsError naming its source."""
     for key, value in dotted.items():
         try:
             set_dotted(tree, key, value)
@@ -901,7 +929,7 @@ def _set_all(tree: dict[str, Any], dotted: Mapping[str, Any], sources: _Sources 
 def dotted_parent(tree: dict[str, Any], key: str, *, create: bool = False) -> tuple[dict[str, Any] | None, str]:
     """The mapping in a nested `tree` that holds a dotted `key`'s last part, and that part: `model.lora.rank` →
     (tree["model"]["lora"], "rank"). A part on the way that is missing or null: None, or with `create` a new
-    mapping put there. One that holds another value: None, or with `create` a ValueError (`model.gamma` where
+    mapping put there. One that holds another value: None, or with `create` a ValueError (`model.sa2vp.gamma` where
     `model` was given 1 is no setting)."""
     *parents, leaf = key.split(".")
     node = tree

@@ -350,7 +350,13 @@ def source_tags() -> dict[str, str]:
 
 
 # Settings by the names the method file gives them (SA²VP's γ, λ and window c), in run names and figures.
-SHORT_NAMES = {"model.gamma": "γ", "model.window": "c", "model.lam": "λ", "train.lr": "lr", "train.weight_decay": "wd"}
+SHORT_NAMES = {
+    "model.sa2vp.gamma": "γ",
+    "model.sa2vp.window": "c",
+    "model.sa2vp.lam": "λ",
+    "train.lr": "lr",
+    "train.weight_decay": "wd",
+}
 
 
 def trial_run_name(number: int, values: Mapping[str, Any]) -> str:

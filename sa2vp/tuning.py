@@ -86,7 +86,7 @@ class SearchPlan:
     values: dict[str, Any] = field(default_factory=dict)
 
     def line(self) -> str:
-        """One line: `searching model.lam 0.5…1 from 0.8, …; pinned model.gamma=0.5 (params.yaml)`."""
+        """One line: `searching model.sa2vp.lam 0.5…1 from 0.8, …; pinned model.sa2vp.gamma=0.5 (params.yaml)`."""
         searched = (
             ", ".join(f"{key} {_range(dim)} from {_short(self.start.get(key))}" for key, dim in self.space.items())
             or "nothing"

@@ -261,7 +261,7 @@ def test_a_commands_own_option_reaches_the_settings_as_given(tmp_path: Path) -> 
 
 def test_a_mistyped_setting_suggests_the_setting_meant(tmp_path: Path) -> None:
     message = one_error_line(run_in(tmp_path, "model", "summary", "--set", "model.gama=0.3"))
-    assert message == "--set model.gama: unknown setting; did you mean model.gamma?"
+    assert message == "--set model.gama: unknown setting; did you mean model.sa2vp.gamma?"
 
 
 def _closed_port() -> int:

@@ -34,11 +34,11 @@ TINY_SWIN = {
 # Off every default, so that a description read from the wrong place shows.
 SETTINGS = {
     "backbone.weights": "random",
-    "model.window": 1,
-    "model.gamma": 0.3,
-    "model.lam": 0.6,
-    "model.prompt_rank": 4,
-    "model.adapter_dim": 8,
+    "model.sa2vp.window": 1,
+    "model.sa2vp.gamma": 0.3,
+    "model.sa2vp.lam": 0.6,
+    "model.sa2vp.prompt_rank": 4,
+    "model.sa2vp.adapter_dim": 8,
     "model.vpt.tokens": 3,
     "model.lora.rank": 4,
     "model.lora.alpha": 2,
@@ -101,10 +101,10 @@ def test_summary_describes_every_method_on_every_backbone(tmp_path: Path, method
 
 
 def test_bad_setting_is_one_line_exit_2_no_traceback(tmp_path):
-    result = run("model", "summary", "--set", "model.window=4", cwd=tmp_path)
+    result = run("model", "summary", "--set", "model.sa2vp.window=4", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        "error: --set model.window: must be an odd integer >= 1 (3, 5, 7, …) or 'global' (got 4)"
+        "error: --set model.sa2vp.window: must be an odd integer >= 1 (3, 5, 7, …) or 'global' (got 4)"
     )
     assert "Traceback" not in result.stderr + result.stdout
 

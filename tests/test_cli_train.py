@@ -27,7 +27,7 @@ def test_every_command_has_help(command: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["train", "--set", "model.window=4"], "model.window: must be an odd integer >= 1"),
+        (["train", "--set", "model.sa2vp.window=4"], "model.sa2vp.window: must be an odd integer >= 1"),
         (["train", "--set", "train.precision=fp8"], "train.precision: Input should be"),
         (["train", "--device", "tpu"], "train.device: must be auto, cpu, cuda, cuda:N or mps (got 'tpu')"),
         (["train", "--set", "train.lr=0"], "train.lr: Input should be greater than 0"),
@@ -109,7 +109,7 @@ def _checkpoint_epoch(path: Path) -> int:
 
 
 def test_a_killed_run_resumes_to_exactly_the_uninterrupted_result(project: Path) -> None:
-    epochs = ["--epochs", "3", "--set", "model.dropout=0.3"]  # dropout: the RNG state must survive too
+    epochs = ["--epochs", "3", "--set", "model.sa2vp.dropout=0.3"]  # dropout: the RNG state must survive too
     run_sa2vp(project, "train", *epochs, "--output", "runs/whole")
 
     killed = subprocess.Popen(
@@ -206,7 +206,7 @@ def test_a_swin_backbone_trains_and_evaluates_through_the_same_commands(project:
         "--set",
         f"backbone.model_kwargs={swin}",
         "--set",
-        "model.gamma=0.5",
+        "model.sa2vp.gamma=0.5",
     )
     assert "loss_prompt" in (project / "runs/train/history.csv").read_text().splitlines()[0]  # both pathways
     record = json.loads((project / "runs/train/model/model.json").read_text())
@@ -225,7 +225,7 @@ def test_tune_records_failed_trials_goes_on_and_resumes_its_study(project: Path)
     # must not stop the study.
     space = json.dumps(
         {
-            "model.gamma": {"type": "float", "low": 0.01, "high": 2.0, "log": True},
+            "model.sa2vp.gamma": {"type": "float", "low": 0.01, "high": 2.0, "log": True},
             "train.lr": {"type": "choice", "choices": [0.01, 1e30]},
         }
     )
@@ -242,9 +242,9 @@ def test_tune_records_failed_trials_goes_on_and_resumes_its_study(project: Path)
         "s",
     ]
     done = invoke_sa2vp(project, "tune", "--n-trials", "2", *common)
-    assert "model.gamma" in done.stdout and "val top-1" in done.stdout
+    assert "model.sa2vp.gamma" in done.stdout and "val top-1" in done.stdout
     best = yaml.safe_load((project / "runs/tune/best.yaml").read_text())
-    assert best["trial"] == 0 and best["settings"]["train.lr"] == 0.01 and best["settings"]["model.gamma"] == 0.1
+    assert best["trial"] == 0 and best["settings"]["train.lr"] == 0.01 and best["settings"]["model.sa2vp.gamma"] == 0.1
     invoke_sa2vp(project, "tune", "--n-trials", "1", *common)  # resumes: adds one trial to the same study
     study = optuna.load_study(
         study_name="s", storage=JournalStorage(JournalFileBackend(str(project / "runs/study.journal")))

@@ -47,7 +47,7 @@ from sa2vp.settings import load_settings
 settings = load_settings(None, {
     "backbone.name": "vit_tiny_patch16_224", "backbone.weights": "random", "backbone.img_size": 16,
     "backbone.model_kwargs": {"patch_size": 2, "embed_dim": 32, "depth": 2, "num_heads": 2},
-    "model.window": 3, "train.device": "cpu", "train.cpu_numerics": numerics,
+    "model.sa2vp.window": 3, "train.device": "cpu", "train.cpu_numerics": numerics,
 })
 model = build_seeded(settings, 10)
 generator = torch.Generator().manual_seed(0)

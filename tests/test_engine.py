@@ -81,9 +81,9 @@ def test_a_run_is_tracked_with_params_curves_figures_artifact_and_tags(trained) 
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     params = run.data.params
-    assert params["model.gamma"] == "0.1" and params["train.lr"] == "0.01" and params["data.dataset"] == "digits"
+    assert params["model.sa2vp.gamma"] == "0.1" and params["train.lr"] == "0.01" and params["data.dataset"] == "digits"
     assert json.loads(params["backbone.model_kwargs"]) == {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}
-    assert params["model.deep_layers"] == "null"
+    assert params["model.sa2vp.deep_layers"] == "null"
     assert int(params["trainable_parameters"]) > 0 and float(params["trainable_percent"]) > 0
     for key in ("train/loss", "train/loss_base", "train/loss_prompt", "lr", "val/top1", "val/mean_class"):
         assert [m.step for m in client.get_metric_history(result.run_id, key)] == [1, 2], key
@@ -105,7 +105,7 @@ def test_the_artifact_holds_only_trainable_weights_and_how_to_rebuild_the_model(
     assert tensors and not any(name.startswith("backbone.") for name in tensors)
     record = json.loads((result.artifact / "model.json").read_text())
     assert record["classes"] == [str(d) for d in range(10)]
-    assert record["settings"]["model"]["gamma"] == settings.model.gamma
+    assert record["settings"]["model"]["sa2vp"]["gamma"] == settings.model.sa2vp.gamma
     assert record["backbone"]["name"] == "vit_tiny_patch16_224" and len(record["backbone"]["sha256"]) == 64
     assert record["training"]["test"]["top1"] == result.test.top1
     for name in ("metrics.json", "history.csv", "per_class_accuracy.csv", "confusion_matrix.png", "checkpoint.pt"):
@@ -183,8 +183,8 @@ def test_an_artifact_on_other_backbone_weights_is_refused(trained, tmp_path: Pat
 
 def test_resume_with_changed_settings_is_refused(trained) -> None:
     settings, _ = trained
-    changed = tiny_settings(Path(settings.train.output).parent.parent, **{"model.gamma": 0.5})
-    with pytest.raises(ArtifactError, match="model.gamma"):
+    changed = tiny_settings(Path(settings.train.output).parent.parent, **{"model.sa2vp.gamma": 0.5})
+    with pytest.raises(ArtifactError, match="model.sa2vp.gamma"):
         fit(changed, resume=True)
 
 

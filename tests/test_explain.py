@@ -35,7 +35,7 @@ from tests.train_fixtures import TINY_PARAMS, invoke_sa2vp, tiny_settings
 
 SWIN = {
     "backbone.name": "swin_tiny_patch4_window7_224",
-    "model.gamma": 0.5,
+    "model.sa2vp.gamma": 0.5,
     "backbone.model_kwargs": {
         "patch_size": 2,
         "embed_dim": 16,

@@ -22,7 +22,15 @@ from sa2vp.models import METHODS, BackboneError, build_model, parameter_summary,
 from sa2vp.models.backbones import data_config, freeze, weights_digest
 from sa2vp.models.cross_block import SpatialCrossBlock
 from sa2vp.models.methods.linear import LinearProbe
-from sa2vp.settings import Choice, SA2VPSettings, Settings, SettingsError, flatten_settings, load_settings
+from sa2vp.settings import (
+    Choice,
+    ModelSettings,
+    SA2VPSettings,
+    Settings,
+    SettingsError,
+    flatten_settings,
+    load_settings,
+)
 from tests.train_fixtures import TINY_PARAMS, digits_root, project, tiny_settings  # noqa: F401  (fixtures)
 
 NUM_CLASSES = 5
@@ -76,8 +84,8 @@ def perturb(model: torch.nn.Module, seed: int = 1) -> None:
 
 
 def test_the_registry_and_the_settings_schema_list_the_same_methods():
-    assert set(METHODS) == set(get_args(SA2VPSettings.model_fields["method"].annotation)) == set(ALL)
-    assert set(search_space("sa2vp")) == {"model.gamma", "model.lam", "model.window", "train.lr"}
+    assert set(METHODS) == set(get_args(ModelSettings.model_fields["method"].annotation)) == set(ALL)
+    assert set(search_space("sa2vp")) == {"model.sa2vp.gamma", "model.sa2vp.lam", "model.sa2vp.window", "train.lr"}
 
 
 @pytest.mark.parametrize("method", ALL)
@@ -106,8 +114,8 @@ def test_nested_method_settings_come_from_overrides_environment_and_files(tmp_pa
     params.write_text("model:\n  method: adaptformer\n  adaptformer:\n    dim: 8\n    scale: 0.5\n")
     settings = load_settings(params, {"model.adaptformer.scale": 0.25})
     assert (settings.model.lora.rank, settings.model.adaptformer.dim, settings.model.adaptformer.scale) == (16, 8, 0.25)
-    defaults = SA2VPSettings()
-    assert (defaults.vpt.tokens, defaults.vpt.dropout, defaults.prompt_adapter) == (10, 0.1, True)
+    defaults = ModelSettings()
+    assert (defaults.vpt.tokens, defaults.vpt.dropout, defaults.sa2vp.prompt_adapter) == (10, 0.1, True)
     assert (defaults.lora.rank, defaults.lora.alpha, defaults.lora.dropout, defaults.lora.targets) == (
         8,
         8,
@@ -131,7 +139,7 @@ def test_nested_method_settings_come_from_overrides_environment_and_files(tmp_pa
         ("model.lora.rank", 0, "model.lora.rank: Input should be greater than or equal to 1"),
         ("model.lora.targets", [], "model.lora.targets: List should have at least 1 item"),
         ("model.adaptformer.dropout", 1.0, "model.adaptformer.dropout: Input should be less than 1"),
-        ("model.prompt_adapter", "maybe", "model.prompt_adapter: Input should be a valid boolean"),
+        ("model.sa2vp.prompt_adapter", "maybe", "model.sa2vp.prompt_adapter: Input should be a valid boolean"),
     ],
 )
 def test_invalid_method_settings_name_the_key(key, value, expected):
@@ -216,9 +224,9 @@ def test_training_the_methods_own_parameters_lowers_the_loss(method: str) -> Non
     if method.startswith("sa2vp"):
         # Depth 2 scales the release's TO_PROMPT {0, 4, 8} to {0, 1}: the base (what eval predicts with) would
         # never read the prompt. Let it read the prompt at layer 1.
-        overrides["model.to_prompt_layers"] = [0]
+        overrides["model.sa2vp.to_prompt_layers"] = [0]
     if method == "sa2vp-no-adapter":  # the raw attended output moves the base less than an adapter: γ = 1
-        overrides.update({"model.prompt_adapter": False, "model.gamma": 1.0})
+        overrides.update({"model.sa2vp.prompt_adapter": False, "model.sa2vp.gamma": 1.0})
     model = build(method.removesuffix("-no-adapter"), **overrides)
     if method != "linear":
         # A frozen head of the usual N(0, 0.02) would make every logit ≈ 0 whatever the features: give it scale.
@@ -248,8 +256,8 @@ def test_eval_is_deterministic_and_dropout_acts_in_training_only(method):
         "model.vpt.dropout": 0.5,
         "model.lora.dropout": 0.5,
         "model.adaptformer.dropout": 0.5,
-        "model.dropout": 0.5,
-        "model.to_prompt_layers": [0],
+        "model.sa2vp.dropout": 0.5,
+        "model.sa2vp.to_prompt_layers": [0],
     }  # SA²VP: the base reads the prompt at layer 1
     model = build(method, **dropouts)
     perturb(model)  # LoRA's B and AdaptFormer's W_up start at zero, which would hide their dropout
@@ -270,7 +278,7 @@ def test_eval_is_deterministic_and_dropout_acts_in_training_only(method):
 @pytest.mark.parametrize("method", ALL)
 @pytest.mark.parametrize("setting", ["on", "off"])
 def test_every_method_honours_backbone_dropout(method, setting):
-    model = build(method, **{"model.backbone_dropout": setting, "model.to_prompt_layers": [0]})
+    model = build(method, **{"model.backbone_dropout": setting, "model.sa2vp.to_prompt_layers": [0]})
     assert model.train().backbone.training == (setting == "on")
     assert not model.eval().backbone.training
     images, _ = batch()
@@ -373,7 +381,7 @@ def test_prompt_adapter_off_returns_the_attended_output_without_the_residual():
 
 
 def test_prompt_adapter_off_on_swin_builds_no_adapters_and_trains():
-    model = build("sa2vp", TINY_SWIN, **{"model.prompt_adapter": False}).train()
+    model = build("sa2vp", TINY_SWIN, **{"model.sa2vp.prompt_adapter": False}).train()
     assert all(block.adapter is None for blocks in model.cross.values() for block in blocks)
     assert set(parameter_summary(model).groups) == {"prompt_map"}
     images, labels = batch(TINY_SWIN)
@@ -401,7 +409,8 @@ EXPECTED_VIT_B = {
 def test_vit_b16_parameter_counts_match_the_hand_derivation(method):
     with torch.device("meta"):  # shapes are all that is counted
         vit_b = freeze(timm.create_model("vit_base_patch16_224", pretrained=False, num_classes=0))
-    settings = SA2VPSettings(method=method, prompt_adapter=method != "sa2vp", deep_layers=[4, 8])
+    own = SA2VPSettings(prompt_adapter=method != "sa2vp", deep_layers=[4, 8])
+    settings = ModelSettings(method=method, sa2vp=own)
     summary = parameter_summary(METHODS[method].build(vit_b, 100, settings))
     assert summary.groups == EXPECTED_VIT_B[method]
     assert summary.backbone == BACKBONE  # the backbone's own parameters, LoRA's factors not among them
@@ -454,7 +463,7 @@ def test_the_artifact_round_trip_restores_identical_logits(method, tmp_path):
 
 @pytest.mark.parametrize("method", [*BASELINES, "sa2vp-no-adapter"])
 def test_one_epoch_on_digits_gives_metrics_and_a_reloadable_artifact(method, project):
-    extra = {"model.prompt_adapter": False} if method == "sa2vp-no-adapter" else {}
+    extra = {"model.sa2vp.prompt_adapter": False} if method == "sa2vp-no-adapter" else {}
     settings = tiny_settings(
         project,
         **{

@@ -125,10 +125,10 @@ def test_trial_and_study_runs_are_named_by_what_they_try(store: Store) -> None:
         expected = trial_run_name(trial.number, trial.params)
         assert names[trial.user_attrs["mlflow_run_id"]] == expected
         assert expected.startswith(f"trial-{trial.number} γ=") and " λ=" in expected
-    tried = {"model.gamma": 0.2134, "model.window": 5, "train.lr": 0.003}
+    tried = {"model.sa2vp.gamma": 0.2134, "model.sa2vp.window": 5, "train.lr": 0.003}
     assert trial_run_name(3, tried) == "trial-3 γ=0.21 c=5 lr=3e-3"
     assert (
-        trial_run_name(0, {"model.lam": 0.8, "train.lr": 2.5e-4, "model.vpt.tokens": 10})
+        trial_run_name(0, {"model.sa2vp.lam": 0.8, "train.lr": 2.5e-4, "model.vpt.tokens": 10})
         == "trial-0 λ=0.8 lr=2.5e-4 tokens=10"
     )
 
@@ -220,21 +220,21 @@ def test_the_model_is_an_mlflow_model_that_predicts_like_sa2vp_predict(
 def _study() -> optuna.Study:
     """Twelve trials over SA²VP's space (two pruned); windows 1, 3 and 7 tried, never 5."""
     distributions = {
-        "model.gamma": FloatDistribution(0.01, 2.0, log=True),
-        "model.lam": FloatDistribution(0.5, 1.0),
-        "model.window": CategoricalDistribution([1, 3, 5, 7]),
+        "model.sa2vp.gamma": FloatDistribution(0.01, 2.0, log=True),
+        "model.sa2vp.lam": FloatDistribution(0.5, 1.0),
+        "model.sa2vp.window": CategoricalDistribution([1, 3, 5, 7]),
         "train.lr": FloatDistribution(1e-4, 2e-2, log=True),
     }
     study = optuna.create_study(direction="maximize", study_name="a-study-name-long-enough-to-need-room")
     rng = np.random.default_rng(0)
     for number in range(12):
         params = {
-            "model.gamma": float(10 ** rng.uniform(-2, 0.3)),
-            "model.lam": float(rng.uniform(0.5, 1)),
-            "model.window": [1, 3, 7][number % 3],
+            "model.sa2vp.gamma": float(10 ** rng.uniform(-2, 0.3)),
+            "model.sa2vp.lam": float(rng.uniform(0.5, 1)),
+            "model.sa2vp.window": [1, 3, 7][number % 3],
             "train.lr": float(10 ** rng.uniform(-4, -1.7)),
         }
-        value = 0.5 + 0.1 * (params["model.window"] == 3) + float(rng.uniform(0, 0.05))
+        value = 0.5 + 0.1 * (params["model.sa2vp.window"] == 3) + float(rng.uniform(0, 0.05))
         state = TrialState.PRUNED if number in (4, 9) else TrialState.COMPLETE
         study.add_trial(
             create_trial(
@@ -265,7 +265,7 @@ def test_tuning_figures_are_readable(store: Store, monkeypatch: pytest.MonkeyPat
     for label in axes.get_yticklabels():  # the settings' names inside the picture, not cut off on the left
         extent = label.get_window_extent()
         assert extent.x0 >= box.x0 and extent.x1 <= box.x1, label.get_text()
-    assert {label.get_text() for label in axes.get_yticklabels()} >= {"model.gamma (γ)", "model.window (c)"}
+    assert {label.get_text() for label in axes.get_yticklabels()} >= {"model.sa2vp.gamma (γ)", "model.sa2vp.window (c)"}
 
     pair = figures["pair_gamma_window.png"]
     axes = pair.axes[0]

@@ -186,7 +186,9 @@ def test_a_swin_backbone_gets_drop_path_rising_to_0_2():
 
 
 def test_swin_in_training_draws_drop_path_per_image_for_both_pathways():
-    settings = load_settings(None, {"backbone": swin_settings().model_dump(), "model.gamma": 0.5, "model.dropout": 0.0})
+    settings = load_settings(
+        None, {"backbone": swin_settings().model_dump(), "model.sa2vp.gamma": 0.5, "model.sa2vp.dropout": 0.0}
+    )
     model = build_model(settings, num_classes=3).train()
     assert isinstance(model, SA2VPSwin) and model.backbone.training
     image = torch.randn(1, 3, 32, 32).expand(2, -1, -1, -1)
@@ -267,8 +269,8 @@ def test_swin_inits_are_the_release_truncated_normal_with_zero_biases():
             "backbone": swin_settings(
                 model_kwargs={"embed_dim": 32, "depths": [1, 1, 2], "num_heads": [1, 2, 4], "window_size": 4}
             ).model_dump(),
-            "model.prompt_rank": 32,
-            "model.adapter_dim": 32,
+            "model.sa2vp.prompt_rank": 32,
+            "model.sa2vp.adapter_dim": 32,
         },
     )
     model = build_model(settings, 3)

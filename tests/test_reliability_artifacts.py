@@ -21,7 +21,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from sa2vp.engine import fit
-from sa2vp.engine.artifact import read_record, save_artifact
+from sa2vp.engine.artifact import read_record, save_artifact, validate_record
 from sa2vp.errors import ArtifactError
 from sa2vp.models import build_model
 from tests.train_fixtures import TINY_PARAMS, digits_root, invoke_sa2vp, tiny_settings  # noqa: F401  (fixtures)
@@ -118,6 +118,27 @@ def test_an_untampered_copy_predicts_and_evaluates(trained, tmp_path: Path, imag
     assert evaluated.exit_code == 0 and f"top-1 {100 * result.test.top1:.2f} %" in evaluated.stdout, evaluated.output
 
 
+def _as_format_1(record: dict[str, Any]) -> None:
+    """The record as format 1 wrote it: SA²VP's settings flat in the `model:` section."""
+    model = record["settings"]["model"]
+    record["settings"]["model"] = {**{k: v for k, v in model.items() if k != "sa2vp"}, **model["sa2vp"]}
+    record["format"] = "sa2vp-artifact/1"
+
+
+def test_an_artifact_of_format_1_loads_with_the_same_settings_and_metrics(trained, tmp_path: Path) -> None:
+    project, result = trained
+    folder = copy_artifact(trained, tmp_path, edit_record(_as_format_1))
+    _, upgraded = read_record(folder / "model.json")
+    _, current = read_record(Path(result.artifact) / "model.json")
+    assert upgraded.settings == current.settings and upgraded.format == "sa2vp-artifact/2"
+    evaluated = invoke_sa2vp(project, "evaluate", str(folder), check=False)
+    assert evaluated.exit_code == 0 and f"top-1 {100 * result.test.top1:.2f} %" in evaluated.stdout, evaluated.output
+    # A value off its default is moved, not dropped for the default.
+    document = json.loads((folder / "model.json").read_text())
+    document["settings"]["model"]["gamma"] = 0.7
+    assert validate_record(document, folder / "model.json").settings.model.sa2vp.gamma == 0.7
+
+
 # --- model.json: every field the model depends on is required and validated ------------------------------------
 
 RECORD_TAMPERING: dict[str, tuple[Callable[[dict[str, Any]], None], tuple[str, ...]]] = {
@@ -136,7 +157,7 @@ RECORD_TAMPERING: dict[str, tuple[Callable[[dict[str, Any]], None], tuple[str, .
     "one class": (lambda r: r.update(classes=["0"]), ("classes",)),
     "repeated class": (lambda r: r["classes"].__setitem__(1, "0"), ("classes", "unique")),
     "class not text": (lambda r: r["classes"].__setitem__(1, 1), ("classes.1",)),
-    "invalid setting": (lambda r: r["settings"]["model"].update(window=4), ("settings", "model.window")),
+    "invalid setting": (lambda r: r["settings"]["model"].update(window=4), ("settings", "model.sa2vp.window")),
     "unknown transform": (lambda r: r.update(transform="imagenet"), ("transform",)),
     "std of zero": (lambda r: r["data_config"].update(std=[0.5, 0.0, 0.5]), ("data_config.std",)),
     "other input size": (lambda r: r["data_config"].update(input_size=[3, 32, 32]), ("data_config.input_size",)),

@@ -64,7 +64,7 @@ def test_a_named_params_file_that_is_missing_is_refused_by_every_command(
     command: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The invalid --set makes the old behaviour (the defaults, silently) fail fast with another message.
-    message = invoke(tmp_path, monkeypatch, *command, "-p", "parms.yaml", "--set", "model.gamma=-1")
+    message = invoke(tmp_path, monkeypatch, *command, "-p", "parms.yaml", "--set", "model.sa2vp.gamma=-1")
     assert message.startswith("parms.yaml: settings file not found"), message
     assert list(tmp_path.iterdir()) == []
 
@@ -72,10 +72,12 @@ def test_a_named_params_file_that_is_missing_is_refused_by_every_command(
 def test_only_the_implicit_params_yaml_may_be_absent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     names = {" ".join(part for part in command if part != "x") for command in commands_with_params()}
     assert {"train", "tune", "ui", "model summary", "data prepare", "suite run"} <= names, names  # found them all
-    named = invoke(tmp_path, monkeypatch, "model", "summary", "--params", "params.yaml", "--set", "model.gamma=-1")
+    named = invoke(
+        tmp_path, monkeypatch, "model", "summary", "--params", "params.yaml", "--set", "model.sa2vp.gamma=-1"
+    )
     assert named.startswith("params.yaml: settings file not found"), named
-    implicit = invoke(tmp_path, monkeypatch, "model", "summary", "--set", "model.gamma=-1")
-    assert implicit.startswith("--set model.gamma:"), implicit  # no file: the built-in defaults, then --set
+    implicit = invoke(tmp_path, monkeypatch, "model", "summary", "--set", "model.sa2vp.gamma=-1")
+    assert implicit.startswith("--set model.sa2vp.gamma:"), implicit  # no file: the built-in defaults, then --set
     (tmp_path / "folder.yaml").mkdir()
     assert "folder.yaml: is not a file" in invoke(tmp_path, monkeypatch, "model", "summary", "-p", "folder.yaml")
 
@@ -97,11 +99,11 @@ def test_a_missing_set_file_is_refused(tmp_path: Path, monkeypatch: pytest.Monke
     ],
 )
 def test_a_window_larger_than_the_token_grid_is_refused(backbone: dict[str, Any], grid: str, where: str) -> None:
-    build_model(load_settings(None, {**backbone, "model.window": 7}), 3)  # 2·4−1 reaches every token: allowed
+    build_model(load_settings(None, {**backbone, "model.sa2vp.window": 7}), 3)  # 2·4−1 reaches every token: allowed
     with pytest.raises(SettingsError) as error:
-        build_model(load_settings(None, {**backbone, "model.window": 9}), 3)
+        build_model(load_settings(None, {**backbone, "model.sa2vp.window": 9}), 3)
     assert str(error.value) == (
-        f"model.window: 9 is larger than the {grid} token grid of {where}; allowed: odd "
+        f"model.sa2vp.window: 9 is larger than the {grid} token grid of {where}; allowed: odd "
         "1…7 (2·4−1, which already covers the whole grid) or 'global'"
     )
 
@@ -122,10 +124,10 @@ def test_the_command_refuses_a_window_of_99_on_an_8x8_grid(tmp_path: Path, monke
         "--set",
         f"backbone.model_kwargs={kwargs}",
         "--set",
-        "model.window=99",
+        "model.sa2vp.window=99",
     )
     assert message.startswith(
-        "model.window: 99 is larger than the 8×8 token grid of vit_tiny_patch16_224; allowed: odd 1…15"
+        "model.sa2vp.window: 99 is larger than the 8×8 token grid of vit_tiny_patch16_224; allowed: odd 1…15"
     ), message
 
 
@@ -137,23 +139,24 @@ def test_the_command_refuses_a_window_of_99_on_an_8x8_grid(tmp_path: Path, monke
     [
         (
             {"model.gama": {"type": "float", "low": 0.1, "high": 1}},
-            "--set tune.space: key 'model.gama' is not a setting; did you mean model.gamma?",
+            "--set tune.space: key 'model.gama' is not a setting; did you mean model.sa2vp.gamma?",
         ),
         (
-            {"model.window": {"type": "choice", "choices": [3, 4]}},
-            "tune.space: model.window: the value 4 is not allowed: model.window: must be an odd integer",
+            {"model.sa2vp.window": {"type": "choice", "choices": [3, 4]}},
+            "tune.space: model.sa2vp.window: the value 4 is not allowed: model.sa2vp.window: must be an odd integer",
         ),
         (
-            {"model.window": {"type": "int", "low": 1, "high": 5}},  # step 1 samples even windows
-            "tune.space: model.window: the value 2 is not allowed",
+            {"model.sa2vp.window": {"type": "int", "low": 1, "high": 5}},  # step 1 samples even windows
+            "tune.space: model.sa2vp.window: the value 2 is not allowed",
         ),
         (
-            {"model.lam": {"type": "float", "low": 0.5, "high": 2}},
-            "tune.space: model.lam: the value 2.0 is not allowed: model.lam: Input should be less than or equal to 1",
+            {"model.sa2vp.lam": {"type": "float", "low": 0.5, "high": 2}},
+            "tune.space: model.sa2vp.lam: the value 2.0 is not allowed: "
+            "model.sa2vp.lam: Input should be less than or equal to 1",
         ),
         (
-            {"model.prompt_rank": {"type": "float", "low": 1, "high": 16}},
-            "tune.space: model.prompt_rank: the value",
+            {"model.sa2vp.prompt_rank": {"type": "float", "low": 1, "high": 16}},
+            "tune.space: model.sa2vp.prompt_rank: the value",
         ),  # floats for an integer setting
         (
             {"train.epochs": {"type": "int", "low": 1, "high": 9}},
@@ -186,32 +189,34 @@ def test_a_bad_search_space_is_refused_before_the_study_is_written(
 
 
 def test_errors_name_the_source_of_the_bad_value(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    gamma = "model.gamma: Input should be greater than or equal to 0"
-    assert invoke(tmp_path, monkeypatch, "model", "summary", "--set", "model.gamma=-1") == f"--set {gamma} (got -1)"
+    gamma = "model.sa2vp.gamma: Input should be greater than or equal to 0"
+    assert (
+        invoke(tmp_path, monkeypatch, "model", "summary", "--set", "model.sa2vp.gamma=-1") == f"--set {gamma} (got -1)"
+    )
     best = tmp_path / "best.yaml"
-    best.write_text("settings:\n  model.gamma: -2\n")
+    best.write_text("settings:\n  model.sa2vp.gamma: -2\n")
     assert invoke(tmp_path, monkeypatch, "train", "--set-file", "best.yaml") == f"best.yaml: {gamma} (got -2)"
     assert invoke(tmp_path, monkeypatch, "train", "--epochs", "0") == (
         "command line train.epochs: Input should be greater than or equal to 1 (got 0)"
     )
-    (tmp_path / "params.yaml").write_text("model:\n  gamma: -3\n  lam: 2\n")
+    (tmp_path / "params.yaml").write_text("model:\n  sa2vp:\n    gamma: -3\n    lam: 2\n")
     assert invoke(tmp_path, monkeypatch, "model", "summary") == (
-        f"params.yaml: {gamma} (got -3); params.yaml: model.lam: Input should be less than or equal to 1 (got 2)"
+        f"params.yaml: {gamma} (got -3); params.yaml: model.sa2vp.lam: Input should be less than or equal to 1 (got 2)"
     )
-    overridden = invoke(tmp_path, monkeypatch, "model", "summary", "--set", "model.lam=0.5")
+    overridden = invoke(tmp_path, monkeypatch, "model", "summary", "--set", "model.sa2vp.lam=0.5")
     assert overridden == f"params.yaml: {gamma} (got -3)"
-    monkeypatch.setenv("SA2VP_MODEL__GAMMA", "-4")
-    assert invoke(tmp_path, monkeypatch, "model", "summary", "--set", "model.lam=0.5") == (
-        "environment SA2VP_MODEL__GAMMA: Input should be greater than or equal to 0 (got '-4')"
+    monkeypatch.setenv("SA2VP_MODEL__SA2VP__GAMMA", "-4")
+    assert invoke(tmp_path, monkeypatch, "model", "summary", "--set", "model.sa2vp.lam=0.5") == (
+        "environment SA2VP_MODEL__SA2VP__GAMMA: Input should be greater than or equal to 0 (got '-4')"
     )
 
 
 def test_unknown_keys_name_their_source_and_the_likely_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert invoke(tmp_path, monkeypatch, "model", "summary", "--set", "model.gama=0.5") == (
-        "--set model.gama: unknown setting; did you mean model.gamma?"
+        "--set model.gama: unknown setting; did you mean model.sa2vp.gamma?"
     )
     assert invoke(tmp_path, monkeypatch, "model", "summary", "--set", "modle.gamma=0.5") == (
-        "--set modle.gamma: unknown setting; did you mean model.gamma?"
+        "--set modle.gamma: unknown setting; did you mean model.sa2vp.gamma?"
     )
     (tmp_path / "params.yaml").write_text("train:\n  warmup_epoch: 1\n")
     assert invoke(tmp_path, monkeypatch, "model", "summary") == (
@@ -224,30 +229,30 @@ def test_a_misspelt_environment_section_is_refused_not_ignored(monkeypatch: pyte
     with pytest.raises(
         SettingsError,
         match=r"^environment SA2VP_MODLE__GAMMA: unknown setting modle.gamma; "
-        r"did you mean model.gamma\?",
+        r"did you mean model.sa2vp.gamma\?",
     ):
         load_settings(None)
 
 
 def test_an_unreadable_set_value_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    message = invoke(tmp_path, monkeypatch, "model", "summary", "--set", "model.deep_layers=[4, 8")
-    assert message.startswith("--set model.deep_layers: the value '[4, 8' is not valid YAML"), message
+    message = invoke(tmp_path, monkeypatch, "model", "summary", "--set", "model.sa2vp.deep_layers=[4, 8")
+    assert message.startswith("--set model.sa2vp.deep_layers: the value '[4, 8' is not valid YAML"), message
 
 
 def test_a_setting_below_one_given_a_value_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    message = invoke(tmp_path, monkeypatch, "model", "summary", "--set", "model=1", "--set", "model.gamma=0.5")
-    assert message == "--set model.gamma: model is given the value 1, not a section of settings", message
+    message = invoke(tmp_path, monkeypatch, "model", "summary", "--set", "model=1", "--set", "model.sa2vp.gamma=0.5")
+    assert message == "--set model.sa2vp.gamma: model is given the value 1, not a section of settings", message
     # a deeper setting of a section given as a whole is set in it, as in the file's own sections
-    settings = load_settings(None, {"model": {"lam": 0.5}, "model.gamma": 0.25, "tune.space": None})
-    assert (settings.model.lam, settings.model.gamma) == (0.5, 0.25)
-    assert load_settings(None, {"tune.space": None, "tune.space.model.lam": None}).tune.space == {
-        "model": {"lam": None}
+    settings = load_settings(None, {"model": {"sa2vp": {"lam": 0.5}}, "model.sa2vp.gamma": 0.25, "tune.space": None})
+    assert (settings.model.sa2vp.lam, settings.model.sa2vp.gamma) == (0.5, 0.25)
+    assert load_settings(None, {"tune.space": None, "tune.space.model.sa2vp.lam": None}).tune.space == {
+        "model": {"sa2vp": {"lam": None}}
     }
 
 
 def test_saved_settings_do_not_change_with_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     dump = load_settings(None, {"backbone.model_kwargs": {"depth": 2}}).model_dump(mode="json")
-    monkeypatch.setenv("SA2VP_MODEL__GAMMA", "-1")  # would make the artifact's settings invalid
+    monkeypatch.setenv("SA2VP_MODEL__SA2VP__GAMMA", "-1")  # would make the artifact's settings invalid
     monkeypatch.setenv("SA2VP_BACKBONE__MODEL_KWARGS", '{"patch_size": 8}')  # would be merged into its mapping
     restored = settings_from_dump(dump)
     assert restored.model_dump(mode="json") == dump and isinstance(restored, Settings)

@@ -159,14 +159,14 @@ def test_default_blocks_follow_the_release_positions_and_the_last_block_feeds_th
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(cross_stages=[4]), r"model.cross_stages: stage index 4 is out of range; allowed 0..3"),
+        (dict(cross_stages=[4]), r"model.sa2vp.cross_stages: stage index 4 is out of range; allowed 0..3"),
         (
             dict(to_prompt_layers=[0, 3]),
-            r"model.to_prompt_layers: block index 3 is out of range; allowed 0..2 "
+            r"model.sa2vp.to_prompt_layers: block index 3 is out of range; allowed 0..2 "
             r"for cross stage 2 of depth 3",
         ),
         (dict(cross_stages=[0, 2], to_prompt_layers=[1]), r"allowed 0..0 for cross stage 0 of depth 1"),
-        (dict(deep_layers=[1]), r"model.deep_layers: \[1\] is not supported on Swin.*allowed: null or \[\]"),
+        (dict(deep_layers=[1]), r"model.sa2vp.deep_layers: \[1\] is not supported on Swin.*allowed: null or \[\]"),
     ],
 )
 def test_settings_out_of_range_for_the_swin_name_the_key_and_the_allowed_values(settings, message):
@@ -178,17 +178,17 @@ def test_settings_defaults_and_schema_validation_of_cross_stages():
     assert SA2VPSettings().cross_stages is None
     assert resolve_cross_blocks(SA2VPSettings(deep_layers=[]), [2, 2, 18, 2]) == {2: frozenset({0, 6, 12})}
     assert resolve_cross_blocks(SA2VPSettings(), [2, 6]) == {1: frozenset({0, 2, 4})}  # fewer than 3 stages
-    assert load_settings(None, {"model.cross_stages": [2, 1, 2]}).model.cross_stages == [1, 2]
+    assert load_settings(None, {"model.sa2vp.cross_stages": [2, 1, 2]}).model.sa2vp.cross_stages == [1, 2]
     for bad in ([], [-1]):
-        with pytest.raises(SettingsError, match="model.cross_stages: must list at least one stage index"):
-            load_settings(None, {"model.cross_stages": bad})
+        with pytest.raises(SettingsError, match="model.sa2vp.cross_stages: must list at least one stage index"):
+            load_settings(None, {"model.sa2vp.cross_stages": bad})
 
 
 def test_build_model_dispatches_on_the_backbone_family():
     tiny = {"backbone.weights": "random", "backbone.img_size": 32}
     vit = {**tiny, "backbone.name": "vit_tiny_patch16_224", "backbone.model_kwargs": {"depth": 2, "patch_size": 8}}
-    with pytest.raises(SettingsError, match="model.cross_stages: Swin backbones only"):
-        build_model(load_settings(None, {**vit, "model.cross_stages": [2]}), 10)
+    with pytest.raises(SettingsError, match="model.sa2vp.cross_stages: Swin backbones only"):
+        build_model(load_settings(None, {**vit, "model.sa2vp.cross_stages": [2]}), 10)
     with pytest.raises(BackboneError, match="VisionTransformer.*SwinTransformer"):
         build_model(load_settings(None, {"backbone.name": "resnet18", "backbone.weights": "random"}), 10)
 
@@ -209,7 +209,7 @@ def test_a_short_training_run_on_digits_lowers_the_loss():
             "backbone.weights": "random",
             "backbone.img_size": 32,
             "backbone.model_kwargs": {**TINY_SWIN, "depths": [1, 1, 2, 1]},
-            **{f"model.{key}": value for key, value in SWIN_RELEASE.items()},
+            **{f"model.sa2vp.{key}": value for key, value in SWIN_RELEASE.items()},
         },
     )
     torch.manual_seed(0)

@@ -15,6 +15,7 @@ from sa2vp.models.backbones import create_backbone, data_config, weights_digest
 from sa2vp.models.sa2vp_vit import resolve_layers
 from sa2vp.settings import (
     BackboneSettings,
+    ModelSettings,
     SA2VPSettings,
     Settings,
     SettingsError,
@@ -27,18 +28,18 @@ from sa2vp.settings import (
 @pytest.mark.parametrize(
     "key, value, expected",
     [
-        ("model.window", 4, "model.window: must be an odd integer >= 1"),
-        ("model.window", 0, "model.window: must be an odd integer >= 1"),
-        ("model.window", -3, "model.window: must be an odd integer >= 1"),
-        ("model.window", "wide", "model.window: must be an odd integer >= 1"),
-        ("model.lam", 1.5, "model.lam: Input should be less than or equal to 1"),
-        ("model.lam", -0.1, "model.lam: Input should be greater than or equal to 0"),
-        ("model.gamma", -1, "model.gamma: Input should be greater than or equal to 0"),
-        ("model.prompt_rank", 0, "model.prompt_rank: Input should be greater than or equal to 1"),
-        ("model.adapter_act", "tanh", "model.adapter_act: Input should be 'gelu' or 'relu'"),
-        ("model.head_mode", "both", "model.head_mode: Input should be 'multi' or 'single'"),
-        ("model.border", "wrap", "model.border: Input should be 'clip' or 'zero'"),
-        ("model.deep_layers", [-1], "model.deep_layers: layer indices must be >= 0"),
+        ("model.sa2vp.window", 4, "model.sa2vp.window: must be an odd integer >= 1"),
+        ("model.sa2vp.window", 0, "model.sa2vp.window: must be an odd integer >= 1"),
+        ("model.sa2vp.window", -3, "model.sa2vp.window: must be an odd integer >= 1"),
+        ("model.sa2vp.window", "wide", "model.sa2vp.window: must be an odd integer >= 1"),
+        ("model.sa2vp.lam", 1.5, "model.sa2vp.lam: Input should be less than or equal to 1"),
+        ("model.sa2vp.lam", -0.1, "model.sa2vp.lam: Input should be greater than or equal to 0"),
+        ("model.sa2vp.gamma", -1, "model.sa2vp.gamma: Input should be greater than or equal to 0"),
+        ("model.sa2vp.prompt_rank", 0, "model.sa2vp.prompt_rank: Input should be greater than or equal to 1"),
+        ("model.sa2vp.adapter_act", "tanh", "model.sa2vp.adapter_act: Input should be 'gelu' or 'relu'"),
+        ("model.sa2vp.head_mode", "both", "model.sa2vp.head_mode: Input should be 'multi' or 'single'"),
+        ("model.sa2vp.border", "wrap", "model.sa2vp.border: Input should be 'clip' or 'zero'"),
+        ("model.sa2vp.deep_layers", [-1], "model.sa2vp.deep_layers: layer indices must be >= 0"),
         ("model.gama", 0.5, "model.gama: unknown setting"),
     ],
 )
@@ -49,26 +50,37 @@ def test_invalid_values_raise_an_error_naming_the_setting(key, value, expected):
 
 
 def test_valid_windows_and_defaults():
-    assert load_settings(None, {"model.window": "5"}).model.window == 5
-    assert load_settings(None, {"model.window": "global"}).model.window_size is None
-    model = SA2VPSettings()
-    assert (model.window, model.gamma, model.lam, model.prompt_rank, model.adapter_dim) == (3, 0.1, 0.8, 16, 16)
-    assert (model.adapter_act, model.head_mode, model.border, model.dropout) == ("gelu", "multi", "clip", 0.1)
+    assert load_settings(None, {"model.sa2vp.window": "5"}).model.sa2vp.window == 5
+    assert load_settings(None, {"model.sa2vp.window": "global"}).model.sa2vp.window_size is None
+    model = ModelSettings()
+    assert (
+        model.sa2vp.window,
+        model.sa2vp.gamma,
+        model.sa2vp.lam,
+        model.sa2vp.prompt_rank,
+        model.sa2vp.adapter_dim,
+    ) == (3, 0.1, 0.8, 16, 16)
+    assert (model.sa2vp.adapter_act, model.sa2vp.head_mode, model.sa2vp.border, model.sa2vp.dropout) == (
+        "gelu",
+        "multi",
+        "clip",
+        0.1,
+    )
 
 
 def test_layer_index_beyond_the_depth_names_the_setting_and_the_range():
-    with pytest.raises(SettingsError, match=r"model.deep_layers: layer index 12 .* allowed 0..11"):
+    with pytest.raises(SettingsError, match=r"model.sa2vp.deep_layers: layer index 12 .* allowed 0..11"):
         resolve_layers(SA2VPSettings(deep_layers=[4, 12]), depth=12)
-    with pytest.raises(SettingsError, match=r"model.to_prompt_layers: layer index 6 .* allowed 0..5"):
+    with pytest.raises(SettingsError, match=r"model.sa2vp.to_prompt_layers: layer index 6 .* allowed 0..5"):
         resolve_layers(SA2VPSettings(to_prompt_layers=[0, 6]), depth=6)
 
 
 def test_precedence_is_overrides_then_environment_then_params_file(tmp_path, monkeypatch):
     params = tmp_path / "params.yaml"
-    params.write_text("model:\n  gamma: 0.3\n  lam: 0.5\n  window: 5\n")
-    monkeypatch.setenv("SA2VP_MODEL__LAM", "0.6")
-    settings = load_settings(params, {"model.window": 7})
-    assert (settings.model.gamma, settings.model.lam, settings.model.window) == (0.3, 0.6, 7)
+    params.write_text("model:\n  sa2vp:\n    gamma: 0.3\n    lam: 0.5\n    window: 5\n")
+    monkeypatch.setenv("SA2VP_MODEL__SA2VP__LAM", "0.6")
+    settings = load_settings(params, {"model.sa2vp.window": 7})
+    assert (settings.model.sa2vp.gamma, settings.model.sa2vp.lam, settings.model.sa2vp.window) == (0.3, 0.6, 7)
 
 
 def test_a_broken_params_file_is_named(tmp_path):
@@ -76,8 +88,8 @@ def test_a_broken_params_file_is_named(tmp_path):
     params.write_text("model: [unclosed\n")
     with pytest.raises(SettingsError, match=f"{params}: not valid YAML"):
         load_settings(params)
-    params.write_text("model:\n  window: 2\n")
-    with pytest.raises(SettingsError, match=rf"{params}: model.window: must be an odd"):
+    params.write_text("model:\n  sa2vp:\n    window: 2\n")
+    with pytest.raises(SettingsError, match=rf"{params}: model.sa2vp.window: must be an odd"):
         load_settings(params)
 
 

@@ -38,17 +38,22 @@ def test_a_cell_applies_group_then_dataset_then_variant_settings(tmp_path: Path)
         datasets=["vtab-svhn", "vtab-eurosat"],
         variants=["sa2vp", "lora", "global"],
         overrides={
-            "vtab-natural": {"model.gamma": 0.1, "train.lr": 0.002},
+            "vtab-natural": {"model.sa2vp.gamma": 0.1, "train.lr": 0.002},
             "vtab-svhn": {"train.lr": 0.0005},
-            "global": {"model.window": "global", "model.gamma": 0.7},
+            "global": {"model.sa2vp.window": "global", "model.sa2vp.gamma": 0.7},
         },
     )
     svhn = cell_settings(settings, "vtab-svhn", "global")
-    assert (svhn.model.method, svhn.model.window, svhn.model.gamma, svhn.train.lr) == ("sa2vp", "global", 0.7, 0.0005)
+    assert (svhn.model.method, svhn.model.sa2vp.window, svhn.model.sa2vp.gamma, svhn.train.lr) == (
+        "sa2vp",
+        "global",
+        0.7,
+        0.0005,
+    )
     assert svhn.data.dataset == "vtab-svhn" and svhn.tune.study_name == "t-vtab-svhn-global"
     assert Path(svhn.tune.storage) == cell_dir(settings, "vtab-svhn", "global") / "tune" / "optuna.journal"
     eurosat = cell_settings(settings, "vtab-eurosat", "lora")  # specialized: no natural-group values
-    assert (eurosat.model.method, eurosat.model.gamma, eurosat.train.lr) == ("lora", 0.1, 0.001)
+    assert (eurosat.model.method, eurosat.model.sa2vp.gamma, eurosat.train.lr) == ("lora", 0.1, 0.001)
     with pytest.raises(SettingsError, match="variant 'vpt-deep': not in suite.variants"):
         cell_settings(settings, "vtab-svhn", "vpt-deep")
     with pytest.raises(SettingsError, match="dataset 'vtab-dtd': not in suite.datasets"):
@@ -107,13 +112,13 @@ def test_an_ablation_pins_its_settings_and_a_method_variant_only_starts_from_the
         tmp_path,
         datasets=["digits"],
         variants=["full", "global"],
-        overrides={"full": {"train.lr": 0.0002}, "global": {"model.window": "global"}},
+        overrides={"full": {"train.lr": 0.0002}, "global": {"model.sa2vp.window": "global"}},
     )
     full = cell_settings(settings, "digits", "full")
     assert full.train.lr == 0.0002 and set(cell_search_space(settings, full, "full")) == {"train.lr"}
     ablation = cell_settings(settings, "digits", "global")
-    assert ablation.model.window == "global"
-    assert set(cell_search_space(settings, ablation, "global")) == {"model.gamma", "model.lam", "train.lr"}
+    assert ablation.model.sa2vp.window == "global"
+    assert set(cell_search_space(settings, ablation, "global")) == {"model.sa2vp.gamma", "model.sa2vp.lam", "train.lr"}
 
 
 def test_a_cell_makes_the_final_run_per_seed_and_records_it_from_the_artifacts(project: Path) -> None:

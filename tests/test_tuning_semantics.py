@@ -1,6 +1,6 @@
 """How tuning treats the settings a user gives (issue 14): a searched setting given a value is pinned — left
 out of the search, used as given —; the search itself changes with one `--set tune.space.…`; and a study
-resumes only with the settings it was made with. Last, the README's `dvc exp run -S ++model.gamma=0.5` for
+resumes only with the settings it was made with. Last, the README's `dvc exp run -S ++model.sa2vp.gamma=0.5` for
 real, in a copy of the repository."""
 
 from __future__ import annotations
@@ -35,11 +35,17 @@ def _params_without(project: Path, *dotted: str, **given: Any) -> None:
     """The project's params.yaml less some keys, plus others (dotted)."""
     params = yaml.safe_load((project / "params.yaml").read_text())
     for key in dotted:
-        section, leaf = key.split(".")
-        params[section].pop(leaf, None)
+        *parents, leaf = key.split(".")
+        section = params
+        for part in parents:
+            section = section.get(part) or {}
+        section.pop(leaf, None)
     for key, value in given.items():
-        section, leaf = key.split("__")
-        params.setdefault(section, {})[leaf] = value
+        *parents, leaf = key.split("__")
+        section = params
+        for part in parents:
+            section = section.setdefault(part, {})
+        section[leaf] = value
     (project / "params.yaml").write_text(yaml.safe_dump(params))
 
 
@@ -56,7 +62,7 @@ def _trial_runs(project: Path, parent_name: str) -> tuple[Any, list[Any]]:
 def test_a_searched_setting_given_by_set_or_params_is_pinned_and_recorded(
     project: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    _params_without(project, "model.window", "train.lr", model__lam=0.9)  # λ given in params.yaml
+    _params_without(project, "model.sa2vp.window", "train.lr", model__sa2vp__lam=0.9)  # λ given in params.yaml
     caplog.set_level(logging.INFO, logger="sa2vp.tune")
     done = invoke_sa2vp(
         project,
@@ -68,30 +74,32 @@ def test_a_searched_setting_given_by_set_or_params_is_pinned_and_recorded(
         "--storage",
         "runs/study.journal",
         "--set",
-        "model.gamma=0.5",
+        "model.sa2vp.gamma=0.5",
         *FAST,
     )
     assert "0.5 (pinned)" in done.stdout
     plan = next(r.getMessage() for r in caplog.records if r.getMessage().startswith("searching "))
-    assert plan.endswith("; pinned model.gamma=0.5 (--set), model.lam=0.9 (params.yaml)"), plan
-    assert "model.window {1, 3, 5, 7} from 3" in plan and "train.lr 0.0001…0.02 log from 0.001" in plan, plan
+    assert plan.endswith("; pinned model.sa2vp.gamma=0.5 (--set), model.sa2vp.lam=0.9 (params.yaml)"), plan
+    assert "model.sa2vp.window {1, 3, 5, 7} from 3" in plan and "train.lr 0.0001…0.02 log from 0.001" in plan, plan
     study = _study(project)
-    assert [set(t.params) for t in study.trials] == [{"model.window", "train.lr"}]
+    assert [set(t.params) for t in study.trials] == [{"model.sa2vp.window", "train.lr"}]
     best = yaml.safe_load((project / "runs/tune/best.yaml").read_text())
-    assert best["settings"]["model.gamma"] == 0.5 and best["settings"]["model.lam"] == 0.9
+    assert best["settings"]["model.sa2vp.gamma"] == 0.5 and best["settings"]["model.sa2vp.lam"] == 0.9
     assert best["pinned"] == {
-        "model.gamma": {"value": 0.5, "from": "--set"},
-        "model.lam": {"value": 0.9, "from": "params.yaml"},
+        "model.sa2vp.gamma": {"value": 0.5, "from": "--set"},
+        "model.sa2vp.lam": {"value": 0.9, "from": "params.yaml"},
     }
-    assert set(best["tuned"]) == {"model.window", "train.lr"}
+    assert set(best["tuned"]) == {"model.sa2vp.window", "train.lr"}
     parent, trials = _trial_runs(project, "tune-s")
-    assert json.loads(parent.data.params["search.pinned"])["model.gamma"] == {"value": 0.5, "from": "--set"}
-    assert set(json.loads(parent.data.params["search.tuned"])) == {"model.window", "train.lr"}
-    assert [(run.data.params["model.gamma"], run.data.params["model.lam"]) for run in trials] == [("0.5", "0.9")]
+    assert json.loads(parent.data.params["search.pinned"])["model.sa2vp.gamma"] == {"value": 0.5, "from": "--set"}
+    assert set(json.loads(parent.data.params["search.tuned"])) == {"model.sa2vp.window", "train.lr"}
+    assert [(run.data.params["model.sa2vp.gamma"], run.data.params["model.sa2vp.lam"]) for run in trials] == [
+        ("0.5", "0.9")
+    ]
 
 
 def test_one_set_of_tune_space_changes_the_search_and_its_start(project: Path) -> None:
-    _params_without(project, "model.window", "train.lr")
+    _params_without(project, "model.sa2vp.window", "train.lr")
     invoke_sa2vp(
         project,
         "tune",
@@ -102,19 +110,19 @@ def test_one_set_of_tune_space_changes_the_search_and_its_start(project: Path) -
         "--storage",
         "runs/study.journal",
         "--set",
-        "tune.space.model.gamma.low=1.2",
+        "tune.space.model.sa2vp.gamma.low=1.2",
         "--set",
-        "tune.space.model.window.choices=[1, 5]",
+        "tune.space.model.sa2vp.window.choices=[1, 5]",
         "--set",
         "tune.space.train.lr.start=0.003",
         "--set",
-        "tune.space.model.lam=null",
+        "tune.space.model.sa2vp.lam=null",
         *FAST,
     )
     trials = _study(project).trials
-    assert all(set(t.params) == {"model.gamma", "model.window", "train.lr"} for t in trials)
-    assert all(1.2 <= t.params["model.gamma"] <= 2.0 for t in trials)  # the method's high, the new low
-    assert all(t.params["model.window"] in (1, 5) for t in trials)
+    assert all(set(t.params) == {"model.sa2vp.gamma", "model.sa2vp.window", "train.lr"} for t in trials)
+    assert all(1.2 <= t.params["model.sa2vp.gamma"] <= 2.0 for t in trials)  # the method's high, the new low
+    assert all(t.params["model.sa2vp.window"] in (1, 5) for t in trials)
     # the first trial: lr at its start; γ's default 0.1 and c = 3 are outside the new ranges, so sampled
     assert trials[0].params["train.lr"] == 0.003
 
@@ -123,39 +131,44 @@ def test_the_plan_rules() -> None:
     # a setting given a value and given a range by tune.space is searched, from its value
     settings = load_settings(
         None,
-        {"model.gamma": 0.3, "tune.space": {"model": {"gamma": {"high": 0.9}}}, "train.lr": 0.002, "model.lam": 0.7},
+        {
+            "model.sa2vp.gamma": 0.3,
+            "tune.space": {"model": {"sa2vp": {"gamma": {"high": 0.9}}}},
+            "train.lr": 0.002,
+            "model.sa2vp.lam": 0.7,
+        },
     )
-    plan = plan_search(settings, given_settings(settings, {"model.gamma": "--set", "train.lr": "--set"}))
-    gamma = plan.space["model.gamma"]
+    plan = plan_search(settings, given_settings(settings, {"model.sa2vp.gamma": "--set", "train.lr": "--set"}))
+    gamma = plan.space["model.sa2vp.gamma"]
     assert isinstance(gamma, FloatRange) and gamma.high == 0.9 and gamma.log  # merged into the method's
-    assert plan.start["model.gamma"] == 0.3 and plan.pinned == {"train.lr": "--set", "model.lam": "given"}
+    assert plan.start["model.sa2vp.gamma"] == 0.3 and plan.pinned == {"train.lr": "--set", "model.sa2vp.lam": "given"}
     # a start alone does not unpin: the value given wins
     settings = load_settings(None, {"train.lr": 0.002, "tune.space.train.lr.start": 0.005})
     assert plan_search(settings, given_settings(settings)).pinned == {"train.lr": "given"}
     # a whole new dimension, its kind from `choices`; one the method lacks needs its kind
-    settings = load_settings(None, {"tune.space.model.prompt_rank.choices": [8, 16]})
-    rank = plan_search(settings).space["model.prompt_rank"]
+    settings = load_settings(None, {"tune.space.model.sa2vp.prompt_rank.choices": [8, 16]})
+    rank = plan_search(settings).space["model.sa2vp.prompt_rank"]
     assert isinstance(rank, Choice) and rank.choices == [8, 16]
-    with pytest.raises(SettingsError, match="method 'sa2vp' does not search model.adapter_dim; give its type"):
-        plan_search(load_settings(None, {"tune.space.model.adapter_dim.low": 4}))
-    with pytest.raises(SettingsError, match="tune.space.model.window: a choice dimension has no low"):
-        plan_search(load_settings(None, {"tune.space.model.window.low": 1}))
+    with pytest.raises(SettingsError, match="method 'sa2vp' does not search model.sa2vp.adapter_dim; give its type"):
+        plan_search(load_settings(None, {"tune.space.model.sa2vp.adapter_dim.low": 4}))
+    with pytest.raises(SettingsError, match="tune.space.model.sa2vp.window: a choice dimension has no low"):
+        plan_search(load_settings(None, {"tune.space.model.sa2vp.window.low": 1}))
     with pytest.raises(SettingsError, match="tune.space: key 'model.gama' is not a setting; did you mean"):
         load_settings(None, {"tune.space.model.gama.high": 1})
     # an ablation in a suite stays pinned even when tune.space ranges it
-    settings = load_settings(None, {"model.window": "global", "tune.space.model.window.choices": [1, 3]})
-    plan = plan_search(settings, pinned={"model.window": "suite.overrides.global"})
-    assert "model.window" not in plan.space and plan.values == {"model.window": "global"}
+    settings = load_settings(None, {"model.sa2vp.window": "global", "tune.space.model.sa2vp.window.choices": [1, 3]})
+    plan = plan_search(settings, pinned={"model.sa2vp.window": "suite.overrides.global"})
+    assert "model.sa2vp.window" not in plan.space and plan.values == {"model.sa2vp.window": "global"}
 
 
 def test_the_source_of_a_pinned_setting_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "p.yaml").write_text("model:\n  lam: 0.7\n")
-    monkeypatch.setenv("SA2VP_MODEL__GAMMA", "0.4")
+    (tmp_path / "p.yaml").write_text("model:\n  sa2vp:\n    lam: 0.7\n")
+    monkeypatch.setenv("SA2VP_MODEL__SA2VP__GAMMA", "0.4")
     settings = load_settings(tmp_path / "p.yaml", {"train.lr": 0.01})
     given = given_settings(settings, {"train.lr": "best.yaml"}, tmp_path / "p.yaml")
     assert plan_search(settings, given).pinned == {
-        "model.gamma": "environment SA2VP_MODEL__GAMMA",
-        "model.lam": str(tmp_path / "p.yaml"),
+        "model.sa2vp.gamma": "environment SA2VP_MODEL__SA2VP__GAMMA",
+        "model.sa2vp.lam": str(tmp_path / "p.yaml"),
         "train.lr": "best.yaml",
     }
 
@@ -193,8 +206,8 @@ def test_resuming_a_study_with_other_settings_is_refused_and_writes_nothing(proj
     )
     assert journal.read_bytes() == before and (project / "runs/tune/best.yaml").read_bytes() == best
     # a search of other settings is another study too: its trials' parameters would not fit the old ones
-    refused = _tune(project, "--n-trials", "1", "--set", "tune.epochs=1", "--set", "model.gamma=0.5", check=False)
-    assert refused.exit_code == 2 and "(model.gamma searched 0.01…2 log → 0.5); resume" in refused.stderr
+    refused = _tune(project, "--n-trials", "1", "--set", "tune.epochs=1", "--set", "model.sa2vp.gamma=0.5", check=False)
+    assert refused.exit_code == 2 and "(model.sa2vp.gamma searched 0.01…2 log → 0.5); resume" in refused.stderr
     assert journal.read_bytes() == before
 
 
@@ -213,7 +226,7 @@ def test_resuming_with_the_same_settings_continues_the_study(project: Path) -> N
         "--set",
         "train.num_workers=1",
         "--set",
-        "tune.space.model.gamma.start=0.2",
+        "tune.space.model.sa2vp.gamma.start=0.2",
         "--set",
         "train.epochs=7",
     )
@@ -235,7 +248,7 @@ def test_a_study_without_a_record_of_its_settings_is_not_resumed(project: Path) 
 
 
 def test_dvc_exp_run_pins_gamma(tmp_path: Path) -> None:
-    """`dvc exp run -S ++model.gamma=0.5` in a copy of the repository, on a tiny backbone and budget: the
+    """`dvc exp run -S ++model.sa2vp.gamma=0.5` in a copy of the repository, on a tiny backbone and budget: the
     tuning leaves γ out, best.yaml says so, and the final training uses γ = 0.5."""
     import timm
     from safetensors.torch import save_file
@@ -266,7 +279,7 @@ def test_dvc_exp_run_pins_gamma(tmp_path: Path) -> None:
     subprocess.run(["git", "add", "-A"], cwd=repo, check=True, env=env)
     subprocess.run(["git", "commit", "-qm", "tiny"], cwd=repo, check=True, env=env)
     done = subprocess.run(
-        [str(BIN / "dvc"), "exp", "run", "-S", "++model.gamma=0.5", "train"],
+        [str(BIN / "dvc"), "exp", "run", "-S", "++model.sa2vp.gamma=0.5", "train"],
         cwd=repo,
         env=env,
         capture_output=True,
@@ -274,16 +287,19 @@ def test_dvc_exp_run_pins_gamma(tmp_path: Path) -> None:
         timeout=300,
     )
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
-    assert "pinned model.gamma=0.5 (params.yaml)" in done.stdout + done.stderr
+    assert "pinned model.sa2vp.gamma=0.5 (params.yaml)" in done.stdout + done.stderr
     best = yaml.safe_load((repo / "runs/tune/best.yaml").read_text())
-    assert "model.gamma" not in best["tuned"] and best["pinned"]["model.gamma"] == {"value": 0.5, "from": "params.yaml"}
+    assert "model.sa2vp.gamma" not in best["tuned"] and best["pinned"]["model.sa2vp.gamma"] == {
+        "value": 0.5,
+        "from": "params.yaml",
+    }
     assert best["tuned"]["train.lr"]["start"] == 0.005  # the file's tune.space: lr searched, first at 0.005
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     runs = client.search_runs([experiment_id(client, "sa2vp")])
     finals = [run for run in runs if run.data.params.get("train.train_split") == "trainval"]
     trials = [run for run in runs if run.data.tags.get("mlflow.parentRunId")]
-    assert len(finals) == 1 and finals[0].data.params["model.gamma"] == "0.5"
-    assert trials and all(run.data.params["model.gamma"] == "0.5" for run in trials)
+    assert len(finals) == 1 and finals[0].data.params["model.sa2vp.gamma"] == "0.5"
+    assert trials and all(run.data.params["model.sa2vp.gamma"] == "0.5" for run in trials)
     # DVC deletes a stage's outs before it reruns it (unless persist): the journal is one, so every `dvc repro` /
     # `dvc exp run` of the tune stage starts a fresh study rather than being refused a resume with other settings.
     outs = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]["tune"]["outs"]

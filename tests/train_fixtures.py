@@ -25,7 +25,7 @@ TINY_PARAMS: dict[str, Any] = {
         "img_size": 16,
         "model_kwargs": {"patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2},
     },
-    "model": {"window": 3},
+    "model": {"sa2vp": {"window": 3}},
     "data": {"dataset": "digits", "render_size": 16},
     "train": {"epochs": 3, "batch_size": 64, "warmup_epochs": 1, "lr": 0.01, "num_workers": 0, "output": "runs/train"},
     # log_model: about a second per run, which most tests do not need (tests/test_mlflow_idioms.py does)

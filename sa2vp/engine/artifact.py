@@ -3,7 +3,7 @@ rebuild the model around them — backbone name and the SHA-256 of its weights, 
 the input transform. A few MB for ViT-B, never the frozen backbone.
 
     folder/model.safetensors   trainable tensors by parameter name
-    folder/model.json          {"format": "sa2vp-artifact/1", "settings": …, "backbone": {…, "sha256"}, "classes": …}
+    folder/model.json          {"format": "sa2vp-artifact/2", "settings": …, "backbone": {…, "sha256"}, "classes": …}
 
 model.json is an `ArtifactRecord`, and this module is the only one that writes or reads it (`save_artifact`,
 `read_record`, `load_artifact`): the trainer builds the record, the suites and `explain` read its fields. It is
@@ -43,9 +43,11 @@ from sa2vp.engine.runtime import configure_cpu_numerics, use_portable_dropout
 from sa2vp.errors import ArtifactError, BackboneError, one_line
 from sa2vp.models import AdaptedModel, ParameterSummary, build_model
 from sa2vp.models.backbones import data_config, safetensors_problem, weights_digest
-from sa2vp.settings import Settings, SettingsError, settings_from_dump
+from sa2vp.settings import SA2VPSettings, Settings, SettingsError, settings_from_dump
 
-FORMAT: Final = "sa2vp-artifact/1"
+FORMAT: Final = "sa2vp-artifact/2"
+# Format 1 (before SA²VP's settings moved from model.* into model.sa2vp.*) is read by upgrading it.
+FORMAT_1: Final = "sa2vp-artifact/1"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "model.json"
 
@@ -132,7 +134,7 @@ class ArtifactRecord(_Part):
     """model.json. Required: what rebuilding the model, checking it and feeding it depend on. Optional: what
     only reports on the run (sizes, metrics, versions), typed when present."""
 
-    format: Literal["sa2vp-artifact/1"]
+    format: Literal["sa2vp-artifact/2"]
     settings: Settings
     backbone: BackboneRecord
     classes: list[str] = Field(min_length=2)
@@ -171,12 +173,26 @@ def validate_record(document: Any, source: Path) -> ArtifactRecord:
     field that is missing or wrong."""
     if not isinstance(document, dict):
         raise ArtifactError(f"{source}: expected a JSON object, got {type(document).__name__}")
+    if document.get("format") == FORMAT_1:
+        document = upgrade_format_1(document)
     if document.get("format") != FORMAT:  # another version's record: its other fields would only be noise
         raise ArtifactError(f"{source}: format {document.get('format')!r} is not {FORMAT!r}")
     try:
         return ArtifactRecord.model_validate(document)
     except ValidationError as exc:
         raise ArtifactError(f"{source}: {_describe(exc)}") from None
+
+
+def upgrade_format_1(document: dict[str, Any]) -> dict[str, Any]:
+    """A format-1 record as format 2: SA²VP's settings, then keys of the `model:` section itself, move into its
+    `sa2vp` sub-section. Nothing else differs."""
+    settings = document.get("settings")
+    model = settings.get("model") if isinstance(settings, dict) else None
+    if not isinstance(settings, dict) or not isinstance(model, dict):
+        return {**document, "format": FORMAT}  # validation names what is missing
+    own = {key: model[key] for key in SA2VPSettings.model_fields if key in model}
+    rest = {key: value for key, value in model.items() if key not in own}
+    return {**document, "format": FORMAT, "settings": {**settings, "model": {**rest, "sa2vp": own}}}
 
 
 def _describe(exc: ValidationError) -> str:

@@ -106,7 +106,7 @@ class SA2VPModel(AdaptedModel):
             label = backbone_label(self.backbone)
             where = label if part is None else f"{part} of {label}"
             raise SettingsError(
-                f"model.window: {window} is larger than the {grid[0]}×{grid[1]} token grid of {where}; allowed: "
+                f"model.sa2vp.window: {window} is larger than the {grid[0]}×{grid[1]} token grid of {where}; allowed: "
                 f"odd 1…{largest} (2·{side}−1, which already covers the whole grid) or 'global'"
             )
 

@@ -59,7 +59,7 @@ def resolve_cross_blocks(settings: SA2VPSettings, depths: list[int]) -> dict[int
     """{cross stage: its TO_PROMPT block indices} for a Swin with stage depths `depths`, validated."""
     if settings.deep_layers:
         raise SettingsError(
-            f"model.deep_layers: {settings.deep_layers} is not supported on Swin, which has no deep prompts in "
+            f"model.sa2vp.deep_layers: {settings.deep_layers} is not supported on Swin, which has no deep prompts in "
             "the release; allowed: null or []"
         )
     stages = settings.cross_stages
@@ -68,7 +68,7 @@ def resolve_cross_blocks(settings: SA2VPSettings, depths: list[int]) -> dict[int
     for stage in stages:
         if stage >= len(depths):
             raise SettingsError(
-                f"model.cross_stages: stage index {stage} is out of range; allowed 0..{len(depths) - 1} for a "
+                f"model.sa2vp.cross_stages: stage index {stage} is out of range; allowed 0..{len(depths) - 1} for a "
                 f"Swin with {len(depths)} stages"
             )
     to_prompt = {}
@@ -78,7 +78,7 @@ def resolve_cross_blocks(settings: SA2VPSettings, depths: list[int]) -> dict[int
         bad = [i for i in blocks if i >= depth]
         if bad:
             raise SettingsError(
-                f"model.to_prompt_layers: block index {bad[0]} is out of range; allowed 0..{depth - 1} for "
+                f"model.sa2vp.to_prompt_layers: block index {bad[0]} is out of range; allowed 0..{depth - 1} for "
                 f"cross stage {stage} of depth {depth}"
             )
         to_prompt[stage] = frozenset(blocks)

@@ -58,7 +58,7 @@ def resolve_layers(settings: SA2VPSettings, depth: int) -> tuple[frozenset[int],
     if deep is None:
         # Layer 0 already receives the input prompt map, so a deep map there would be redundant.
         deep = [i for i in release_layers(RELEASE_DEEP, depth) if i > 0]
-    for key, layers in (("model.to_prompt_layers", to_prompt), ("model.deep_layers", deep)):
+    for key, layers in (("model.sa2vp.to_prompt_layers", to_prompt), ("model.sa2vp.deep_layers", deep)):
         bad = [i for i in layers if not 0 <= i < depth]
         if bad:
             raise SettingsError(

@@ -26,7 +26,7 @@ from torch import nn
 from sa2vp.models.backbones import BackboneError
 from sa2vp.models.base import AdaptedModel, BackboneClassifier
 from sa2vp.models.containers import ModuleListOf
-from sa2vp.settings import AdaptFormerSettings, Choice, FloatRange, SA2VPSettings, SearchDimension
+from sa2vp.settings import AdaptFormerSettings, Choice, FloatRange, ModelSettings, SearchDimension
 
 
 class ParallelAdapter(nn.Module):
@@ -103,7 +103,7 @@ def mlp_blocks(backbone: nn.Module) -> list[tuple[nn.Module, nn.Linear]]:
     return blocks
 
 
-def build(backbone: nn.Module, num_classes: int, settings: SA2VPSettings) -> AdaptedModel:
+def build(backbone: nn.Module, num_classes: int, settings: ModelSettings) -> AdaptedModel:
     return AdaptFormer(backbone, num_classes, settings.adaptformer)
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from torch import nn
 
 from sa2vp.models.base import AdaptedModel, BackboneClassifier
-from sa2vp.settings import FloatRange, SA2VPSettings, SearchDimension
+from sa2vp.settings import FloatRange, ModelSettings, SearchDimension
 
 
 class FullFineTuning(BackboneClassifier):
@@ -20,7 +20,7 @@ class FullFineTuning(BackboneClassifier):
         return ["full fine-tuning: every backbone weight and the head train"]
 
 
-def build(backbone: nn.Module, num_classes: int, settings: SA2VPSettings) -> AdaptedModel:
+def build(backbone: nn.Module, num_classes: int, settings: ModelSettings) -> AdaptedModel:
     return FullFineTuning(backbone, num_classes)
 
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sa2vp.models.base import AdaptedModel, BackboneClassifier
-from sa2vp.settings import FloatRange, SA2VPSettings, SearchDimension
+from sa2vp.settings import FloatRange, ModelSettings, SearchDimension
 
 
 class LinearProbe(BackboneClassifier):
@@ -23,7 +23,7 @@ class LinearProbe(BackboneClassifier):
         return self.head(features)
 
 
-def build(backbone: nn.Module, num_classes: int, settings: SA2VPSettings) -> AdaptedModel:
+def build(backbone: nn.Module, num_classes: int, settings: ModelSettings) -> AdaptedModel:
     return LinearProbe(backbone, num_classes)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 from torch import nn
 
 from sa2vp.models.base import AdaptedModel, BackboneClassifier
-from sa2vp.settings import Choice, FloatRange, LoRASettings, SA2VPSettings, SearchDimension, SettingsError
+from sa2vp.settings import Choice, FloatRange, LoRASettings, ModelSettings, SearchDimension, SettingsError
 
 
 class LoRA(BackboneClassifier):
@@ -78,7 +78,7 @@ def target_layers(backbone: nn.Module, targets: list[str]) -> list[str]:
     return chosen
 
 
-def build(backbone: nn.Module, num_classes: int, settings: SA2VPSettings) -> AdaptedModel:
+def build(backbone: nn.Module, num_classes: int, settings: ModelSettings) -> AdaptedModel:
     return LoRA(backbone, num_classes, settings.lora)
 
 

@@ -21,7 +21,7 @@ from torch import nn
 
 from sa2vp.models.backbones import BackboneError
 from sa2vp.models.base import AdaptedModel, classifier_head
-from sa2vp.settings import Choice, FloatRange, SA2VPSettings, SearchDimension, VPTSettings
+from sa2vp.settings import Choice, FloatRange, ModelSettings, SearchDimension, VPTSettings
 
 
 class VisualPromptTuning(AdaptedModel):
@@ -81,7 +81,7 @@ class VisualPromptTuning(AdaptedModel):
         return [f"{'deep' if self.deep else 'shallow'}: p={self.num_prompts} prompt tokens, {where}"]
 
 
-def build(backbone: nn.Module, num_classes: int, settings: SA2VPSettings) -> AdaptedModel:
+def build(backbone: nn.Module, num_classes: int, settings: ModelSettings) -> AdaptedModel:
     """`vpt-shallow` or `vpt-deep`, as settings.method says."""
     if not isinstance(backbone, VisionTransformer):
         raise BackboneError(
