@@ -81,7 +81,8 @@ class PostgresServer:
         server = cls(folder, _free_port(), binaries, owner)
         server._run("initdb", "-D", str(folder / "data"), "-U", USER, "--auth=trust", "-E", "UTF8", "--no-sync")
         options = f"-h 127.0.0.1 -p {server.port} -k {folder} -c fsync=off -c max_connections=200"
-        server._run("pg_ctl", "-D", str(folder / "data"), "-l", str(folder / "server.log"), "-o", options, "-w", "start")
+        log = str(folder / "server.log")
+        server._run("pg_ctl", "-D", str(folder / "data"), "-l", log, "-o", options, "-w", "start")
         return server
 
     def _run(self, program: str, *args: str) -> None:
