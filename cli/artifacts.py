@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .common import (
+    DEFAULT_PARAMS,
     ParamsOption,
     SetOption,
     check_writable,
@@ -21,8 +22,20 @@ from .common import (
 )
 from .train import DeviceOption
 
+# A str, not a Path: a Path would fold the `//` of `mlflow-artifacts://host:port/…`.
 ArtifactArgument = Annotated[
-    Path, typer.Argument(help="The artifact folder `sa2vp train` wrote (<train.output>/model) or its model.json.")
+    str,
+    typer.Argument(
+        help="The artifact folder `sa2vp train` wrote (<train.output>/model) or its model.json; or its MLflow "
+        "URI, downloaded through the tracking store: runs:/<run id>/model, mlflow-artifacts:/…, models:/<model id>."
+    ),
+]
+TrackingUriOption = Annotated[
+    str | None,
+    typer.Option(
+        "--tracking-uri",
+        help="MLflow store to download an artifact URI from (default: tracking.uri of params.yaml here).",
+    ),
 ]
 BackboneWeightsOption = Annotated[
     str | None,
@@ -51,15 +64,18 @@ def evaluate(
             "prediction: `prompt` (SA²VP's prompt pathway)."
         ),
     ] = None,
+    tracking_uri: TrackingUriOption = None,
 ) -> None:
     """Recompute an artifact's metrics on a split of the dataset it was trained on.
 
     Example: sa2vp evaluate runs/train/model --split test --metrics-file metrics.json
+    From the tracking server: sa2vp evaluate runs:/<run id>/model
     """
     from sa2vp.data import SPLITS
     from sa2vp.engine import evaluate as run_evaluation
     from sa2vp.engine import load_artifact
     from sa2vp.engine.report import write_dvc_plots, write_metrics
+    from sa2vp.tracking import local_artifact
 
     if split not in SPLITS:
         fail(f"--split {split!r}: expected one of {', '.join(SPLITS)}")
@@ -67,7 +83,8 @@ def evaluate(
         check_writable("--metrics-file", metrics_file)
     if plots_dir is not None:
         check_writable("--plots-dir", plots_dir, folder=True)
-    loaded = load_artifact(artifact, backbone_weights)
+    with local_artifact(artifact, lambda: _tracking_uri(tracking_uri)) as folder:
+        loaded = load_artifact(folder, backbone_weights)
     metrics = run_evaluation(loaded, split, device, progress(), pathway)
     label = split if pathway is None else f"{split}, {pathway} pathway"
     typer.echo(
@@ -91,6 +108,7 @@ def predict(
         Path | None,
         typer.Option(help="Also write the predictions here: a .csv (image, rank, class, probability) or a .json file."),
     ] = None,
+    tracking_uri: TrackingUriOption = None,
 ) -> None:
     """Classify image files with a trained artifact: the top-k classes and their probabilities.
 
@@ -99,12 +117,14 @@ def predict(
     from sa2vp.engine import load_artifact
     from sa2vp.engine import predict as classify
     from sa2vp.engine.report import PREDICTION_SUFFIXES, write_predictions
+    from sa2vp.tracking import local_artifact
 
     if output is not None:
         if output.suffix not in PREDICTION_SUFFIXES:
             fail(f"--output {output}: expected a {' or '.join(PREDICTION_SUFFIXES)} file name")
         check_writable("--output", output)
-    loaded = load_artifact(artifact, backbone_weights)
+    with local_artifact(artifact, lambda: _tracking_uri(tracking_uri)) as folder:
+        loaded = load_artifact(folder, backbone_weights)
     predictions = classify(loaded, images, top_k, device)
     if output is not None:
         write_predictions(output, predictions)
@@ -132,11 +152,16 @@ def ui(
 
     Example: sa2vp ui --port 5001
     """
+    from sa2vp.tracking import is_server, serve_ui, server_page
+
     settings = settings_from(params, overrides)
     uri = settings.tracking.uri
-    if uri.startswith(("http://", "https://")):
-        fail(f"tracking.uri={uri!r} is already a tracking server: open it in a browser")
-    from sa2vp.tracking import serve_ui
+    if is_server(uri):  # nothing to start: the server serves the UI itself
+        typer.echo(
+            f"tracking.uri={uri!r} is a tracking server, which serves the MLflow UI: "
+            f"{server_page(uri, settings.tracking.experiment)}"
+        )
+        return
 
     def waiting(seconds: float) -> None:
         # The server takes tens of seconds to answer; its address is printed once it does.
@@ -151,3 +176,11 @@ def ui(
         typer.echo(f"MLflow UI for {uri}: {page}  (Ctrl-C stops it)")
 
     raise typer.Exit(serve_ui(uri, port, settings.tracking.experiment, on_ready=ready, on_waiting=waiting))
+
+
+def _tracking_uri(given: str | None) -> str:
+    """The store an artifact URI is read through: --tracking-uri, else the project's tracking.uri (params.yaml
+    here if present, SA2VP_TRACKING__URI), as `sa2vp train` logged to it."""
+    if given is not None:
+        return given
+    return settings_from(DEFAULT_PARAMS if DEFAULT_PARAMS.is_file() else None, None).tracking.uri

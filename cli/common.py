@@ -199,6 +199,11 @@ def set_log_every(seconds: float) -> None:
 def setup_logging() -> None:
     """Library log lines (one per epoch, trial, …) as plain lines on stderr; MLflow's own chatter hushed."""
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # With a tracking server MLflow prints its own "View run" links, to a view that opens on GenAI traces:
+    # sa2vp prints the runs table's address itself. Its file-count bars are noise in a log.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+    if not is_terminal():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for noisy in ("mlflow", "alembic", "optuna", "httpx", "httpx2", "huggingface_hub", "urllib3", "timm"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -80,17 +80,24 @@ def _train(
     if final:
         settings = final_settings(settings)
     result = fit(settings, resume=resume, progress=progress())
+    if result.rank:  # under torchrun, rank 0 says what the run made
+        return
     # The test accuracy is in the log already (the engine's `test:` line, with the best epoch): not said twice.
     typer.echo(f"artifact: {result.artifact}")
     if result.run_id:
-        typer.echo(f"MLflow: run {result.run_id} in {settings.tracking.uri} (browse: sa2vp ui)")
+        from sa2vp.tracking import browse_address
+
+        browse = browse_address(settings.tracking.uri, settings.tracking.experiment)
+        typer.echo(f"MLflow: run {result.run_id} in {settings.tracking.uri} (browse: {browse})")
 
 
 @expected_errors_exit_2
 def tune(
     dataset: DatasetOption = None,
     epochs: Annotated[int | None, typer.Option(help="Training epochs of each trial (tune.epochs).")] = None,
-    n_trials: Annotated[int | None, typer.Option("--n-trials", help="Trials to add (tune.n_trials).")] = None,
+    n_trials: Annotated[
+        int | None, typer.Option("--n-trials", help="The study's trials in all, over every worker (tune.n_trials).")
+    ] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds after which no trial starts (tune.timeout).")] = None,
     storage: Annotated[str | None, typer.Option(help="Journal file or database URL (tune.storage).")] = None,
     study_name: Annotated[str | None, typer.Option("--study-name", help="Study (tune.study_name).")] = None,
@@ -102,6 +109,8 @@ def tune(
     """Tune the method's settings on the validation split with Optuna (preparing the data if missing).
 
     Example: sa2vp tune -d digits --n-trials 10 --epochs 3
+    Several workers, one study: start the same command on each machine with --storage postgresql://HOST/DB
+    (and one tracking store); they run the 10 trials together, and each returns when none is left.
     """
     import optuna
 

@@ -393,6 +393,16 @@ class TrainSettings(_Section):
         "x86-64 CPU with AVX2 gives the same bytes for a given torch build and `cpu_threads` — not guaranteed on "
         "AMD, where MKL keeps its own code (benchmarks/CPU_REPRODUCIBILITY.md). No effect on a GPU.",
     )
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off",
+        description="torch.compile the model's forward (and so its backward) for training and evaluation: "
+        "`default` fuses its operations (true means default); `reduce-overhead` also replays each step as a CUDA "
+        "graph on a GPU, removing the per-operation launch cost (on the CPU it is `default`); `max-autotune` also "
+        "searches the fastest kernels (longer compilation). The first step compiles (about a minute, each new "
+        "batch shape and the evaluation once more); the time is logged (MLflow metric compile_seconds). Results "
+        "differ from `off` in the last bits (fused arithmetic, another dropout random stream): `off` is the "
+        "reproducible default.",
+    )
     cpu_threads: int | None = Field(
         None,
         ge=1,
@@ -420,6 +430,12 @@ class TrainSettings(_Section):
         if re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value) is None:
             raise ValueError("must be auto, cpu, cuda, cuda:N or mps")
         return value
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_switch(cls, value: Any) -> Any:
+        """YAML's booleans as the switch they read as: false → off, true → default."""
+        return ("default" if value else "off") if isinstance(value, bool) else value
 
     @model_validator(mode="after")
     def _no_validation_on_training_images(self) -> TrainSettings:
@@ -483,10 +499,21 @@ class TuneSettings(_Section):
         "step). A searched setting that is given a value (params.yaml, --set, SA2VP_*) is pinned — left out of the "
         "search — unless its entry here gives a range or choices; then the value is where its search starts.",
     )
-    n_trials: int = Field(20, ge=1, description="Trials to add to the study in this run.")
+    n_trials: int = Field(
+        20,
+        ge=1,
+        description="The study's trials in all: however many workers share the study (tune.storage a database "
+        "URL), they run this many together; a run on a study that has them adds none, a larger value adds the "
+        "difference. A failed or killed trial counts; its retries (tune.retries) come on top.",
+    )
     timeout: float | None = Field(None, gt=0, description="Stop starting new trials after this many seconds.")
     epochs: int | None = Field(None, ge=1, description="Training epochs per trial; default train.epochs.")
-    sampler_seed: int = Field(42, ge=0, description="Seed of the TPE sampler.")
+    sampler_seed: int = Field(
+        42,
+        ge=0,
+        description="Seed of the TPE sampler: each trial samples with a seed drawn from this and its number, so "
+        "a rerun proposes what it proposed before, and workers sharing a study never propose the same.",
+    )
     pruner: Literal["median", "hyperband", "none"] = Field(
         "median", description="Stops unpromising trials early on their per-epoch validation accuracy."
     )
@@ -496,6 +523,23 @@ class TuneSettings(_Section):
         "(sqlite:///…, postgresql://…) that many machines share.",
     )
     study_name: str | None = Field(None, description="Default: <dataset>-<method>-<backbone>.")
+    heartbeat_interval: int = Field(
+        60,
+        ge=1,
+        description="Seconds between the heartbeats a worker records for its running trial in a database storage; "
+        "the other workers mark a trial failed when its heartbeats stop for tune.grace_period seconds (its worker "
+        "was killed or lost). A journal file, one machine, has no heartbeats: a trial whose process has ended is "
+        "failed instead.",
+    )
+    grace_period: int = Field(
+        180, ge=1, description="Seconds without a heartbeat after which a running trial counts as dead."
+    )
+    retries: int = Field(
+        0,
+        ge=0,
+        description="Times a trial whose worker died is run again with the same settings (a new trial, beyond "
+        "tune.n_trials); 0: it stays failed.",
+    )
     enqueue_defaults: bool = Field(
         True,
         description="Start a new study with each searched setting at its start as the first trial (tuning "
@@ -508,6 +552,15 @@ class TuneSettings(_Section):
     def _setting_keys(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
         space_entries(value)  # a typo would fail every trial, after the study is already written
         return value
+
+    @model_validator(mode="after")
+    def _grace_beyond_heartbeats(self) -> TuneSettings:
+        if self.grace_period <= self.heartbeat_interval:
+            raise ValueError(
+                f"grace_period must be > heartbeat_interval, or live trials count as dead (got {self.grace_period} "
+                f"<= {self.heartbeat_interval})"
+            )
+        return self
 
 
 # The fields an entry of tune.space may give: a dimension's (FloatRange, IntRange, Choice) and the first trial's.

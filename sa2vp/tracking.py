@@ -20,6 +20,12 @@ a relative path (the default `sqlite:///mlflow.db`), the experiments sa2vp creat
 relative path `mlruns/<id>`, so the project folder can be copied or moved and still open its artifacts. MLflow
 resolves a relative location against the current folder, so such a store is read from its own folder:
 `sa2vp ui` runs the server there, `Run` writes artifacts from there, and so must `mlflow ui` or a notebook.
+
+A tracking server (`http://…`, e.g. `mlflow server` with a PostgreSQL store and `--artifacts-destination`) decides
+where artifacts go itself; with served artifacts the runs' locations are `mlflow-artifacts:/…` and every file
+goes through the server. It serves its own UI, whose address sa2vp prints (`browse_address`, `server_page`).
+A model artifact can be named by its MLflow URI (`runs:/<run id>/model`, …): `local_artifact` downloads it
+through the store into a temporary folder, to be loaded like any other.
 """
 
 from __future__ import annotations
@@ -29,18 +35,21 @@ import functools
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from sa2vp.errors import TrackingError, one_line
+from sa2vp.errors import ArtifactError, BackboneError, TrackingError, one_line
 from sa2vp.folders import process_alive, writable_problem
-from sa2vp.settings import TrackingSettings
+from sa2vp.settings import SettingsError, TrackingSettings
+from sa2vp.stores import one_at_a_time, sqlite_database
 
 log = logging.getLogger("sa2vp.tracking")
 
@@ -213,14 +222,13 @@ def start_run(
     folder left RUNNING by a process that is gone are marked KILLED."""
     if not settings.enabled:
         return disabled_run()
-    from mlflow import MlflowClient
     from mlflow.entities import RunTag
     from mlflow.exceptions import MlflowException
 
     uri = absolute_uri(settings.uri)
     owner = owner_tags(output)
     try:
-        client = MlflowClient(tracking_uri=uri)
+        client = store_client(uri)
         if resume_run_id is not None:
             run_id = resume_run_id
             info = client.get_run(run_id).info
@@ -254,13 +262,11 @@ def existing_run(uri: str, run_id: str) -> Run:
     """The recorded run `run_id` in the store at `uri`, as it is (status untouched), to add to it afterwards.
     MLflow's errors propagate; a local database that does not exist is refused (FileNotFoundError) rather than
     created empty by MLflow."""
-    from mlflow import MlflowClient
-
     uri = absolute_uri(uri)
     database = _sqlite_database(uri)
     if database is not None and not database.is_file():
         raise FileNotFoundError(2, "no MLflow database here", str(database))
-    client = MlflowClient(tracking_uri=uri)
+    client = store_client(uri)
     info = client.get_run(run_id).info
     return Run(client, run_id, uri, _relative_store_folder(uri, info.artifact_uri))
 
@@ -311,11 +317,29 @@ def _set_artifact_location(database: Path | None, experiment_id: str, location: 
 
 def _sqlite_database(uri: str) -> Path | None:
     """The database file of a local SQLite store's URI (relative as given), else None."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix):
-        return None
-    path = uri[len(prefix) :].partition("?")[0]
-    return None if path in ("", ":memory:") else Path(path)
+    return sqlite_database(uri)
+
+
+_OPENED: set[str] = set()  # the stores this process has opened (and made, if they were new)
+
+
+def store_client(uri: str) -> Any:
+    """An MlflowClient on the store at `uri`, its database opened — and made if new — exclusive of the other
+    processes opening it (`sa2vp.stores.one_at_a_time`): two commands started together on a new store would
+    otherwise race through MLflow's table creation and migrations, and one would fail. A database that cannot
+    be opened raises MlflowException."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    if uri in _OPENED or is_server(uri):
+        return MlflowClient(tracking_uri=uri)
+    try:
+        client = one_at_a_time(uri, lambda: MlflowClient(tracking_uri=uri))  # (it opens the store at once)
+    except SQLAlchemyError as exc:  # the database's own errors (refused, unknown database, …)
+        raise MlflowException(one_line(exc)) from exc
+    _OPENED.add(uri)
+    return client
 
 
 def _relative_store_folder(uri: str, artifact_uri: str) -> Path | None:
@@ -600,6 +624,141 @@ def experiment_page(address: str, experiment: str | None) -> str:
         except (urllib.error.URLError, OSError, ValueError, KeyError):  # no such experiment: the list
             pass
     return f"{address}/#/experiments?{MACHINE_LEARNING_VIEW}"
+
+
+def is_server(uri: str) -> bool:
+    """Whether tracking URI `uri` is a tracking server (which serves its own UI), not a local store."""
+    return uri.startswith(("http://", "https://"))
+
+
+def browse_address(uri: str, experiment: str) -> str:
+    """Where to browse the runs of the store at `uri`: a tracking server's own page of `experiment`, or for a
+    local store the command that opens a UI on it (`sa2vp ui`, which refuses a server)."""
+    return experiment_page(uri.rstrip("/"), experiment) if is_server(uri) else "sa2vp ui"
+
+
+def server_page(uri: str, experiment: str | None) -> str:
+    """The UI page of `experiment` on the tracking server at `uri`, which must answer (TrackingError if not)."""
+    problem = _server_problem(uri)
+    if problem is not None:
+        raise TrackingError(f"tracking.uri={uri!r}: {problem}")
+    return experiment_page(uri.rstrip("/"), experiment)
+
+
+# --- a model artifact from the store ------------------------------------------------------------------------
+
+# A URI's scheme: two characters at least, so that a Windows drive (C:/…) stays a path.
+_URI_SCHEME = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):")
+STORE_SCHEMES = ("runs", "models", "mlflow-artifacts")  # MLflow reads these through the tracking store
+MLMODEL = "MLmodel"  # an MLflow model's description, at its root
+
+
+def is_artifact_uri(argument: str) -> bool:
+    """Whether an artifact argument is an MLflow artifact URI (`runs:/<run id>/model`, `mlflow-artifacts:/…`,
+    `models:/<model id>`, `s3://…`) rather than a local path: it starts with a scheme, and no such file exists."""
+    return _URI_SCHEME.match(argument) is not None and not Path(argument).exists()
+
+
+@contextlib.contextmanager
+def local_artifact(argument: str | Path, tracking_uri: str | Callable[[], str]) -> Iterator[Path]:
+    """An artifact argument as a local path (the artifact folder or its model.json): a path as it is; an MLflow
+    artifact URI downloaded (`download_artifact`) into a temporary folder, removed when the block ends.
+    `tracking_uri`: the store a `runs:/`, `models:/` or `mlflow-artifacts:/` URI is read through, or a function
+    giving it (called only for a URI). The block's ArtifactError, SettingsError and BackboneError (say from
+    `load_artifact`) name the URI instead of the temporary folder."""
+    text = str(argument)
+    if not is_artifact_uri(text):
+        yield Path(text)
+        return
+    store = tracking_uri if isinstance(tracking_uri, str) else tracking_uri()
+    with tempfile.TemporaryDirectory(prefix="sa2vp-artifact-") as folder:
+        downloaded, local = download_artifact(text, store, Path(folder))
+        try:
+            yield local
+        except (ArtifactError, SettingsError, BackboneError) as exc:
+            raise type(exc)(str(exc).replace(str(downloaded), _folder_uri(text))) from None
+
+
+def download_artifact(uri: str, tracking_uri: str, folder: Path) -> tuple[Path, Path]:
+    """Download the sa2vp artifact at MLflow artifact URI `uri` into `folder`, through the tracking store at
+    `tracking_uri` for `runs:/`, `models:/` and `mlflow-artifacts:/` URIs (a server is asked once, briefly,
+    before MLflow's minutes of retries; a local database must exist). Returns (what was downloaded, the sa2vp
+    artifact folder in it): the URI may name the artifact folder (`runs:/<run id>/model`), its model.json, or
+    the run's MLflow model (`runs:/<run id>/classifier`, `models:/<model id>`), which holds the folder. Nothing
+    is unpickled: the folder is loaded like any other (`load_artifact`). ArtifactError or TrackingError, in
+    one line naming the URI, otherwise."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    from sa2vp.engine.mlflow_model import _global_tracking_uri
+
+    store = _store_for(uri, absolute_uri(tracking_uri))
+    database = _sqlite_database(store)
+    # A local store's relative artifact locations resolve against its folder (see the module's docstring).
+    in_store = contextlib.chdir(database.parent) if database is not None else contextlib.nullcontext()
+    try:
+        # MLflow resolves `models:/` through its global tracking URI, whatever it is given.
+        with _global_tracking_uri(store), in_store:
+            downloaded = Path(
+                download_artifacts(artifact_uri=_folder_uri(uri), dst_path=str(folder), tracking_uri=store)
+            )
+    except (MlflowException, OSError) as exc:
+        raise ArtifactError(f"{uri}: cannot download it through the tracking store {store} ({one_line(exc)})") from None
+    return downloaded, _artifact_in(downloaded, uri)
+
+
+def _folder_uri(uri: str) -> str:
+    """The URI of the artifact folder, given it or its model.json (which alone would not load)."""
+    from sa2vp.engine.artifact import CONFIG_NAME
+
+    return uri.removesuffix(f"/{CONFIG_NAME}")
+
+
+def _store_for(uri: str, tracking_uri: str) -> str:
+    """The tracking store to read `uri` through, checked: a server must answer, a local database must exist
+    (MLflow would make an empty one). `mlflow-artifacts://host:port/…` names its server itself."""
+    from urllib.parse import urlparse
+
+    parsed = urlparse(uri)
+    if parsed.scheme not in STORE_SCHEMES:
+        return tracking_uri  # s3://, gs://, file:// …: read directly
+    if parsed.scheme == "mlflow-artifacts" and parsed.netloc:
+        tracking_uri = f"http://{parsed.netloc}"
+    elif parsed.scheme == "mlflow-artifacts" and not is_server(tracking_uri):
+        raise ArtifactError(
+            f"{uri}: a tracking server's artifact, but the tracking store is {tracking_uri}; give the server's "
+            "address (--tracking-uri http://HOST:PORT, or tracking.uri)"
+        )
+    database = _sqlite_database(tracking_uri)
+    if database is not None and not database.is_file():
+        raise TrackingError(f"tracking store {tracking_uri}: no MLflow database {database} to read {uri} from")
+    problem = _server_problem(tracking_uri) if is_server(tracking_uri) else None
+    if problem is not None:
+        raise TrackingError(f"tracking store {tracking_uri}: {problem}; cannot read {uri}")
+    return tracking_uri
+
+
+def _artifact_in(downloaded: Path, uri: str) -> Path:
+    """The sa2vp artifact folder in what `uri` downloaded: itself, or the one an MLflow model holds."""
+    import yaml
+
+    from sa2vp.engine.artifact import CONFIG_NAME
+    from sa2vp.engine.mlflow_model import ARTIFACT_KEY
+
+    if (downloaded / CONFIG_NAME).is_file():
+        return downloaded
+    if (downloaded / MLMODEL).is_file():
+        try:
+            flavors = yaml.safe_load((downloaded / MLMODEL).read_text(encoding="utf-8"))["flavors"]
+            inner = downloaded / flavors["python_function"]["artifacts"][ARTIFACT_KEY]["path"]
+        except (yaml.YAMLError, OSError, TypeError, KeyError) as exc:
+            raise ArtifactError(f"{uri}: an MLflow model, but not one sa2vp logged ({one_line(exc)})") from None
+        if (inner / CONFIG_NAME).is_file():
+            return inner
+    raise ArtifactError(
+        f"{uri}: not an sa2vp artifact (no {CONFIG_NAME} in it); a training's artifact is runs:/<run id>/model, "
+        "its MLflow model runs:/<run id>/classifier"
+    )
 
 
 def _signal_group(pgid: int, signum: int) -> bool:

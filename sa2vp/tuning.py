@@ -1,12 +1,18 @@
 """Optuna tuning of a method's settings on the validation split; every trial a nested MLflow run.
 
-    study = open_study(settings)                 # persistent: journal file or database URL; resumes
-    result = tune(settings)                      # adds tune.n_trials trials, writes best.yaml, logs figures
+    result = tune(settings)      # runs the study's trials (with any other workers), writes best.yaml, logs figures
 
 Each trial trains with `sa2vp.engine.fit` on the train split and scores the best validation top-1 over its
 epochs; the pruner stops unpromising trials from their per-epoch validation accuracy. A new study's first
 trial is each searched setting's start, so tuning never ends below the settings as given. A trial that fails
 (an invalid combination, a diverging loss) is recorded as failed and the study goes on.
+
+A study is persistent (tune.storage: a journal file, or a database URL that many machines share) and has a
+budget of tune.n_trials trials: any number of `sa2vp tune` processes started on it run them together, and each
+returns when none is left (`sa2vp.studies`: claims, heartbeats, dead workers). Trial k samples with a seed drawn
+from (tune.sampler_seed, k), so a rerun proposes what it proposed and workers never propose the same. One MLflow
+parent run per study holds every worker's trial runs; best.yaml and the parent's best are written from the study
+alone, so every worker that ends writes the same.
 
 What is searched (`plan_search`): the method's own space, changed by tune.space, less the settings that were
 given a value — those are pinned, used as given — unless tune.space gives them a range. A study records the
@@ -15,19 +21,22 @@ settings its trials train with (`study_identity`) and is resumed only with the s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import shutil
+import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
 import yaml
+from optuna.trial import TrialState
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from sa2vp.atomic import write_atomic
@@ -35,7 +44,7 @@ from sa2vp.data import NO_PROGRESS, Progress, prepare, split_dir
 from sa2vp.data.progress import labelled
 from sa2vp.engine import EpochReport, fit
 from sa2vp.engine.trainer import RESUMABLE_CHANGES
-from sa2vp.errors import TrainingDiverged
+from sa2vp.errors import TrackingError, TrainingDiverged, one_line
 from sa2vp.models import search_space
 from sa2vp.settings import (
     Choice,
@@ -52,11 +61,40 @@ from sa2vp.settings import (
     settings_from_dump,
     space_entries,
 )
-from sa2vp.tracking import Run, start_run, trial_run_name
+from sa2vp.studies import (
+    HOST_ATTR,
+    PID_ATTR,
+    beating,
+    budget_of,
+    claim,
+    fail_dead,
+    is_new_journal,
+    join_study,
+    load_study,
+    open_storage,
+    retry,
+    running,
+    top_up,
+)
+from sa2vp.tracking import (
+    Run,
+    absolute_uri,
+    check_store,
+    disabled_run,
+    existing_run,
+    start_run,
+    store_client,
+    trial_run_name,
+)
 
 log = logging.getLogger("sa2vp.tune")
 
 BEST_FILE = "best.yaml"
+# A study's records (user attributes) besides its identity: the search plan best.yaml shows, its parent run.
+PLAN_ATTR, PARENT_ATTR = "sa2vp_plan", "mlflow_parent_run_id"
+STUDY_TAG, TRIAL_TAG = "sa2vp.study", "sa2vp.trial"  # MLflow tags: a trial run's study and number
+CAUGHT = (TrainingDiverged, SettingsError, ValueError)  # a trial failing so is recorded as failed; the study goes on
+WAIT_POLL = 5.0  # at most so many seconds between looks at the trials other workers run
 
 
 @dataclass
@@ -289,43 +327,122 @@ def _pruner(settings: Settings) -> optuna.pruners.BasePruner:
     }[settings.tune.pruner]()
 
 
-def _existing_study(settings: Settings) -> optuna.Study | None:
-    """The study tune.storage holds under this name, read without writing; None when there is none."""
-    if "://" not in settings.tune.storage and not Path(settings.tune.storage).is_file():
-        return None  # (opening a journal creates its file)
+def trial_seed(seed: int, number: int) -> int:
+    """The sampler's seed for trial `number` of a study seeded `seed` (tune.sampler_seed): a rerun draws what it
+    drew before, and trials run side by side by several workers draw apart."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{number}".encode()).digest()[:4], "little")
+
+
+def _samplers(settings: Settings) -> Callable[[int], optuna.samplers.BaseSampler]:
+    def sampler(number: int) -> optuna.samplers.BaseSampler:
+        # constant_liar: the trials other workers are running count as bad ones meanwhile, so that workers do not
+        # all crowd the same promising region (a lone worker has no other running trial: no change).
+        return optuna.samplers.TPESampler(seed=trial_seed(settings.tune.sampler_seed, number), constant_liar=True)
+
+    return sampler
+
+
+def _set_up(study: optuna.Study, settings: Settings, identity: Mapping[str, Any], plan: SearchPlan) -> Run:
+    """A new study's records — what its trials train with, the search plan (best.yaml's), its MLflow parent run —
+    and its first trial: each searched setting at its start (tune.enqueue_defaults). Returns the parent run."""
+    study.set_user_attr(IDENTITY_ATTR, dict(identity))
+    study.set_user_attr(IDENTITY_HASH_ATTR, _digest(identity))
+    study.set_user_attr(PLAN_ATTR, plan.record())
+    parent = _new_parent(settings, study, plan)
     try:
-        return optuna.load_study(
-            study_name=study_name(settings),
-            storage=_storage(settings.tune.storage),
-            sampler=optuna.samplers.TPESampler(seed=settings.tune.sampler_seed),
-            pruner=_pruner(settings),
+        if settings.tune.enqueue_defaults:
+            inside = {key: plan.start[key] for key, dim in plan.space.items() if _contains(dim, plan.start[key])}
+            for key in sorted(set(plan.space) - set(inside)):
+                log.info(
+                    "first trial: %s=%r is outside its search range, so the sampler chooses it", key, plan.start[key]
+                )
+            study.enqueue_trial(inside, user_attrs={"defaults": True})
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    return parent
+
+
+def _new_parent(settings: Settings, study: optuna.Study, plan: SearchPlan) -> Run:
+    """The study's MLflow parent run, under which every worker logs its trials; its id recorded in the study."""
+    parent = start_run(
+        settings.tracking,
+        f"tune-{study.study_name}",
+        {
+            "study_name": study.study_name,
+            "storage": settings.tune.storage,
+            "dataset": settings.data.dataset,
+            "method": settings.model.method,
+            "backbone": settings.backbone.name,
+            STUDY_TAG: study.study_name,
+        },
+    )
+    parent.log_params(
+        {
+            **flatten_settings(settings),
+            "study_name": study.study_name,
+            "search.tuned": json.dumps(plan.record()["tuned"]),
+            "search.pinned": json.dumps(plan.record()["pinned"]),
+        }
+    )
+    if parent.run_id:
+        study.set_user_attr(PARENT_ATTR, parent.run_id)
+    return parent
+
+
+def _parent_run(settings: Settings, study: optuna.Study, plan: SearchPlan) -> Run:
+    """The parent run of a study made by another process (or an earlier run), as it is."""
+    if not settings.tracking.enabled:
+        return disabled_run()
+    recorded = study.user_attrs.get(PARENT_ATTR)
+    if recorded is None:  # made with tracking.enabled=false, or by an older sa2vp: the parent it lacked
+        return _new_parent(settings, study, plan)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return existing_run(settings.tracking.uri, str(recorded))
+    except (MlflowException, OSError) as exc:
+        raise TrackingError(
+            f"tracking.uri={settings.tracking.uri!r}: study {study.study_name!r} logs its trials under MLflow run "
+            f"{recorded}, which this store cannot give ({one_line(exc)}); every worker of a study must log to the "
+            "same tracking store"
+        ) from exc
+
+
+class _DeadTrials:
+    """What becomes of a trial whose worker died (no heartbeat for tune.grace_period seconds, or its process
+    gone), after Optuna marked it failed: retried if tune.retries allows, and its MLflow run — which its worker
+    left RUNNING — marked KILLED. Called by whichever worker notices."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        worker = f"process {trial.user_attrs.get(PID_ATTR, '?')} on {trial.user_attrs.get(HOST_ATTR, '?')}"
+        retried = retry(study, trial, self.settings.tune.retries)
+        log.warning(
+            "trial %d: its worker (%s) stopped without ending it: marked failed%s",
+            trial.number,
+            worker,
+            ", and queued again (tune.retries)" if retried else "",
         )
-    except KeyError:
-        return None
+        self._end_run(study, trial, f"the worker running trial {trial.number} ({worker}) stopped (killed or lost)")
 
+    def _end_run(self, study: optuna.Study, trial: optuna.trial.FrozenTrial, why: str) -> None:
+        parent = study.user_attrs.get(PARENT_ATTR)
+        if not self.settings.tracking.enabled or parent is None:
+            return
+        from mlflow.exceptions import MlflowException
 
-def open_study(settings: Settings, identity: Mapping[str, Any] | None = None) -> optuna.Study:
-    """The study in tune.storage: seeded TPE, the configured pruner, maximising val top-1. An existing one must
-    have been made with the same `identity` (SettingsError otherwise, nothing written); a new one records it."""
-    identity = study_identity(settings, plan_search(settings)) if identity is None else identity
-    study = _existing_study(settings)
-    if study is None:
         try:
-            study = optuna.create_study(
-                storage=_storage(settings.tune.storage),
-                study_name=study_name(settings),
-                direction="maximize",
-                sampler=optuna.samplers.TPESampler(seed=settings.tune.sampler_seed),
-                pruner=_pruner(settings),
-            )
-        except optuna.exceptions.DuplicatedStudyError:  # another machine made it meanwhile (a shared database)
-            study = _existing_study(settings)
-            assert study is not None
-    check_resumable(study, settings, identity)
-    if IDENTITY_HASH_ATTR not in study.user_attrs:
-        study.set_user_attr(IDENTITY_ATTR, dict(identity))
-        study.set_user_attr(IDENTITY_HASH_ATTR, _digest(identity))
-    return study
+            client = store_client(absolute_uri(self.settings.tracking.uri))
+            experiment = client.get_run(parent).info.experiment_id
+            found = f"tags.`mlflow.parentRunId` = '{parent}' AND tags.`{TRIAL_TAG}` = '{trial.number}'"
+            for run in client.search_runs([experiment], filter_string=f"{found} AND attributes.status = 'RUNNING'"):
+                client.set_tag(run.info.run_id, "error", why)
+                client.set_terminated(run.info.run_id, "KILLED")
+        except (MlflowException, OSError) as exc:  # the trial's state is Optuna's; its run is a record of it
+            log.warning("trial %d: cannot mark its MLflow run killed (%s)", trial.number, one_line(exc))
 
 
 def check_resumable(study: optuna.Study, settings: Settings, identity: Mapping[str, Any]) -> None:
@@ -370,85 +487,194 @@ def _identity_value(key: str, identity: Mapping[str, Any]) -> str:
 
 
 def tune(settings: Settings, progress: Progress = NO_PROGRESS, plan: SearchPlan | None = None) -> TuneResult:
-    """Add tune.n_trials trials to the study (none starts after tune.timeout seconds), then write
-    tune.output/best.yaml and log the study to a parent MLflow run.
+    """Run the study's trials, with every other worker sharing it (tune.storage, tune.study_name), until none is
+    left — tune.n_trials in all, however many workers run it; this one takes none after tune.timeout seconds —
+    then write tune.output/best.yaml and log the study to its MLflow parent run. A study that has its trials adds
+    none; a larger tune.n_trials adds the difference.
 
     `plan`: what to search; default `plan_search` with the settings that were given a value pinned."""
     if settings.train.val_split is None:
         raise SettingsError("train.val_split: tuning scores trials on the validation split; it must not be null")
     plan = plan_search(settings, given_settings(settings)) if plan is None else plan
-    space = plan.space
-    if not space:
+    if not plan.space:
         pinned = f" (pinned: {', '.join(plan.pinned)})" if plan.pinned else ""
         raise SettingsError(
             f"tune.space: nothing to search for method {settings.model.method!r}{pinned}; give "
             "tune.space, or leave a searched setting unset"
         )
-    check_space(settings, space, plan.start)  # before the study exists: a bad space would fail every trial
+    check_space(settings, plan.space, plan.start)  # before the study exists: a bad space would fail every trial
     identity = study_identity(settings, plan)
-    earlier_study = _existing_study(settings)
-    if earlier_study is not None:  # before anything is written: the data, the study, the MLflow run
-        check_resumable(earlier_study, settings, identity)
+    if settings.tracking.enabled:
+        check_store(settings.tracking.uri)  # before the study is made: its maker makes the MLflow parent run
+    with warnings.catch_warnings():
+        # heartbeats, fail_stale_trials and TPE's constant_liar are experimental in Optuna 5
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return _tune(settings, plan, identity, progress)
+
+
+def _tune(settings: Settings, plan: SearchPlan, identity: Mapping[str, Any], progress: Progress) -> TuneResult:
+    where, name, pruner = settings.tune.storage, study_name(settings), _pruner(settings)
+    on_dead = _DeadTrials(settings)
+    heartbeat = (settings.tune.heartbeat_interval, settings.tune.grace_period)
+    storage = None if is_new_journal(where) else open_storage(where, heartbeat, on_dead)
+    earlier = None if storage is None else load_study(storage, name, pruner)
+    if earlier is not None:  # before anything is written: the data, the study, the MLflow run
+        check_resumable(earlier, settings, identity)
     log.info("%s", plan.line())
     folder = split_dir(settings.data)
     if not (folder / "manifest.json").is_file():
         prepare(settings.data, progress)
-    study = open_study(settings, identity)
-    earlier = len(study.trials)
-    if settings.tune.enqueue_defaults and not study.trials:
-        inside = {key: plan.start[key] for key, dim in space.items() if _contains(dim, plan.start[key])}
-        for key in sorted(set(space) - set(inside)):
-            log.info("first trial: %s=%r is outside its search range, so the sampler chooses it", key, plan.start[key])
-        study.enqueue_trial(inside, user_attrs={"defaults": True})
-    parent = start_run(
-        settings.tracking,
-        f"tune-{study.study_name}",
-        {
-            "study_name": study.study_name,
-            "storage": settings.tune.storage,
-            "dataset": settings.data.dataset,
-            "method": settings.model.method,
-            "backbone": settings.backbone.name,
-        },
-    )
-    parent.log_params(
-        {
-            **flatten_settings(settings),
-            "study_name": study.study_name,
-            "search.tuned": json.dumps(plan.record()["tuned"]),
-            "search.pinned": json.dumps(plan.record()["pinned"]),
-        }
-    )
-    total = settings.tune.n_trials
-    log.info("study %s (%d earlier trials): %d trials over %s", study.study_name, earlier, total, ", ".join(space))
+    storage = storage or open_storage(where, heartbeat, on_dead)
+    made: list[Run] = []  # the parent run, when this process makes the study
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.optimize(
-                _objective(settings, space, parent, progress),
-                n_trials=total,
-                timeout=settings.tune.timeout,
-                catch=(TrainingDiverged, SettingsError, ValueError),
-                callbacks=[_report(total)],
-            )
-        completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
-        if not completed:
-            raise TrainingDiverged(
-                f"study {study.study_name}: no trial completed (see the failed trials' errors "
-                "in MLflow); check the settings and tune.space"
-            )
-        best = study.best_trial
-        best_file = _write_best(settings, study, best, plan)
-        parent.log_params({f"best.{key}": value for key, value in best.params.items()})
-        parent.log_metrics({"best_val_top1": best.value, "trials": len(study.trials), "completed": len(completed)})
-        parent.set_tags({"best_trial": best.number})
-        parent.log_file(best_file)
-        _log_figures(study, space, parent)
+        study, _ = join_study(
+            storage,
+            name,
+            pruner,
+            settings.tune.n_trials,
+            lambda s: made.append(_set_up(s, settings, identity, plan)),
+            where,
+        )
     except BaseException:
-        parent.finish("FAILED")
+        for parent in made:
+            parent.finish("FAILED")
         raise
+    check_resumable(study, settings, identity)
+    top_up(storage, study, settings.tune.n_trials, where)
+    parent = made[0] if made else _parent_run(settings, study, plan)
+    try:
+        parent = _work(study, storage, settings, plan, parent, on_dead, progress)
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if not running(study):  # the last worker: nobody else will end the parent run
+                parent.finish("FAILED")
+        raise
+    return _finish(settings, study, plan, parent)
+
+
+def _work(
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    settings: Settings,
+    plan: SearchPlan,
+    parent: Run,
+    on_dead: _DeadTrials,
+    progress: Progress,
+) -> Run:
+    """Take the study's waiting trials and run them until none is left (or tune.timeout), then wait for the
+    trials other workers are running, failing those whose worker died. Returns the parent run (reopened if
+    this worker ran a trial)."""
+    budget = budget_of(study)
+    trials = study.get_trials(deepcopy=False)
+    waiting = sum(trial.state == TrialState.WAITING for trial in trials)
+    log.info(
+        "study %s: %d trials, %d done, %d waiting; over %s",
+        study.study_name,
+        budget,
+        sum(trial.state.is_finished() for trial in trials),
+        waiting,
+        ", ".join(plan.space),
+    )
+    objective, report, samplers = _objective(settings, plan.space, progress), _report(budget), _samplers(settings)
+    started, reopened, awaited = time.monotonic(), False, ""
+    while True:
+        fail_dead(study, storage, on_dead)
+        if settings.tune.timeout is None or time.monotonic() - started < settings.tune.timeout:
+            trial = claim(study, storage, samplers)
+            if trial is not None:
+                if not reopened and parent.client is not None:
+                    parent, reopened = start_run(settings.tracking, parent.run_id, resume_run_id=parent.run_id), True
+                _run_trial(study, storage, trial, objective, parent, report)
+                continue
+        others = running(study)
+        if not others:
+            return parent
+        numbers = ", ".join(str(trial.number) for trial in others)
+        if numbers != awaited:
+            log.info("study %s: waiting for trial %s, run by another worker", study.study_name, numbers)
+            awaited = numbers
+        time.sleep(min(settings.tune.heartbeat_interval, WAIT_POLL))
+
+
+def _run_trial(
+    study: optuna.Study,
+    storage: optuna.storages.BaseStorage,
+    trial: optuna.Trial,
+    objective: Callable[[optuna.Trial, Run], float],
+    parent: Run,
+    report: Callable[[optuna.Study, optuna.trial.FrozenTrial], None],
+) -> None:
+    """One trial, as `study.optimize` runs it: its heartbeat recorded meanwhile; pruned, or failed by one of
+    CAUGHT (the study goes on), or failed and re-raised by anything else."""
+    value, state = None, TrialState.COMPLETE
+    with beating(storage, trial):
+        try:
+            value = objective(trial, parent)
+        except optuna.TrialPruned:
+            state = TrialState.PRUNED
+        except CAUGHT as exc:
+            state = TrialState.FAIL
+            trial.set_user_attr("fail_reason", one_line(exc))
+            log.warning("trial %d failed: %s", trial.number, one_line(exc))
+        except BaseException:
+            study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+            raise
+    told = study.tell(trial, value, state=state, skip_if_finished=True)
+    if told.state != state:  # failed by another worker that found its heartbeats stopped (a long stall)
+        log.warning(
+            "trial %d: marked %s by another worker before it ended; its result is dropped", told.number, told.state.name
+        )
+    report(study, told)
+
+
+def _finish(settings: Settings, study: optuna.Study, plan: SearchPlan, parent: Run) -> TuneResult:
+    """The study's best trial in best.yaml and in the parent run — from the study alone, so that workers ending
+    at the same moment write the same, and a rerun that added nothing rewrites nothing."""
+    trials = study.trials
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
+    if not completed:
+        parent.finish("FAILED")
+        raise TrainingDiverged(
+            f"study {study.study_name}: no trial completed (see the failed trials' errors "
+            "in MLflow); check the settings and tune.space"
+        )
+    waiting = sum(t.state == TrialState.WAITING for t in trials)
+    if waiting:
+        log.info("study %s: %d trials still wait (tune.timeout); the next run takes them", study.study_name, waiting)
+    best = study.best_trial
+    record = study.user_attrs.get(PLAN_ATTR) or plan.record()
+    best_file = _write_best(settings, study, best, record)
+    _log_best(parent, study, best, plan.space, best_file)
+    return TuneResult(study, dict(best.params), float(study.best_value), best_file, parent.run_id)
+
+
+def _log_best(
+    parent: Run, study: optuna.Study, best: optuna.trial.FrozenTrial, space: dict[str, SearchDimension], file: Path
+) -> None:
+    """The best trial as the parent run's tags (`best_trial`, `best.<setting>`: tags, which a larger budget may
+    change, where params may not), metrics at step = finished trials, best.yaml and the figures; the run ended."""
+    if parent.client is None:
+        return
+    finished = [t for t in study.get_trials(deepcopy=False) if t.state.is_finished()]
+    tags = {"best_trial": best.number, **{f"best.{key}": value for key, value in best.params.items()}}
+    metrics = {
+        "best_val_top1": float(best.value or 0.0),
+        "trials": len(finished),
+        "completed": sum(t.state == TrialState.COMPLETE for t in finished),
+        "budget": budget_of(study),
+    }
+    run = parent.client.get_run(parent.run_id)
+    if (
+        run.info.status == "FINISHED"
+        and all(run.data.tags.get(key) == str(value) for key, value in tags.items())
+        and all(run.data.metrics.get(key) == value for key, value in metrics.items())
+    ):
+        return  # said already: by a rerun that added nothing, or by a worker that ended at the same moment
+    parent.set_tags(tags)
+    parent.log_metrics(metrics, step=len(finished))
+    parent.log_file(file)
+    _log_figures(study, space, parent)
     parent.finish()
-    return TuneResult(study, dict(best.params), study.best_value, best_file, parent.run_id)
 
 
 def _trial_base(settings: Settings, output: Path) -> dict[str, Any]:
@@ -463,8 +689,8 @@ def _trial_base(settings: Settings, output: Path) -> dict[str, Any]:
     }  # a trial's model is not kept: no MLflow model either
 
 
-def _objective(settings: Settings, space: dict[str, SearchDimension], parent: Run, progress: Progress) -> Any:
-    def objective(trial: optuna.Trial) -> float:
+def _objective(settings: Settings, space: dict[str, SearchDimension], progress: Progress) -> Any:
+    def objective(trial: optuna.Trial, parent: Run) -> float:
         chosen = {key: _suggest(trial, key, dimension) for key, dimension in space.items()}
         output = settings.tune.output / f"trial-{trial.number}"
         trial_settings = load_settings(None, {**_trial_base(settings, output), **chosen})
@@ -481,6 +707,8 @@ def _objective(settings: Settings, space: dict[str, SearchDimension], parent: Ru
                 parent_run_id=parent.run_id or None,
                 progress=labelled(progress, f"trial {trial.number}"),
                 run_name=trial_run_name(trial.number, chosen),
+                # how a dead worker's run is found and ended (`_DeadTrials`)
+                run_tags={STUDY_TAG: trial.study.study_name, TRIAL_TAG: trial.number},
             )
         finally:
             shutil.rmtree(output, ignore_errors=True)  # trials keep their results in MLflow, not on disk
@@ -507,38 +735,45 @@ def _contains(dimension: SearchDimension, value: Any) -> bool:
     return isinstance(value, (int, float)) and dimension.low <= value <= dimension.high
 
 
-def _report(total: int) -> Any:
+def _report(budget: int) -> Callable[[optuna.Study, optuna.trial.FrozenTrial], None]:
     def callback(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         params = "  ".join(f"{k.split('.')[-1]}={_short(v)}" for k, v in trial.params.items())
         # A pruned trial has a value too (its last report); only a completed one scored its whole training.
-        value = trial.value if trial.state == optuna.trial.TrialState.COMPLETE else None
+        value = trial.value if trial.state == TrialState.COMPLETE else None
         outcome = f"val top1 {100 * value:.2f}%" if value is not None else trial.state.name.lower()
         try:
             best = f"best {100 * study.best_value:.2f}% (trial {study.best_trial.number})"
         except ValueError:
             best = "no completed trial yet"
-        log.info("trial %d (%d this run): %s  %s  — %s", trial.number, total, outcome, params, best)
+        done = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+        log.info("trial %d (%d/%d done): %s  %s  — %s", trial.number, done, budget, outcome, params, best)
 
     return callback
 
 
-def _write_best(settings: Settings, study: optuna.Study, best: optuna.trial.FrozenTrial, plan: SearchPlan) -> Path:
-    record = plan.record()
+def _write_best(
+    settings: Settings, study: optuna.Study, best: optuna.trial.FrozenTrial, record: Mapping[str, Any]
+) -> Path:
+    """best.yaml from the study and its recorded plan (`record`: SearchPlan.record()); left as it is when it
+    says so already."""
     document = {
         "study": study.study_name,
         "trial": best.number,
         "val_top1": best.value,
-        "trials": len(study.trials),
+        "trials": sum(t.state.is_finished() for t in study.get_trials(deepcopy=False)),
         # The pinned ones too: a `train --set-file` without the tuning's --set must not fall back to defaults.
-        "settings": {**best.params, **plan.values},
+        "settings": {**best.params, **{key: entry["value"] for key, entry in record["pinned"].items()}},
         "tuned": record["tuned"],
         "pinned": record["pinned"],
     }
+    path = settings.tune.output / BEST_FILE
     text = (
         "# Written by `sa2vp tune`: the best trial's settings, and the pinned ones. Train with them:\n"
-        f"#   sa2vp train --set-file {settings.tune.output / BEST_FILE}\n"
+        f"#   sa2vp train --set-file {path}\n"
     ) + yaml.safe_dump(document, sort_keys=False)
-    return write_atomic(settings.tune.output / BEST_FILE, text)
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return path
+    return write_atomic(path, text)
 
 
 def _log_figures(study: optuna.Study, space: dict[str, SearchDimension], run: Run) -> None:
@@ -550,16 +785,6 @@ def _log_figures(study: optuna.Study, space: dict[str, SearchDimension], run: Ru
     for name, figure in tuning_figures(study, space).items():
         run.log_figure(figure, f"tuning/{name}")
         plt.close(figure)
-
-
-def _storage(storage: str) -> optuna.storages.BaseStorage | str:
-    if "://" in storage:
-        return storage  # a database URL: Optuna's RDB storage, shared by many machines
-    path = Path(storage)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from optuna.storages.journal import JournalFileBackend
-
-    return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
 
 
 def _short(value: Any) -> str:

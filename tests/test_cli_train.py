@@ -179,7 +179,8 @@ def test_training_logs_to_a_real_tracking_server_started_by_sa2vp_ui(project: Pa
         done = invoke_sa2vp(project, "train", "--epochs", "1", "--set", f"tracking.uri={url}")
         client = MlflowClient(url)
         (run,) = client.search_runs([experiment_id(client, "tests")])
-        assert f"MLflow: run {run.info.run_id} in {url} (browse: sa2vp ui)\n" in done.stdout, done.stdout
+        page = f"{url}/#/experiments/{run.info.experiment_id}?workflowType=machine_learning"  # not `sa2vp ui`
+        assert f"MLflow: run {run.info.run_id} in {url} (browse: {page})\n" in done.stdout, done.stdout
         assert run.info.status == "FINISHED" and "test/top1" in run.data.metrics
         downloaded = Path(client.download_artifacts(run.info.run_id, "model/model.safetensors", str(project)))
         assert downloaded.read_bytes() == (project / "runs/train/model/model.safetensors").read_bytes()
@@ -245,7 +246,7 @@ def test_tune_records_failed_trials_goes_on_and_resumes_its_study(project: Path)
     assert "model.sa2vp.gamma" in done.stdout and "val top-1" in done.stdout
     best = yaml.safe_load((project / "runs/tune/best.yaml").read_text())
     assert best["trial"] == 0 and best["settings"]["train.lr"] == 0.01 and best["settings"]["model.sa2vp.gamma"] == 0.1
-    invoke_sa2vp(project, "tune", "--n-trials", "1", *common)  # resumes: adds one trial to the same study
+    invoke_sa2vp(project, "tune", "--n-trials", "3", *common)  # resumes: 3 trials in all, one more
     study = optuna.load_study(
         study_name="s", storage=JournalStorage(JournalFileBackend(str(project / "runs/study.journal")))
     )
@@ -255,7 +256,7 @@ def test_tune_records_failed_trials_goes_on_and_resumes_its_study(project: Path)
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     runs = client.search_runs([experiment_id(client, "tests")])
     parents = [r for r in runs if r.info.run_name.startswith("tune-")]
-    assert len(parents) == 2 and len(runs) == 2 + 3  # two tuning runs, three nested trial runs
+    assert len(parents) == 1 and len(runs) == 1 + 3  # one parent run for the study, three nested trial runs
     failed = sum(state == "FAIL" for _, state in states)
     assert sum(r.info.status == "FAILED" for r in runs) == failed
 

@@ -137,7 +137,7 @@ def test_dvc_repro_fills_mlflow_with_the_tuning_study_its_trials_and_the_final_r
     (parent,) = [run for name, run in by_name.items() if name.startswith("tune-")]
     trials = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert len(trials) == 2
-    assert "best_val_top1" in parent.data.metrics and "best.model.sa2vp.gamma" in parent.data.params
+    assert "best_val_top1" in parent.data.metrics and "best.model.sa2vp.gamma" in parent.data.tags
     assert {"tuning/optimization_history.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id, "tuning")}
     finals = [
         run

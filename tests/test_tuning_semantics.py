@@ -216,11 +216,12 @@ def test_resuming_with_the_same_settings_continues_the_study(project: Path) -> N
     study = _study(project)
     assert study.user_attrs["sa2vp_settings"]["train.epochs"] == 1  # what the trials train with, recorded
     assert len(study.user_attrs["sa2vp_settings_sha256"]) == 64
-    # settings that do not change what a trial scores may change: trials to add, workers, tracking, the start
+    # settings that do not change what a trial scores may change: the study's trials (2: one more), workers,
+    # tracking, the start
     _tune(
         project,
         "--n-trials",
-        "1",
+        "2",
         "--set",
         "tune.epochs=1",
         "--set",

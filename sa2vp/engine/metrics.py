@@ -3,7 +3,7 @@ top-1; mean per-class is the fair figure on unbalanced splits)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -73,8 +73,11 @@ def evaluate_model(
     precision: Precision,
     progress: Progress = NO_PROGRESS,
     description: str = "evaluating",
+    *,
+    combine: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> Metrics:
-    """Top-1 predictions of `model` (eval mode) over `loader`, as a confusion matrix."""
+    """Top-1 predictions of `model` (eval mode) over `loader`, as a confusion matrix. `combine`: what makes the
+    whole split's matrix of this process's (under torchrun, each evaluates a shard: the ranks' sum)."""
     was_training = model.training
     model.eval()
     confusion = np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -87,4 +90,4 @@ def evaluate_model(
                 advance(1)
     finally:
         model.train(was_training)
-    return Metrics(confusion)
+    return Metrics(confusion if combine is None else combine(confusion))

@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, RandomSampler
 
-from sa2vp.data import NO_PROGRESS, Manifest, Progress, load_split, prepare, read_manifest, split_dir
+from sa2vp.data import NO_PROGRESS, DataError, Manifest, Progress, load_split, prepare, read_manifest, split_dir
 from sa2vp.engine.artifact import (
     FORMAT,
     ArtifactRecord,
@@ -39,16 +39,19 @@ from sa2vp.engine.artifact import (
     save_artifact,
 )
 from sa2vp.engine.checkpoint import load_checkpoint, restore_rng_state, rng_state, save_checkpoint
+from sa2vp.engine.compile import compile_metrics, compile_model
+from sa2vp.engine.distributed import BatchShare, Replicas, replicas_for
+from sa2vp.engine.features import probe_on_features
 from sa2vp.engine.metrics import Metrics, evaluate_model
 from sa2vp.engine.optim import build_optimizer, build_scheduler
 from sa2vp.engine.report import write_report
-from sa2vp.engine.runtime import Precision, configure_cpu_numerics, resolve_device, resolve_precision
+from sa2vp.engine.runtime import Precision, configure_cpu_numerics, resolve_precision
 from sa2vp.errors import ArtifactError, TrainingDiverged
 from sa2vp.folders import remove_stale_temporaries, writable_problem
 from sa2vp.models import AdaptedModel, ParameterSummary, PathwayClassifier, parameter_summary
 from sa2vp.models.backbones import data_config, weights_digest
 from sa2vp.settings import Settings, SettingsError, flatten_settings, settings_from_dump
-from sa2vp.tracking import Run, check_store, start_run
+from sa2vp.tracking import Run, check_store, disabled_run, start_run
 
 log = logging.getLogger("sa2vp.train")
 
@@ -108,6 +111,7 @@ class TrainResult:
     test: Metrics | None
     stopped_early: bool = False
     test_pathways: dict[str, Metrics] = field(default_factory=dict)  # auxiliary pathways' own test metrics
+    rank: int = 0  # under torchrun, this process's; only rank 0 wrote the artifact and the run (run_id "" elsewhere)
 
 
 # Called after every epoch; returning True stops training there (tuning's pruner uses it).
@@ -122,29 +126,62 @@ def fit(
     on_epoch: EpochCallback | None = None,
     parent_run_id: str | None = None,
     run_name: str | None = None,
+    run_tags: Mapping[str, Any] | None = None,
 ) -> TrainResult:
-    """Train `settings.model` on `settings.data` as `settings.train` says; log to `settings.tracking`."""
-    device = resolve_device(settings.train.device)
+    """Train `settings.model` on `settings.data` as `settings.train` says; log to `settings.tracking` (`run_tags`:
+    more tags of the run, e.g. the tuning trial it is). Under torchrun, one run over all its processes
+    (`sa2vp.engine.distributed`)."""
+    replicas = replicas_for(settings.train.device, settings.train.batch_size)
     configure_cpu_numerics(
-        settings.train.cpu_numerics, device, settings.train.cpu_threads
-    )  # before any tensor op (a checkpoint's load)
+        settings.train.cpu_numerics, replicas.device, settings.train.cpu_threads
+    )  # before any tensor op (a checkpoint's load, the process group)
+    with replicas.joined():
+        return _fit(
+            settings,
+            replicas,
+            resume=resume,
+            progress=progress if replicas.is_main else NO_PROGRESS,
+            on_epoch=on_epoch,
+            parent_run_id=parent_run_id,
+            run_name=run_name,
+            run_tags=run_tags,
+        )
+
+
+def _fit(
+    settings: Settings,
+    replicas: Replicas,
+    *,
+    resume: bool,
+    progress: Progress,
+    on_epoch: EpochCallback | None,
+    parent_run_id: str | None,
+    run_name: str | None,
+    run_tags: Mapping[str, Any] | None,
+) -> TrainResult:
+    device = replicas.device
     precision = resolve_precision(settings.train.precision, device)
     checkpoint = load_checkpoint(settings.train.output) if resume else None
     if checkpoint is not None:
         _check_resumable(checkpoint, settings)
-    _check_destinations(settings)
-    for path in remove_stale_temporaries(settings.train.output):
-        log.info("removed %s, left by a killed run", path)
+    if replicas.is_main:  # the only writer
+        _check_destinations(settings)
+        for path in remove_stale_temporaries(settings.train.output):
+            log.info("removed %s, left by a killed run", path)
 
-    folder = _prepared(settings, progress)
+    folder = _prepared(settings, progress, replicas)
     manifest = read_manifest(folder)
     model = build_seeded(settings, len(manifest.classes))
+    replicas.own_random_stream(settings.train.seed)
     # Before a checkpoint is loaded: with full fine-tuning the backbone's weights are themselves trained, and
     # the digest identifies the weights training started from (what `load_artifact` rebuilds and checks).
     backbone_sha256 = weights_digest(model.backbone, model.backbone_name)
     config = data_config(model.backbone)
-    loaders = _loaders(settings, folder, config, device)
+    loaders = _loaders(settings, folder, config, device, replicas)
     model.to(device)
+    # A linear probe without augmentation trains its head on features computed once; then train.compile.
+    model, loaders = probe_on_features(model, loaders, settings, device, precision, progress)
+    compile_clock = compile_model(model, settings.train.compile)
 
     steps_per_epoch = math.ceil(len(loaders["train"]) / settings.train.accumulate)
     optimizer = build_optimizer([(n, p) for n, p in model.named_parameters() if p.requires_grad], settings.train)
@@ -157,18 +194,29 @@ def fit(
         scheduler.load_state_dict(checkpoint["scheduler"])
         scaler.load_state_dict(checkpoint["scaler"])
         state = _TrainingState.from_dict(checkpoint["state"])
-        restore_rng_state(checkpoint["rng"])
+        _restore_own_rng(checkpoint["rng"], replicas, settings.train.seed)
+    net = replicas.wrap(model)  # the training forward: DDP under torchrun (model.loss etc. stay the model's)
 
     summary = parameter_summary(model)
     name = run_name or settings.tracking.run_name or _default_run_name(settings)
-    run = start_run(
-        settings.tracking,
-        name,
-        _tags(settings, manifest, backbone_sha256),
-        parent_run_id,
-        resume_run_id=state.run_id or None,
-        output=Path(settings.train.output).resolve(),
+    run = (
+        start_run(
+            settings.tracking,
+            name,
+            {**_tags(settings, manifest, backbone_sha256), **(run_tags or {})},
+            parent_run_id,
+            resume_run_id=state.run_id or None,
+            output=Path(settings.train.output).resolve(),
+        )
+        if replicas.is_main
+        else disabled_run()  # one run, rank 0's
     )
+    run.set_tags(
+        {
+            "distributed.world_size": replicas.world,
+            "distributed.batch_per_rank": settings.train.batch_size // replicas.world,
+        }
+    )  # tags, not params: a resumed run may have another world size
     if checkpoint is not None:
         _log_missing_epochs(run, state.history)
     if not state.run_id:  # a new run (also: resumed with tracking enabled after a run without it)
@@ -212,24 +260,29 @@ def fit(
                 epoch,
                 len(manifest.classes),
                 progress,
+                net,
+                replicas,
             )
             state.record(report, model)
             log.info(report.line())
-            save_checkpoint(
-                settings.train.output,
-                {
-                    "model": model.trainable_state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict(),
-                    "rng": rng_state(),
-                    "state": state.as_dict(),
-                    "settings": flatten_settings(settings),
-                },
-            )
+            rng = _every_rank_rng(replicas)
+            if replicas.is_main:
+                save_checkpoint(
+                    settings.train.output,
+                    {
+                        "model": model.trainable_state_dict(),
+                        "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "rng": rng,
+                        "state": state.as_dict(),
+                        "settings": flatten_settings(settings),
+                    },
+                )
             # After the checkpoint: a kill before it reruns this epoch on resume, which must not log it twice.
-            run.log_metrics(report.metrics(), step=epoch)
-            if on_epoch is not None and on_epoch(report):
+            run.log_metrics({**report.metrics(), **compile_metrics(compile_clock, epoch)}, step=epoch)
+            # Rank 0's decision (tuning's pruner), on every rank: all stop at the same epoch.
+            if replicas.main_decides(on_epoch is not None and replicas.is_main and on_epoch(report)):
                 stopped = True
                 break
         result = _finish(
@@ -246,6 +299,7 @@ def fit(
             backbone_sha256,
             progress,
             stopped,
+            replicas,
         )
     except BaseException as exc:
         run.set_tags({"error": f"{type(exc).__name__}: {exc}"[:5000]})
@@ -299,7 +353,10 @@ def _train_epoch(
     epoch: int,
     num_classes: int,
     progress: Progress,
+    net: torch.nn.Module,
+    replicas: Replicas,
 ) -> EpochReport:
+    """One epoch; `net` is what the forward runs through (`model`, or its DDP wrapper under torchrun)."""
     train = settings.train
     loader = loaders["train"]
     loader.generator.manual_seed(train.seed * 100_003 + epoch)  # the epoch's order, the same after a resume
@@ -311,31 +368,74 @@ def _train_epoch(
     with progress(f"epoch {epoch}/{train.epochs}", len(loader), "batches") as advance:
         for index, (inputs, targets) in enumerate(loader):
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            with precision.autocast(device):
-                terms = model.loss(model(inputs), targets)
-            if not torch.isfinite(terms.total):
-                raise TrainingDiverged(
-                    f"the loss became {terms.total.item()} at epoch {epoch}, batch {index + 1} (lr {lr:.3g}); "
-                    "lower train.lr, raise train.warmup_epochs, or use train.precision=fp32"
-                )
-            scaler.scale(terms.total / train.accumulate).backward()
+            own, total = _share(loader, index, len(targets))  # this process's images of the global batch
             last = index + 1 == len(loader)
-            if (index + 1) % train.accumulate == 0 or last:
+            step = (index + 1) % train.accumulate == 0 or last
+            with replicas.syncing(net, step):  # under DDP, the gradients are all-reduced in the step's backward
+                with precision.autocast(device):
+                    terms = model.loss(net(inputs), targets)
+                loss = _global_loss(terms.total, own, total, replicas)  # every rank stops together
+                if not torch.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"the loss became {loss.item()} at epoch {epoch}, batch {index + 1} (lr {lr:.3g}); "
+                        "lower train.lr, raise train.warmup_epochs, or use train.precision=fp32"
+                    )
+                # DDP averages the ranks' gradients: each rank's mean loss weighted by its share of the global
+                # batch makes that average the gradient of the global batch's mean (1 in a single process).
+                weight = replicas.world * own / total
+                scaler.scale((terms.total if weight == 1.0 else terms.total * weight) / train.accumulate).backward()
+            if step:
                 lr = optimizer.param_groups[0]["lr"]
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
             for name, value in {"loss": terms.total, **{f"loss_{k}": v for k, v in terms.parts.items()}}.items():
-                sums[name] = sums.get(name, 0.0) + value.detach().float() * len(targets)
-            images += len(targets)
+                sums[name] = sums.get(name, 0.0) + value.detach().float() * own
+            images += own
             advance(1)
     seconds = time.perf_counter() - start
+    sums, images = _summed_over_ranks(sums, images, replicas, device)
     val = None
     if "val" in loaders:
-        val = evaluate_model(model, loaders["val"], num_classes, device, precision, progress, "validating")
+        val = evaluate_model(
+            model,
+            loaders["val"],
+            num_classes,
+            device,
+            precision,
+            progress,
+            "validating",
+            combine=replicas.summed_counts,
+        )
     losses = {name: float(total) / max(images, 1) for name, total in sums.items()}
     return EpochReport(epoch, train.epochs, losses, lr, val, seconds, images)
+
+
+def _share(loader: DataLoader, index: int, count: int) -> tuple[int, int]:
+    """(images of this process that count, images of the global batch) of the loader's batch `index`, whose
+    length is `count`."""
+    sampler = loader.batch_sampler
+    return sampler.share(index) if isinstance(sampler, BatchShare) else (count, count)
+
+
+def _global_loss(loss: torch.Tensor, own: int, total: int, replicas: Replicas) -> torch.Tensor:
+    """The global batch's mean loss (this process's own in a single process), the same on every rank."""
+    if not replicas.distributed:
+        return loss
+    return replicas.sum(loss.detach().float() * (own / total))
+
+
+def _summed_over_ranks(
+    sums: dict[str, Any], images: int, replicas: Replicas, device: torch.device
+) -> tuple[dict[str, Any], int]:
+    """An epoch's loss sums and image count over all processes (this process's own in a single process)."""
+    if not replicas.distributed:
+        return sums, images
+    names = sorted(sums)
+    values = [torch.as_tensor(sums[name], dtype=torch.float64, device=device) for name in names]
+    packed = replicas.sum(torch.stack([*values, torch.tensor(float(images), dtype=torch.float64, device=device)]))
+    return dict(zip(names, packed[:-1], strict=True)), int(packed[-1].item())
 
 
 def _finish(
@@ -352,6 +452,7 @@ def _finish(
     backbone_sha256: str,
     progress: Progress,
     stopped: bool,
+    replicas: Replicas,
 ) -> TrainResult:
     if state.best_weights is not None:
         model.load_trainable_state_dict(state.best_weights)
@@ -359,9 +460,22 @@ def _finish(
     test: Metrics | None = None
     pathways: dict[str, Metrics] = {}
     if "test" in loaders:
-        test, pathways = _test(model, loaders["test"], len(classes), device, precision, progress, run)
+        test, pathways = _test(model, loaders["test"], len(classes), device, precision, progress, run, replicas)
     val = None if state.best_val is None else Metrics(state.best_val.numpy())
     output = Path(settings.train.output)
+    if not replicas.is_main:  # rank 0 writes the artifact, the report and the run
+        return TrainResult(
+            output,
+            output / ARTIFACT_DIR,
+            "",
+            state.epoch,
+            state.best_epoch,
+            val,
+            test,
+            stopped,
+            pathways,
+            replicas.rank,
+        )
     training = TrainingRecord(
         epochs=state.epoch,
         best_epoch=state.best_epoch,
@@ -398,15 +512,17 @@ def _test(
     precision: Precision,
     progress: Progress,
     run: Run,
+    replicas: Replicas,
 ) -> tuple[Metrics, dict[str, Metrics]]:
     """The kept weights' test metrics, and each auxiliary pathway's own (logged to the run)."""
-    test = evaluate_model(model, loader, num_classes, device, precision, progress, "testing")
+    combine = replicas.summed_counts
+    test = evaluate_model(model, loader, num_classes, device, precision, progress, "testing", combine=combine)
     pathways: dict[str, Metrics] = {}
     # Is the other pathway learning? (SA²VP: the prompt pathway's own accuracy through the shared head.)
     for name in model.auxiliary_pathways:
         alone = PathwayClassifier(model, name)
         pathways[name] = evaluate_model(
-            alone, loader, num_classes, device, precision, progress, f"testing the {name} pathway"
+            alone, loader, num_classes, device, precision, progress, f"testing the {name} pathway", combine=combine
         )
         run.log_metrics(pathways[name].as_dict(f"test/{name}_"))
     return test, pathways
@@ -446,25 +562,47 @@ def _artifact_record(
     )
 
 
-def _prepared(settings: Settings, progress: Progress) -> Path:
-    """The dataset's split folder, prepared first if it is not there yet."""
+def _prepared(settings: Settings, progress: Progress, replicas: Replicas) -> Path:
+    """The dataset's split folder, prepared first if it is not there yet (under torchrun by rank 0, the other
+    processes waiting for it)."""
     folder = split_dir(settings.data)
-    return folder if (folder / "manifest.json").is_file() else prepare(settings.data, progress)
+    if replicas.is_main and not (folder / "manifest.json").is_file():
+        folder = prepare(settings.data, progress)
+    replicas.barrier()
+    if not (folder / "manifest.json").is_file():  # a process on another machine than rank 0's
+        raise DataError(
+            f"{folder}: the prepared dataset data.dataset={settings.data.dataset!r} is not on this machine (process "
+            f"{replicas.rank} of a torchrun run; rank 0 prepares it on its own machine); run sa2vp data prepare on "
+            "every machine first, or put data.root on a shared folder"
+        )
+    return folder
 
 
-def _loaders(settings: Settings, folder: Path, config: dict[str, Any], device: torch.device) -> dict[str, DataLoader]:
-    """The train loader (shuffled by its own generator, which each epoch seeds) and the val and test loaders."""
+def _loaders(
+    settings: Settings, folder: Path, config: dict[str, Any], device: torch.device, replicas: Replicas
+) -> dict[str, DataLoader]:
+    """The train loader (shuffled by its own generator, which each epoch seeds) and the val and test loaders;
+    under torchrun, each process's share of every train batch and its shard of the evaluation batches."""
     train = settings.train
 
     def loader(split: str, batch_size: int, training: bool) -> DataLoader:
+        dataset = load_split(folder, split, config, train=training)
+        generator = torch.Generator() if training else None
+        common: dict[str, Any] = {
+            "num_workers": train.num_workers,
+            "pin_memory": device.type == "cuda",
+            "persistent_workers": False,
+        }
+        if not replicas.distributed:
+            return DataLoader(dataset, batch_size=batch_size, shuffle=training, generator=generator, **common)
+        # The same generator draws the same permutation as DataLoader(shuffle=True) does in one process.
+        batches = (
+            replicas.train_batches(RandomSampler(dataset, generator=generator), batch_size)
+            if training
+            else replicas.eval_batches(dataset, batch_size)
+        )
         return DataLoader(
-            load_split(folder, split, config, train=training),
-            batch_size=batch_size,
-            shuffle=training,
-            generator=torch.Generator() if training else None,
-            num_workers=train.num_workers,
-            pin_memory=device.type == "cuda",
-            persistent_workers=False,
+            dataset, batch_sampler=batches, generator=generator, worker_init_fn=replicas.worker_init(), **common
         )
 
     loaders = {"train": loader(train.train_split, train.batch_size, training=True)}
@@ -485,6 +623,25 @@ def _check_destinations(settings: Settings) -> None:
         )
     if settings.tracking.enabled:
         check_store(settings.tracking.uri)
+
+
+def _every_rank_rng(replicas: Replicas) -> dict[str, Any]:
+    """The checkpoint's random state: this process's (rank 0's), plus under torchrun every rank's by rank."""
+    state = rng_state()
+    ranks = replicas.gather_to_main(state)
+    return state if not replicas.distributed else {**state, "ranks": ranks}
+
+
+def _restore_own_rng(saved: dict[str, Any], replicas: Replicas, seed: int) -> None:
+    """This rank's random state from a checkpoint: its own when the checkpoint has one for the same world size;
+    otherwise rank 0 takes the saved one and the others a stream of their own (dropout then draws otherwise
+    than in the run that was killed)."""
+    ranks = saved.get("ranks")
+    if ranks is not None and len(ranks) == replicas.world:
+        restore_rng_state(ranks[replicas.rank])
+        return
+    restore_rng_state(saved)
+    replicas.own_random_stream(seed)
 
 
 def _log_missing_epochs(run: Run, history: list[dict[str, Any]]) -> None:

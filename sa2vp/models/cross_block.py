@@ -18,6 +18,7 @@ from torch import nn
 from sa2vp.models.local_attention import (
     Border,
     HeadMode,
+    Kernel,
     build_dense_mask,
     build_tile_mask,
     spatial_cross_attention,
@@ -88,6 +89,9 @@ class SpatialCrossBlock(nn.Module):
     # Registered buffers (None when the attention is global); declared for the type checker.
     tile_mask: torch.Tensor | None
     dense_mask: torch.Tensor | None
+    # The local attention's kernel: None chooses by grid and device (`local_attention.choose_kernel`); a
+    # benchmark may pin one (the same maths either way).
+    kernel: Kernel | None = None
 
     def __init__(
         self,
@@ -144,6 +148,7 @@ class SpatialCrossBlock(nn.Module):
             head_mode=self.head_mode,
             tile_mask=self.tile_mask,
             dense_mask=self.dense_mask,
+            kernel=self.kernel,
         )
         attended = self.drop(out_proj(attended))
         if self.adapter is None:

@@ -35,7 +35,7 @@ MIN_TILE = 7
 # On the CPU the dense kernel up to this many patch tokens. Measured (this project's 2-core CPU, forward +
 # backward of one call, fp32): 8×8 grid (the offline backbone), batch 64, c = 3: dense 6.9 ms, tiled 23.6 ms;
 # 14×14 (ViT-B/16), batch 4: equal for c = 3, dense 11 % slower at c = 7; 24×24: tiled 18 % faster at c = 3.
-# GPUs keep the tiled kernel until measured there (issue: "Close to the floor").
+# GPUs keep the tiled kernel until measured there (issue: "Close to the floor"): benchmarks/gpu_check.sh times both.
 DENSE_MAX_TOKENS_CPU = 144
 
 

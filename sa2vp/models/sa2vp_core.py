@@ -2,16 +2,15 @@
 versions, which keep only how the two pathways run through their backbone's blocks.
 
 Shared here: the training output `SA2VPOutput(base, prompt)` and its loss λ·CE(base) + (1−λ)·CE(prompt) with
-one linear head, the backbone's own final norm and pooling, the cross blocks built from settings, their
-compilation, the model's description for `sa2vp model summary`, and what `sa2vp.explain` reads (layer tokens,
-similarity maps).
+one linear head, the backbone's own final norm and pooling, the cross blocks built from settings, the model's
+description for `sa2vp model summary`, and what `sa2vp.explain` reads (layer tokens, similarity maps).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import NamedTuple, Self
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -153,18 +152,6 @@ class SA2VPModel(AdaptedModel):
     def _pooled(self, tokens: torch.Tensor) -> torch.Tensor:
         """The backbone's own final norm and pooling (ViT: the CLS token; Swin: the average), before any head."""
         return self.backbone.forward_head(self.backbone.norm(tokens), pre_logits=True)
-
-    def compile_cross_blocks(self, mode: str | None = None) -> Self:
-        """Compile the cross blocks with torch.compile, in place.
-
-        Each cross block is some twenty small memory-bound operations (pads, tile copies, masked attention,
-        projection, norm, adapter); on a GPU their launch overhead, not their arithmetic, dominates.
-        Compiling fuses them. The first step pays the compilation (tens of seconds).
-        """
-        for block in self.modules():
-            if isinstance(block, SpatialCrossBlock):
-                block.compile(dynamic=False, mode=mode)
-        return self
 
     def describe(self) -> list[str]:
         """The settings every SA²VP model runs with; a backbone's version adds its layer schedule and grids."""
