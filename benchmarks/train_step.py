@@ -51,6 +51,7 @@ from torch import nn
 import sa2vp
 from sa2vp.atomic import write_atomic
 from sa2vp.engine.compile import compile_model
+from sa2vp.engine.runtime import cpuinfo_field
 from sa2vp.models import AdaptedModel, build_model, create_backbone, parameter_summary
 from sa2vp.models.base import TimmModel
 from sa2vp.models.cross_block import SpatialCrossBlock
@@ -485,14 +486,7 @@ def _commit() -> dict[str, Any] | None:
 def _device_name(device: str) -> str:
     if device.startswith("cuda") and torch.cuda.is_available():
         return torch.cuda.get_device_name(torch.device(device))
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 if __name__ == "__main__":

@@ -204,16 +204,21 @@ def _set_mkl_cbwr(problems: list[str]) -> int | None:
     return in_effect
 
 
-def _cpu_vendor() -> str | None:
-    """The CPU's vendor id (GenuineIntel, AuthenticAMD, …) where the OS says it (Linux), else None."""
+def cpuinfo_field(name: str) -> str | None:
+    """A field of the first CPU in /proc/cpuinfo (`vendor_id`, `model name`, …) where the OS says it (Linux)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("vendor_id"):
+                if line.startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return None
+
+
+def _cpu_vendor() -> str | None:
+    """The CPU's vendor id (GenuineIntel, AuthenticAMD, …) where the OS says it (Linux), else None."""
+    return cpuinfo_field("vendor_id")
 
 
 def _torch_cpu_library() -> ctypes.CDLL | None:
