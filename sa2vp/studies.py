@@ -267,7 +267,7 @@ def fail_dead(study: optuna.Study, storage: optuna.storages.BaseStorage, on_dead
         return
     host, now = socket.gethostname(), datetime.datetime.now()  # (a journal's times: local, naive)
     study_id = storage.get_study_id_from_name(study.study_name)
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+    for trial in running(study):
         pid, on = trial.user_attrs.get(PID_ATTR), trial.user_attrs.get(HOST_ATTR)
         if pid is None:  # killed between taking it and recording itself, or an older sa2vp's
             started = trial.datetime_start
