@@ -169,9 +169,17 @@ class Run:
         for role, split in splits.items():
             if split is not None:
                 roles.setdefault(split, []).append(role)  # one input per split, even if it has two roles
-        self.client.log_inputs(
-            self.run_id, datasets=[_dataset_input(manifest, split, ",".join(names)) for split, names in roles.items()]
-        )
+        datasets = [_dataset_input(manifest, split, ",".join(names)) for split, names in roles.items()]
+        for attempt in range(3):
+            try:
+                self.client.log_inputs(self.run_id, datasets=datasets)
+                return
+            except Exception as exc:
+                # Two runs logging one new dataset at once: the server's insert of the shared dataset row loses
+                # the race (a unique-constraint violation); the row exists now, and a retry links to it.
+                if attempt == 2 or "dataset_pk" not in str(exc):
+                    raise
+                time.sleep(0.5)
 
     def logged_steps(self, key: str) -> set[int]:
         """The steps at which metric `key` is already logged (none on a disabled run)."""
