@@ -41,7 +41,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import timm
 import torch
@@ -55,6 +55,7 @@ from sa2vp.engine.runtime import cpuinfo_field
 from sa2vp.models import AdaptedModel, build_model, create_backbone, parameter_summary
 from sa2vp.models.base import TimmModel
 from sa2vp.models.cross_block import SpatialCrossBlock
+from sa2vp.models.local_attention import KERNELS, Kernel
 from sa2vp.settings import Settings, SettingsError, load_settings
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -76,7 +77,7 @@ class Common:
     device: str
     steps: int
     warmup: int
-    kernel: str  # SA²VP's local attention: auto (choose_kernel), dense or tiled
+    kernel: str  # SA²VP's local attention: auto (choose_kernel), tiled, dense or flex
     overrides: dict[str, Any]
 
 
@@ -158,7 +159,7 @@ def _arguments() -> argparse.Namespace:
     )
     parser.add_argument(
         "--kernel",
-        choices=["auto", "dense", "tiled"],
+        choices=["auto", *KERNELS],
         default="auto",
         help="SA²VP's local-attention kernel (auto: local_attention.choose_kernel for the grid and device)",
     )
@@ -303,7 +304,7 @@ def _pin_kernel(model: nn.Module, kernel: str) -> None:
     """SA²VP's local-attention kernel for every cross block (auto: left to choose_kernel)."""
     for block in model.modules():
         if isinstance(block, SpatialCrossBlock) and kernel != "auto":
-            block.kernel = "dense" if kernel == "dense" else "tiled"
+            block.kernel = cast(Kernel, kernel)
 
 
 def _timed(

@@ -50,6 +50,19 @@ def test_fast_path_matches_naive_reference(grid, window, head_mode, border, kern
         assert (fast - ref).abs().max().item() <= TOLERANCE, f"gradient of {name}"
 
 
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
+@pytest.mark.parametrize("window", [1, 3, 5, 7], ids=lambda c: f"c{c}")
+@pytest.mark.parametrize("head_mode", ["multi", "single"])
+@pytest.mark.parametrize("border", ["clip", "zero"])
+def test_flex_forward_matches_naive_reference(grid, window, head_mode, border):
+    # FlexAttention's gradients are checked on a GPU: tests/test_local_attention_gpu.py.
+    q, k, v = (t.detach() for t in _inputs(grid, head_dim=16))
+    kwargs = dict(grid=grid, window=window, num_prefix=1, border=border, head_mode=head_mode)
+    fast = spatial_cross_attention(q, k, v, kernel="flex", **kwargs)
+    ref = naive_cross_attention(q, k, v, **kwargs)
+    assert (fast - ref).abs().max().item() <= TOLERANCE
+
+
 def test_window_one_reads_exactly_the_aligned_partner():
     grid = (3, 4)
     q, k, v = (t.detach() for t in _inputs(grid, heads=1, head_dim=8))

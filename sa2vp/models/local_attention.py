@@ -3,7 +3,7 @@
 A patch query at grid position ⟨y, x⟩ attends only to the patch keys of the other pathway inside the
 c×c window centred on ⟨y, x⟩; prefix queries (CLS) attend globally to every token of the other pathway.
 
-Two kernels, no loop over tokens or windows, chosen by `choose_kernel`:
+Three kernels, no loop over tokens or windows, chosen by `choose_kernel`:
 
 - tiled: the query grid is cut into tiles of T×T positions and each tile attends to its (T+c−1)×(T+c−1) "halo"
   of keys under a fixed boolean mask, so every tile is one small dense attention problem and all tiles run as a
@@ -13,13 +13,17 @@ Two kernels, no loop over tokens or windows, chosen by `choose_kernel`:
 - dense: every patch query against every patch key under a fixed (N × N) window mask — O(N²·d) work, but one
   attention call on the maps as they are, with none of the tiled path's pads, halo copies and their backward.
   On a small grid that is cheaper.
+- flex: PyTorch's FlexAttention with a block mask built from the window: a fused Triton kernel (compiled on
+  first use) that skips the key blocks no query of a query block can see and never materialises scores. It has
+  no backward on the CPU, so it is a GPU kernel; on the CPU it runs forward only (for checking).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -27,7 +31,8 @@ import torch.nn.functional as F
 Border = Literal["clip", "zero"]
 HeadMode = Literal["multi", "single"]
 
-Kernel = Literal["tiled", "dense"]
+Kernel = Literal["tiled", "dense", "flex"]
+KERNELS: tuple[Kernel, ...] = ("tiled", "dense", "flex")
 
 # Tiles are at least this wide: small enough that the halo overhead stays low for c ≤ 7, large enough
 # that each tile is a reasonably shaped matrix product.
@@ -71,7 +76,7 @@ def spatial_cross_attention(
         tile_mask, dense_mask: what `build_tile_mask(...)` / `build_dense_mask(...)` return for these arguments;
             pass them precomputed to keep the call free of Python-side caching (e.g. under torch.compile). Built
             and cached when omitted.
-        kernel: "tiled" or "dense" (the same maths); None: `choose_kernel` for the grid and q's device.
+        kernel: "tiled", "dense" or "flex" (the same maths); None: `choose_kernel` for the grid and q's device.
 
     Returns:
         Attention output with heads merged, shape (B, num_prefix + h*w, H*D), before the output projection.
@@ -87,10 +92,13 @@ def spatial_cross_attention(
         out = F.scaled_dot_product_attention(q, k, v)
     else:
         patches = q[:, :, num_prefix:], k[:, :, num_prefix:], v[:, :, num_prefix:]
-        if (kernel or choose_kernel(grid, q.device)) == "dense":
+        kernel = kernel or choose_kernel(grid, q.device)
+        if kernel == "dense":
             if dense_mask is None:
                 dense_mask = build_dense_mask(grid, window, border, q.device)
             out = _dense_windowed_attention(*patches, border, dense_mask)
+        elif kernel == "flex":
+            out = _flex_windowed_attention(*patches, grid, window, border)
         else:
             if tile_mask is None:
                 tile_mask = build_tile_mask(grid, window, border, q.shape[1], q.device)
@@ -163,6 +171,61 @@ def _dense_windowed_attention(
         zero = k.new_zeros(*k.shape[:2], 1, k.shape[3])
         k, v = torch.cat([k, zero], dim=2), torch.cat([v, zero], dim=2)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask if mask.dtype == torch.bool else mask.to(q.dtype))
+
+
+def _flex_windowed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int], window: int, border: Border
+) -> torch.Tensor:
+    """Patch queries over their window through FlexAttention. The "zero" border is the dense kernel's: one extra
+    all-zero key whose score is log(count of the window's positions outside the grid)."""
+    block_mask, score_mod = build_flex_mask(grid, window, border, q.device)
+    if border == "zero":
+        zero = k.new_zeros(*k.shape[:2], 1, k.shape[3])
+        k, v = torch.cat([k, zero], dim=2), torch.cat([v, zero], dim=2)
+    return _flex_attention(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+
+@lru_cache(maxsize=4)
+def _flex_attention(device: torch.device) -> Callable[..., torch.Tensor]:
+    """FlexAttention as it runs fast: compiled on a GPU (its fused Triton kernel); eager (the reference maths,
+    forward only) on the CPU."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    compiled = flex_attention if device.type == "cpu" else torch.compile(flex_attention, dynamic=False)
+    return cast(Callable[..., torch.Tensor], compiled)
+
+
+@lru_cache(maxsize=64)
+def build_flex_mask(grid: tuple[int, int], window: int, border: Border, device: torch.device) -> tuple[Any, Any]:
+    """(BlockMask, score_mod) for FlexAttention over the patch tokens: a query sees the keys of its window;
+    under "zero" also the extra zero key (index h·w) where its window leaves the grid, scored log(count of those
+    positions) by the score_mod (None under "clip"). Cached, so the compiled kernel sees the same functions on
+    every call and is not recompiled."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    height, width = grid
+    radius, patches = window // 2, height * width
+    rows = torch.arange(patches, device=device) // width
+    cols = torch.arange(patches, device=device) % width
+    inside = (rows.clamp(max=radius) + (height - 1 - rows).clamp(max=radius) + 1) * (
+        cols.clamp(max=radius) + (width - 1 - cols).clamp(max=radius) + 1
+    )
+    outside = window * window - inside
+    zero_key_score = torch.where(outside > 0, outside.float().log(), torch.tensor(float("-inf"), device=device))
+
+    def in_window(b: torch.Tensor, h: torch.Tensor, qi: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        key = kv.clamp(max=patches - 1)
+        near = ((rows[qi] - rows[key]).abs() <= radius) & ((cols[qi] - cols[key]).abs() <= radius) & (kv < patches)
+        return near if border == "clip" else near | ((kv == patches) & (outside[qi] > 0))
+
+    def zero_key(
+        score: torch.Tensor, b: torch.Tensor, h: torch.Tensor, qi: torch.Tensor, kv: torch.Tensor
+    ) -> torch.Tensor:
+        return torch.where(kv == patches, zero_key_score[qi].to(score.dtype), score)
+
+    keys = patches + (border == "zero")
+    block_mask = create_block_mask(in_window, B=None, H=None, Q_LEN=patches, KV_LEN=keys, device=device)
+    return block_mask, (None if border == "clip" else zero_key)
 
 
 @lru_cache(maxsize=64)
