@@ -40,7 +40,7 @@ from optuna.trial import TrialState
 from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from sa2vp.atomic import write_atomic
-from sa2vp.data import NO_PROGRESS, Progress, prepare, split_dir
+from sa2vp.data import NO_PROGRESS, Progress, ensure_prepared
 from sa2vp.data.progress import labelled
 from sa2vp.engine import EpochReport, fit
 from sa2vp.engine.trainer import RESUMABLE_CHANGES
@@ -521,9 +521,7 @@ def _tune(settings: Settings, plan: SearchPlan, identity: Mapping[str, Any], pro
     if earlier is not None:  # before anything is written: the data, the study, the MLflow run
         check_resumable(earlier, settings, identity)
     log.info("%s", plan.line())
-    folder = split_dir(settings.data)
-    if not (folder / "manifest.json").is_file():
-        prepare(settings.data, progress)
+    ensure_prepared(settings.data, progress)  # once, however many workers start together
     storage = storage or open_storage(where, heartbeat, on_dead)
     made: list[Run] = []  # the parent run, when this process makes the study
     try:

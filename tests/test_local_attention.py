@@ -105,7 +105,30 @@ def test_the_kernel_is_chosen_by_grid_and_device():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert choose_kernel((8, 8), cpu) == "dense"  # the offline backbone: dense measured 3.4x faster here
     assert choose_kernel((24, 24), cpu) == "tiled"
-    assert choose_kernel((8, 8), cuda) == "tiled"  # not measured on a GPU yet
+    # Measured on an H200: dense fastest up to 24x24 (ViT-B/16 at 384); larger grids keep the tiled kernel.
+    assert choose_kernel((14, 14), cuda) == choose_kernel((24, 24), cuda) == "dense"
+    assert choose_kernel((25, 24), cuda) == "tiled"
+    assert choose_kernel((8, 8), torch.device("mps")) == "tiled"  # not measured there
+
+
+@pytest.mark.parametrize("kernel", ["tiled", "dense"])
+def test_masks_first_built_under_inference_mode_still_serve_training(kernel):
+    # The masks are cached per grid: one built while evaluating (inference_mode) must not break the next
+    # training step (autograd cannot save inference tensors). A grid no other test uses, so the cache is cold.
+    grid = (3, 7)
+    q, k, v = _inputs(grid)
+    with torch.inference_mode():
+        spatial_cross_attention(q, k, v, grid, window=3, border="zero", kernel=kernel)
+    spatial_cross_attention(q, k, v, grid, window=3, border="zero", kernel=kernel).sum().backward()
+    assert q.grad is not None
+
+
+def test_flex_masks_are_built_outside_inference_mode():
+    from sa2vp.models.local_attention import build_flex_mask
+
+    with torch.inference_mode():
+        block_mask, _ = build_flex_mask((3, 5), 3, "zero", torch.device("cpu"))
+    assert not block_mask.kv_num_blocks.is_inference()
 
 
 def test_a_cross_block_carries_both_kernels_masks_and_uses_the_chosen_one():

@@ -235,7 +235,8 @@ SUITE_CELLS = {
         lambda data: make_cifar10(data / "torchvision" / "cifar10", per_batch=10),
     ),
     "ablation": (["vtab-svhn"], ["no-adapter"], [42], False, _fabricate_vtab),
-    "offline": (["shapes-count"], ["linear"], [0, 1], False, None),  # linear: the one that trains 0 %
+    # linear: the one that trains 0 %; two cells, reproduced side by side (`_reproduce_cells_side_by_side`)
+    "offline": (["shapes-count"], ["linear", "sa2vp"], [0, 1], False, None),
     "offline-explain": (["digits"], ["no-backbone-dropout"], [0], False, None),
 }
 
@@ -274,11 +275,42 @@ def suites(reproduced: Path, paper_repository: tuple[Path, subprocess.Popen[str]
     offline = [suite for suite in SUITE_CELLS if suite not in PAPER_SUITES]
     for suite in offline:
         _tiny_suite(reproduced, suite)
-        _dvc(reproduced, "--cd", f"pipelines/{suite}", "repro")
+        if suite == "offline":
+            _reproduce_cells_side_by_side(reproduced, suite)
+        else:
+            _dvc(reproduced, "--cd", f"pipelines/{suite}", "repro")
     paper, process = paper_repository
     LOGS["paper"], _ = process.communicate(timeout=600)
     assert process.returncode == 0, f"dvc repro (paper repository):\n{LOGS['paper']}"
     return {suite: paper if suite in PAPER_SUITES else reproduced for suite in SUITE_CELLS}
+
+
+def _reproduce_cells_side_by_side(project: Path, suite: str) -> None:
+    """A suite's cells on several workers, as the README's "Running on a cluster" has it: one `dvc repro
+    --single-item run@<cell>` per cell, all at once (sharing the data folder and the MLflow store, each creating
+    them if missing), then `dvc repro`, which finds the cells done and runs the report."""
+    datasets, variants = SUITE_CELLS[suite][:2]
+    cells = [f"run@{dataset}-{variant}" for dataset in datasets for variant in variants]
+    command = [str(BIN / "dvc"), "--wait-for-lock", "--cd", f"pipelines/{suite}", "repro", "--single-item"]
+    workers = {
+        cell: subprocess.Popen(
+            [*command, cell], cwd=project, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=_env()
+        )
+        for cell in cells
+    }
+    for cell, worker in workers.items():
+        LOGS[cell], _ = worker.communicate(timeout=600)
+        assert worker.returncode == 0, f"dvc repro --single-item {cell}:\n{LOGS[cell]}"
+    LOGS[f"{suite} report"] = _dvc(project, "--cd", f"pipelines/{suite}", "repro").stdout
+
+
+def test_a_suites_cells_run_side_by_side_and_the_report_collects_them(suites: dict[str, Path]) -> None:
+    datasets, variants = SUITE_CELLS["offline"][:2]
+    for cell in (f"run@{dataset}-{variant}" for dataset in datasets for variant in variants):
+        assert f"Running stage 'pipelines/offline/dvc.yaml:{cell}'" in LOGS[cell] or f"'{cell}'" in LOGS[cell]
+    report = LOGS["offline report"]
+    assert "Running stage" in report and "'report'" in report and "run@" not in report.split("Running stage")[1]
+    # the table's rows and the MLflow runs of every cell: test_each_suite_runs_its_cells_and_writes_its_table
 
 
 @pytest.mark.parametrize("suite", list(SUITE_CELLS))

@@ -323,3 +323,21 @@ def test_prepare_decodes_every_image_and_names_a_broken_one(tmp_path: Path, monk
     assert "data.skip_corrupt=true" in line and not (tmp_path / "data" / "splits").exists()
     skipping = runner.invoke(app, ["data", "prepare", f"folder:{images}", "--set", "data.skip_corrupt=true"])
     assert skipping.exit_code == 0 and "skipped 1 unreadable images" in skipping.stdout
+
+
+def _prepare_in_a_process(root: str) -> str:
+    from sa2vp.data import ensure_prepared
+
+    settings = DataSettings(dataset="digits", render_size=16, root=root)
+    return (ensure_prepared(settings) / "manifest.json").read_text()
+
+
+def test_processes_started_together_prepare_a_dataset_once(tmp_path: Path) -> None:
+    # A suite's cells and tuning workers start at once on one data.root: without the lock both would render the
+    # images into the same staging folder and one would remove the other's.
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        manifests = pool.map(_prepare_in_a_process, [str(tmp_path)] * 2)
+    assert manifests[0] == manifests[1]
+    assert not list(tmp_path.glob("**/*.partial"))

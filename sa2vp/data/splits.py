@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
 from sa2vp.atomic import write_atomic
 from sa2vp.data.catalogue import Catalogue, Item, format_list, read_list
 from sa2vp.data.errors import CorruptImageError, DataError, MissingDataError, SplitError, SplitMismatchError
@@ -54,6 +56,8 @@ from sa2vp.settings import DataSettings
 
 SPLITS = ("train", "val", "trainval", "test")
 MANIFEST = "manifest.json"
+# In data.root: taken while `ensure_prepared` prepares, so processes started together prepare a dataset once.
+PREPARE_LOCK = ".sa2vp-prepare.lock"
 FORMAT = "sa2vp-splits/1"
 _SEEDED = ("hta", "holdout")
 # The splits each protocol fills by a stratified hold-out: every class must get images in each (with the
@@ -286,6 +290,20 @@ def prepare(settings: DataSettings, progress: Progress = NO_PROGRESS) -> Path:
     out = split_path(settings)
     _write(out, info, protocol, settings, catalogue, splits, skipped)
     return out
+
+
+def ensure_prepared(settings: DataSettings, progress: Progress = NO_PROGRESS) -> Path:
+    """The split folder (`split_dir`), prepared first when it is not there yet. Processes that start at once on
+    one data.root (a suite's cells, tuning workers, trainings side by side) prepare it once: the first takes a
+    file lock in data.root and prepares; the others wait for it, then find the folder prepared."""
+    folder = split_dir(settings)
+    if (folder / MANIFEST).is_file():
+        return folder
+    root = Path(settings.root)
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / PREPARE_LOCK):
+        folder = split_dir(settings)
+        return folder if (folder / MANIFEST).is_file() else prepare(settings, progress)
 
 
 def check_classes(

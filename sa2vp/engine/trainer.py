@@ -25,7 +25,16 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, RandomSampler
 
-from sa2vp.data import NO_PROGRESS, DataError, Manifest, Progress, load_split, prepare, read_manifest, split_dir
+from sa2vp.data import (
+    NO_PROGRESS,
+    DataError,
+    Manifest,
+    Progress,
+    ensure_prepared,
+    load_split,
+    read_manifest,
+    split_dir,
+)
 from sa2vp.engine.artifact import (
     FORMAT,
     ArtifactRecord,
@@ -563,11 +572,9 @@ def _artifact_record(
 
 
 def _prepared(settings: Settings, progress: Progress, replicas: Replicas) -> Path:
-    """The dataset's split folder, prepared first if it is not there yet (under torchrun by rank 0, the other
-    processes waiting for it)."""
-    folder = split_dir(settings.data)
-    if replicas.is_main and not (folder / "manifest.json").is_file():
-        folder = prepare(settings.data, progress)
+    """The dataset's split folder, prepared first if it is not there yet (once however many processes start
+    together; under torchrun by rank 0, the other processes waiting for it)."""
+    folder = ensure_prepared(settings.data, progress) if replicas.is_main else split_dir(settings.data)
     replicas.barrier()
     if not (folder / "manifest.json").is_file():  # a process on another machine than rank 0's
         raise DataError(

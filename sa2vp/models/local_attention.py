@@ -15,7 +15,8 @@ Three kernels, no loop over tokens or windows, chosen by `choose_kernel`:
   On a small grid that is cheaper.
 - flex: PyTorch's FlexAttention with a block mask built from the window: a fused Triton kernel (compiled on
   first use) that skips the key blocks no query of a query block can see and never materialises scores. It has
-  no backward on the CPU, so it is a GPU kernel; on the CPU it runs forward only (for checking).
+  no backward on the CPU, so it is a GPU kernel; on the CPU it runs forward only (for checking). On the grids
+  that occur it measured slower than dense (see DENSE_MAX_TOKENS), so it is offered, not chosen.
 """
 
 from __future__ import annotations
@@ -37,16 +38,20 @@ KERNELS: tuple[Kernel, ...] = ("tiled", "dense", "flex")
 # Tiles are at least this wide: small enough that the halo overhead stays low for c ≤ 7, large enough
 # that each tile is a reasonably shaped matrix product.
 MIN_TILE = 7
-# On the CPU the dense kernel up to this many patch tokens. Measured (this project's 2-core CPU, forward +
-# backward of one call, fp32): 8×8 grid (the offline backbone), batch 64, c = 3: dense 6.9 ms, tiled 23.6 ms;
-# 14×14 (ViT-B/16), batch 4: equal for c = 3, dense 11 % slower at c = 7; 24×24: tiled 18 % faster at c = 3.
-# GPUs keep the tiled kernel until measured there (issue: "Close to the floor"): benchmarks/gpu_check.sh times both.
-DENSE_MAX_TOKENS_CPU = 144
+# The dense kernel up to this many patch tokens; the tiled one above. Measured, forward + backward of one call:
+# - CPU (this project's 2 cores, fp32): 8×8 grid (the offline backbone), batch 64, c = 3: dense 6.9 ms, tiled
+#   23.6 ms; 14×14 (ViT-B/16), batch 4: equal for c = 3, dense 11 % slower at c = 7; 24×24: tiled 18 % faster.
+# - GPU (one H200, bf16, batch 64; benchmarks/local_attention.py, results in benchmarks/results/h200-2026-11-30):
+#   dense was the fastest of the three kernels on every grid measured, 14×14 (ViT-B/16 and Swin-B stage 3) and
+#   24×24 (ViT-B/16 at 384), c = 3 and 7: 2.1–3.9× faster than tiled, 1.4–2.3× faster than flex. Larger grids
+#   were not measured; there the dense kernel's N² work and mask grow, so they keep the tiled kernel.
+DENSE_MAX_TOKENS = {"cpu": 144, "cuda": 576}
 
 
 def choose_kernel(grid: tuple[int, int], device: torch.device) -> Kernel:
-    """The kernel for this grid on this device (see DENSE_MAX_TOKENS_CPU)."""
-    return "dense" if device.type == "cpu" and grid[0] * grid[1] <= DENSE_MAX_TOKENS_CPU else "tiled"
+    """The kernel for this grid on this device (see DENSE_MAX_TOKENS). Flex is never chosen: it was slower than
+    dense on every grid measured; `SpatialCrossBlock.kernel` pins it."""
+    return "dense" if grid[0] * grid[1] <= DENSE_MAX_TOKENS.get(device.type, 0) else "tiled"
 
 
 def spatial_cross_attention(
@@ -196,6 +201,7 @@ def _flex_attention(device: torch.device) -> Callable[..., torch.Tensor]:
 
 
 @lru_cache(maxsize=64)
+@torch.inference_mode(False)  # cached: a mask first built under inference_mode must still serve autograd
 def build_flex_mask(grid: tuple[int, int], window: int, border: Border, device: torch.device) -> tuple[Any, Any]:
     """(BlockMask, score_mod) for FlexAttention over the patch tokens: a query sees the keys of its window;
     under "zero" also the extra zero key (index h·w) where its window leaves the grid, scored log(count of those
@@ -229,6 +235,7 @@ def build_flex_mask(grid: tuple[int, int], window: int, border: Border, device: 
 
 
 @lru_cache(maxsize=64)
+@torch.inference_mode(False)  # cached: a mask first built under inference_mode must still serve autograd
 def build_dense_mask(grid: tuple[int, int], window: int, border: Border, device: torch.device) -> torch.Tensor:
     """The dense kernel's mask over (patch queries, patch keys): boolean True where a query may attend
     ("clip"); for "zero" an additive float mask (0 / −inf) with one more column for the zero key, log(count of
@@ -260,6 +267,7 @@ def _tile_side(length: int, window: int) -> tuple[int, int]:
 
 
 @lru_cache(maxsize=64)
+@torch.inference_mode(False)  # cached: a mask first built under inference_mode must still serve autograd
 def build_tile_mask(
     grid: tuple[int, int], window: int, border: Border, heads: int, device: torch.device
 ) -> torch.Tensor:
