@@ -173,9 +173,15 @@ def _dense_windowed_attention(
     outside the grid are zero keys (score 0) with zero values: one extra all-zero key stands for them, its
     score raised by log(how many) through the mask, so the softmax gives it exactly their mass."""
     if border == "zero":
-        zero = k.new_zeros(*k.shape[:2], 1, k.shape[3])
-        k, v = torch.cat([k, zero], dim=2), torch.cat([v, zero], dim=2)
+        k, v = _with_zero_key(k, v)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask if mask.dtype == torch.bool else mask.to(q.dtype))
+
+
+def _with_zero_key(k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """k and v with one all-zero key/value appended: it stands for the window's positions outside the grid under
+    the "zero" border (its score is raised by log(how many) through the mask or score_mod)."""
+    zero = k.new_zeros(*k.shape[:2], 1, k.shape[3])
+    return torch.cat([k, zero], dim=2), torch.cat([v, zero], dim=2)
 
 
 def _flex_windowed_attention(
@@ -185,8 +191,7 @@ def _flex_windowed_attention(
     all-zero key whose score is log(count of the window's positions outside the grid)."""
     block_mask, score_mod = build_flex_mask(grid, window, border, q.device)
     if border == "zero":
-        zero = k.new_zeros(*k.shape[:2], 1, k.shape[3])
-        k, v = torch.cat([k, zero], dim=2), torch.cat([v, zero], dim=2)
+        k, v = _with_zero_key(k, v)
     return _flex_attention(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask)
 
 
