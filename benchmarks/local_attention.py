@@ -1,9 +1,9 @@
-"""Time each local-attention kernel (tiled, dense, flex) on the grids that occur, to choose between them.
+"""Time each local-attention kernel (tiled, dense, flex, triton) on the grids that occur, to choose between them.
 
 For each case — ViT-B/16 at 224 (14×14 patches, 12 heads of 64, CLS), ViT-B/16 at 384 (24×24), Swin-B's stage 3
 at 224 (14×14, 16 heads of 32, no prefix) — and each window c, this times one `spatial_cross_attention` call
 forward + backward to q, k and v (what a training step pays per cross block and direction) and forward alone
-(inference), the median over --steps calls after --warmup (the first calls compile FlexAttention's kernel).
+(inference), the median over --steps calls after --warmup (the first calls compile the flex and triton kernels).
 The table gives each kernel's time and the fastest; `local_attention.choose_kernel` is set from these figures.
 
     python benchmarks/local_attention.py --device cuda --precision bf16 --json results/local_attention.json
@@ -52,7 +52,8 @@ def main() -> None:
     parser.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, of {', '.join(CASES)}")
     parser.add_argument("--windows", default="1,3,7")
     parser.add_argument(
-        "--kernels", help="comma-separated; default: all on a GPU, tiled,dense on the CPU (no flex backward)"
+        "--kernels",
+        help="comma-separated; default: all on a GPU, tiled,dense on the CPU (no flex backward, triton needs CUDA)",
     )
     parser.add_argument("--border", choices=["clip", "zero"], default="clip")
     parser.add_argument("--steps", type=int, default=20)
@@ -60,7 +61,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write every figure here")
     args = parser.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.precision]
-    kernels = args.kernels.split(",") if args.kernels else [k for k in KERNELS if device.type == "cuda" or k != "flex"]
+    gpu_only = ("flex", "triton")
+    kernels = (
+        args.kernels.split(",") if args.kernels else [k for k in KERNELS if device.type == "cuda" or k not in gpu_only]
+    )
     # One compiled FlexAttention per mask: more masks than Dynamo's default limit in one process.
     torch._dynamo.config.recompile_limit = 64
 

@@ -77,7 +77,7 @@ class Common:
     device: str
     steps: int
     warmup: int
-    kernel: str  # SA²VP's local attention: auto (choose_kernel), tiled, dense or flex
+    kernel: str  # SA²VP's local attention: auto (choose_kernel), tiled, dense, flex or triton
     overrides: dict[str, Any]
 
 

@@ -1,7 +1,8 @@
 """Every local-attention kernel on a GPU against the naive reference, forward and gradients.
 
 Skipped without CUDA (CI has none); `benchmarks/gpu_check.sh` runs it on a lent GPU. FlexAttention is here
-because it has no backward on the CPU; the CPU tests cover its forward.
+because it has no backward on the CPU (the CPU tests cover its forward); the Triton kernels because the CPU tests
+run them through Triton's interpreter, not compiled.
 """
 
 from __future__ import annotations

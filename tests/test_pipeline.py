@@ -97,7 +97,9 @@ def paper_repository(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple
 
 
 @pytest.fixture(scope="module")
-def reproduced(paper_repository: tuple[Path, subprocess.Popen[str]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+def reproduced(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if any("suites" in getattr(item, "fixturenames", ()) for item in request.session.items):
+        request.getfixturevalue("paper_repository")  # started first: it reproduces while this copy does
     project = _copy_repository(tmp_path_factory.mktemp("repo"))
     # The committed offline backbone's pipeline, on the tiny architecture: it writes the file the main one uses.
     made = yaml.safe_load((project / "pipelines/backbone/params.yaml").read_text())
@@ -184,6 +186,11 @@ TINY_BACKBONE = {
     "pretrain": TINY_PRETRAIN,
     "weights": "../../models/backbone.safetensors",
 }
+
+
+# The tests of the suites' runs: every suite in two copies of the repository at once, its cells side by side.
+# They start several processes (the CI runs them; `-m "not slow"` skips them, and the paper repository with them).
+suites_run = pytest.mark.slow
 
 
 def _suite_file(root: Path, suite: str, name: str) -> Path:
@@ -304,6 +311,7 @@ def _reproduce_cells_side_by_side(project: Path, suite: str) -> None:
     LOGS[f"{suite} report"] = _dvc(project, "--cd", f"pipelines/{suite}", "repro").stdout
 
 
+@suites_run
 def test_a_suites_cells_run_side_by_side_and_the_report_collects_them(suites: dict[str, Path]) -> None:
     datasets, variants = SUITE_CELLS["offline"][:2]
     for cell in (f"run@{dataset}-{variant}" for dataset in datasets for variant in variants):
@@ -313,6 +321,7 @@ def test_a_suites_cells_run_side_by_side_and_the_report_collects_them(suites: di
     # the table's rows and the MLflow runs of every cell: test_each_suite_runs_its_cells_and_writes_its_table
 
 
+@suites_run
 @pytest.mark.parametrize("suite", list(SUITE_CELLS))
 def test_each_suite_runs_its_cells_and_writes_its_table(
     suites: dict[str, Path], suite: str, monkeypatch: pytest.MonkeyPatch
@@ -339,6 +348,7 @@ def test_each_suite_runs_its_cells_and_writes_its_table(
     assert len(finals) == len(datasets) * len(variants) * len(seeds)
 
 
+@suites_run
 def test_suite_cells_get_the_groups_settings_and_are_tuned(suites: dict[str, Path]) -> None:
     client = MlflowClient(f"sqlite:///{suites['vtab1k'] / 'mlflow.db'}")
     (final,) = client.search_runs(
@@ -355,11 +365,13 @@ def test_suite_cells_get_the_groups_settings_and_are_tuned(suites: dict[str, Pat
     assert ablation["method"] == "sa2vp" and ablation["trainable_percent"] < result["trainable_percent"]
 
 
+@suites_run
 def test_a_second_suite_repro_does_nothing(suites: dict[str, Path]) -> None:
     again = _dvc(suites["offline"], "--cd", "pipelines/offline", "repro")
     assert "Running stage" not in again.stdout, again.stdout
 
 
+@suites_run
 def test_the_paper_suites_make_one_backbone_file_and_stay_up_to_date(suites: dict[str, Path]) -> None:
     """Each paper suite's backbone stage ran once and wrote the same bytes to the one shared file (outside the
     suites, not in their DVC caches): the first suite, rerun after the other three, has nothing to do."""
@@ -377,6 +389,7 @@ def test_the_paper_suites_make_one_backbone_file_and_stay_up_to_date(suites: dic
     assert "Running stage" not in again.stdout, again.stdout
 
 
+@suites_run
 def test_the_root_project_shows_the_main_pipeline_only(suites: dict[str, Path]) -> None:
     """The suites are DVC projects of their own: after they ran, the root's status, DAG and experiment table
     know nothing of them (a user's `dvc status` stays a screenful)."""

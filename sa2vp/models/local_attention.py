@@ -3,7 +3,7 @@
 A patch query at grid position ⟨y, x⟩ attends only to the patch keys of the other pathway inside the
 c×c window centred on ⟨y, x⟩; prefix queries (CLS) attend globally to every token of the other pathway.
 
-Three kernels, no loop over tokens or windows, chosen by `choose_kernel`:
+Four kernels, no loop over tokens or windows, chosen by `choose_kernel`:
 
 - tiled: the query grid is cut into tiles of T×T positions and each tile attends to its (T+c−1)×(T+c−1) "halo"
   of keys under a fixed boolean mask, so every tile is one small dense attention problem and all tiles run as a
@@ -17,11 +17,15 @@ Three kernels, no loop over tokens or windows, chosen by `choose_kernel`:
   first use) that skips the key blocks no query of a query block can see and never materialises scores. It has
   no backward on the CPU, so it is a GPU kernel; on the CPU it runs forward only (for checking). On the grids
   that occur it measured slower than dense (see DENSE_MAX_TOKENS), so it is offered, not chosen.
+- triton: this project's fused Triton kernels (`local_attention_triton`): each query reads its c×c window of
+  keys straight from the key map, O(N·c²·d) with no copies, masks or score matrices, forward and backward.
+  CUDA only (or the CPU under TRITON_INTERPRET=1, for the tests). Not yet measured on a GPU, so not chosen.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from functools import lru_cache
 from typing import Any, Literal, cast
@@ -32,8 +36,8 @@ import torch.nn.functional as F
 Border = Literal["clip", "zero"]
 HeadMode = Literal["multi", "single"]
 
-Kernel = Literal["tiled", "dense", "flex"]
-KERNELS: tuple[Kernel, ...] = ("tiled", "dense", "flex")
+Kernel = Literal["tiled", "dense", "flex", "triton"]
+KERNELS: tuple[Kernel, ...] = ("tiled", "dense", "flex", "triton")
 
 # Tiles are at least this wide: small enough that the halo overhead stays low for c ≤ 7, large enough
 # that each tile is a reasonably shaped matrix product.
@@ -50,7 +54,7 @@ DENSE_MAX_TOKENS = {"cpu": 144, "cuda": 576}
 
 def choose_kernel(grid: tuple[int, int], device: torch.device) -> Kernel:
     """The kernel for this grid on this device (see DENSE_MAX_TOKENS). Flex is never chosen: it was slower than
-    dense on every grid measured; `SpatialCrossBlock.kernel` pins it."""
+    dense on every grid measured; nor is triton, not measured yet. `SpatialCrossBlock.kernel` pins either."""
     return "dense" if grid[0] * grid[1] <= DENSE_MAX_TOKENS.get(device.type, 0) else "tiled"
 
 
@@ -81,7 +85,8 @@ def spatial_cross_attention(
         tile_mask, dense_mask: what `build_tile_mask(...)` / `build_dense_mask(...)` return for these arguments;
             pass them precomputed to keep the call free of Python-side caching (e.g. under torch.compile). Built
             and cached when omitted.
-        kernel: "tiled", "dense" or "flex" (the same maths); None: `choose_kernel` for the grid and q's device.
+        kernel: "tiled", "dense", "flex" or "triton" (the same maths); None: `choose_kernel` for the grid and q's
+            device.
 
     Returns:
         Attention output with heads merged, shape (B, num_prefix + h*w, H*D), before the output projection.
@@ -104,6 +109,8 @@ def spatial_cross_attention(
             out = _dense_windowed_attention(*patches, border, dense_mask)
         elif kernel == "flex":
             out = _flex_windowed_attention(*patches, grid, window, border)
+        elif kernel == "triton":
+            out = _triton_windowed_attention(*patches, grid, window, border)
         else:
             if tile_mask is None:
                 tile_mask = build_tile_mask(grid, window, border, q.shape[1], q.device)
@@ -193,6 +200,21 @@ def _flex_windowed_attention(
     if border == "zero":
         k, v = _with_zero_key(k, v)
     return _flex_attention(q.device)(q, k, v, score_mod=score_mod, block_mask=block_mask)
+
+
+def _triton_windowed_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grid: tuple[int, int], window: int, border: Border
+) -> torch.Tensor:
+    """Patch queries over their window through the fused Triton kernels (imported on first use: Triton is only
+    needed by whoever pins this kernel)."""
+    if q.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(
+            f"the triton local-attention kernel runs on CUDA tensors (got {q.device.type}); "
+            "on the CPU only under TRITON_INTERPRET=1 (slow, for tests)"
+        )
+    from sa2vp.models.local_attention_triton import triton_windowed_attention
+
+    return triton_windowed_attention(q, k, v, grid, window, zero_border=border == "zero")
 
 
 @lru_cache(maxsize=4)
