@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import timm
@@ -10,6 +12,7 @@ from safetensors.torch import save_file
 
 from sa2vp.errors import BackboneError
 from sa2vp.models.backbones import create_backbone, weights_digest
+from sa2vp.pretraining.backbone_file import save_weights
 from sa2vp.settings import BackboneSettings, SettingsError
 
 NAME = "vit_tiny_patch16_224"
@@ -78,6 +81,55 @@ def test_a_file_whose_names_do_not_match_is_refused_not_loaded_as_partly_random(
     save_file({rename(k): v.contiguous() for k, v in source_vit.state_dict().items()}, str(path))
     with pytest.raises(BackboneError, match=r"does not hold \d+ of the \d+ weights .*partly random"):
         create_backbone(BackboneSettings(name=NAME, weights=str(path), img_size=64))
+
+
+SMALL = {"patch_size": 16, "embed_dim": 32, "depth": 4, "num_heads": 2}
+
+
+def _materialised(tmp_path, **kwargs):
+    """A 4-block ViT saved as `sa2vp backbone materialise` saves one: with the timm name and kwargs it records."""
+    model = timm.create_model(NAME, pretrained=False, num_classes=0, img_size=64, **SMALL)
+    path = tmp_path / "small.safetensors"
+    metadata = {"timm_name": NAME, "model_kwargs": json.dumps(SMALL, sort_keys=True), "img_size": "64"}
+    save_weights(model, path, metadata)
+    return path
+
+
+def test_a_file_read_with_its_recorded_network_loads_at_another_image_size_and_drop_path(tmp_path):
+    path = _materialised(tmp_path)
+    create_backbone(BackboneSettings(name=NAME, weights=str(path), img_size=64, model_kwargs=SMALL))
+    resampled = create_backbone(BackboneSettings(name=NAME, weights=str(path), img_size=96, model_kwargs=SMALL))
+    assert resampled.pos_embed.shape[1] == 1 + 6 * 6  # timm resamples the position embeddings
+    # a training knob among model_kwargs (drop-path layers where the file's network has Identity) is no other network
+    stochastic = {**SMALL, "drop_path_rate": 0.1}
+    create_backbone(BackboneSettings(name=NAME, weights=str(path), img_size=64, model_kwargs=stochastic))
+
+
+@pytest.mark.parametrize("change", [{"depth": 2}, {"num_heads": 4}], ids=["fewer-blocks", "other-head-count"])
+def test_a_file_is_refused_for_another_network_than_it_records(tmp_path, change):
+    # fewer blocks: the file's extra blocks would be dropped; other heads: the same qkv matrices, read as other
+    # heads. Both loaded silently before (timm only logged the unexpected keys).
+    path = _materialised(tmp_path)
+    with pytest.raises(
+        BackboneError, match=r"was written for 'vit_tiny_patch16_224' with model_kwargs .*another network"
+    ):
+        create_backbone(BackboneSettings(name=NAME, weights=str(path), img_size=64, model_kwargs={**SMALL, **change}))
+
+
+def test_a_file_without_a_record_whose_weights_a_smaller_network_would_drop_is_refused(tmp_path):
+    model = timm.create_model(NAME, pretrained=False, num_classes=0, img_size=64, **SMALL)
+    path = tmp_path / "foreign.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    fewer = {**SMALL, "depth": 2}
+    with pytest.raises(BackboneError, match=r"holds 24 weights that .* has no place for .*blocks\.2\."):
+        create_backbone(BackboneSettings(name=NAME, weights=str(path), img_size=64, model_kwargs=fewer))
+
+
+def test_a_files_classifier_is_not_counted_as_a_weight_left_over(tmp_path, source_vit):
+    path = tmp_path / "with-head.safetensors"
+    head = {"head.weight": torch.zeros(10, 192), "head.bias": torch.zeros(10)}
+    save_file({**{k: v.contiguous() for k, v in source_vit.state_dict().items()}, **head}, str(path))
+    _assert_same_weights(create_backbone(BackboneSettings(name=NAME, weights=str(path), img_size=64)), source_vit)
 
 
 def test_unknown_model_name_suggests_close_ones():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import hashlib
+import json
 import sys
 import zipfile
 import zlib
@@ -174,27 +175,90 @@ def _from_file(name: str, path: Path, kwargs: dict[str, Any]) -> nn.Module:
         hint = "; an .npz must be Google's original (JAX/Flax) checkpoint of this architecture" if npz else ""
         raise BackboneError(f"backbone.weights: {path} does not fit {name!r}: {one_line(exc)}{hint}") from exc
     if not npz:
-        _require_every_weight(model, name, path)
+        _require_the_files_architecture(model, name, kwargs, path)
     return model
 
 
-def _require_every_weight(model: nn.Module, name: str, path: Path) -> None:
-    """Refuse a file that leaves backbone weights at their random init.
+def _require_the_files_architecture(model: nn.Module, name: str, kwargs: dict[str, Any], path: Path) -> None:
+    """Refuse a file written for another architecture than the settings describe.
 
-    timm loads a file non-strictly once the classifier is dropped (num_classes=0), so a file whose names do not
-    match (a `model.` prefix, another architecture's layout) would otherwise give a silently random backbone."""
+    timm loads a file non-strictly once the classifier is dropped (num_classes=0), and only warns in its log: a
+    file whose names do not match (a `model.` prefix, another layout) would give a partly random backbone, and a
+    deeper or wider one's extra weights would be dropped (a 12-block file read as 6 blocks). So every weight of
+    the model must come from the file and every weight of the file but its classifier must be used; a file
+    written by `sa2vp backbone materialise` must also record this network."""
+    _require_the_recorded_architecture(model, name, kwargs, path)
     state = load_file(str(path))
     adapt = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if adapt is not None:  # the architecture's own renaming of older layouts, as timm applies it when loading
         state = adapt(state, model)
-    missing = [key for key in model.state_dict() if key not in state]
+    wanted = model.state_dict()
+    missing = [key for key in wanted if key not in state]
+    classifier = str(getattr(model, "pretrained_cfg", {}).get("classifier") or "head")
+    unused = sorted(key for key in state if key not in wanted and not key.startswith(f"{classifier}."))
     if missing:
-        unexpected = sorted(set(state) - set(model.state_dict()))
         raise BackboneError(
-            f"backbone.weights: {path} does not hold {len(missing)} of the {len(model.state_dict())} weights of "
-            f"{name!r} (e.g. {missing[:3]}; the file has e.g. {unexpected[:3]}): a model built from it would be "
+            f"backbone.weights: {path} does not hold {len(missing)} of the {len(wanted)} weights of "
+            f"{name!r} (e.g. {missing[:3]}; the file has e.g. {unused[:3]}): a model built from it would be "
             "partly random. Use a file written for this architecture, e.g. by `sa2vp backbone materialise`"
         )
+    if unused:
+        raise BackboneError(
+            f"backbone.weights: {path} holds {len(unused)} weights that {name!r} with backbone.model_kwargs "
+            f"{_model_kwargs(kwargs)} has no place for (e.g. {unused[:3]}): it was written for a larger "
+            "or other architecture, and a model built from it would silently drop them. Set backbone.name and "
+            "backbone.model_kwargs to the file's"
+        )
+
+
+def _require_the_recorded_architecture(model: nn.Module, name: str, kwargs: dict[str, Any], path: Path) -> None:
+    """A file from `sa2vp backbone materialise` records the timm model and model_kwargs it was written for: the
+    network they build (at this image size) must be this one, down to what the weights do not show (the head
+    count of an attention reads the same qkv matrix either way). Names may differ: `offline_vit12` is
+    `vit_tiny_patch16_224` with its kwargs."""
+    recorded = read_safetensors_metadata(path)
+    if "timm_name" not in recorded:
+        return  # a file from elsewhere: the weight names are all there is to check
+    file_kwargs = json.loads(recorded.get("model_kwargs") or "{}")
+    wrote = f"{path} was written for {recorded['timm_name']!r} with model_kwargs {file_kwargs}"
+    # at this model's input size: a file is read at another size by resampling its position embeddings
+    image_size = getattr(getattr(model, "patch_embed", None), "img_size", None) or kwargs.get("img_size")
+    size = {} if image_size is None else {"img_size": image_size}
+    try:
+        with torch.device("meta"):  # the architecture only: no memory, no initialisation
+            written = timm.create_model(recorded["timm_name"], num_classes=0, **{**file_kwargs, **size})
+    except (RuntimeError, ValueError, TypeError, KeyError) as exc:
+        raise BackboneError(f"backbone.weights: {wrote}, which timm cannot build here: {one_line(exc)}") from exc
+    if _architecture(written) != _architecture(model):
+        raise BackboneError(
+            f"backbone.weights: {wrote}; the settings ask for {name!r} with {_model_kwargs(kwargs)}, another "
+            "network. Set backbone.name and backbone.model_kwargs to the file's, or materialise a file for these "
+            "settings"
+        )
+
+
+def _model_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """backbone.model_kwargs out of timm's keyword arguments (for messages)."""
+    return {key: value for key, value in kwargs.items() if key not in ("num_classes", "img_size")}
+
+
+def _architecture(model: nn.Module) -> list[tuple[str, ...]]:
+    """What tells two networks apart: each module's name, class and head count, and each weight's shape. Not the
+    stochastic layers (dropout, drop-path, or Identity where their rate is 0): training settings, not the network."""
+    stochastic = (nn.Dropout, DropPath, nn.Identity)
+    modules = [
+        (name, type(module).__name__, str(getattr(module, "num_heads", "")))
+        for name, module in model.named_modules()
+        if not isinstance(module, stochastic)
+    ]
+    weights = [(name, str(tuple(tensor.shape))) for name, tensor in model.state_dict().items()]
+    return modules + weights
+
+
+def read_safetensors_metadata(path: Path) -> dict[str, str]:
+    """The string metadata in a safetensors file's header (empty when it has none)."""
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
 
 
 def safetensors_problem(path: Path) -> str | None:
