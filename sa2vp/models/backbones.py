@@ -246,12 +246,12 @@ def _architecture(model: nn.Module) -> list[tuple[str, ...]]:
     """What tells two networks apart: each module's name, class and head count, and each weight's shape. Not the
     stochastic layers (dropout, drop-path, or Identity where their rate is 0): training settings, not the network."""
     stochastic = (nn.Dropout, DropPath, nn.Identity)
-    modules = [
+    modules: list[tuple[str, ...]] = [
         (name, type(module).__name__, str(getattr(module, "num_heads", "")))
         for name, module in model.named_modules()
         if not isinstance(module, stochastic)
     ]
-    weights = [(name, str(tuple(tensor.shape))) for name, tensor in model.state_dict().items()]
+    weights: list[tuple[str, ...]] = [(name, str(tuple(tensor.shape))) for name, tensor in model.state_dict().items()]
     return modules + weights
 
 
