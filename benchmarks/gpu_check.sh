@@ -10,7 +10,8 @@
 #   eager        (150) every method eager, SA²VP at c = 1, 3, 7, the default kernel choice (the README's table).
 # A failed step does not stop the next. Each writes its JSON into the folder given (default: results/), and all of
 # them their output into steps.log there; $PYTHON is the interpreter with this project importable (default:
-# python). Name steps after the folder to run only those:
+# python); on a copy of the tree without git, BENCHMARK_COMMIT=<sha> puts the commit into the JSON. Name steps after
+# the folder to run only those:
 #
 #     bash benchmarks/gpu_check.sh "$OUT"
 #     bash benchmarks/gpu_check.sh "$OUT" attention gpu-tests kernel-triton compiled

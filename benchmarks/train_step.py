@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import platform
 import resource
 import subprocess
@@ -475,12 +476,14 @@ def _document(common: Common, measured: list[tuple[Unit, Figures]]) -> dict[str,
 
 
 def _commit() -> dict[str, Any] | None:
-    """The checkout's commit and whether it has uncommitted changes (None outside a git checkout)."""
+    """The checkout's commit and whether it has uncommitted changes. Outside a git checkout (a copy of the tree
+    on a lent machine) the commit the copy was made from, when $BENCHMARK_COMMIT names it; else None."""
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
         status = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
-        return None
+        given = os.environ.get("BENCHMARK_COMMIT")
+        return {"sha": given, "dirty": None, "source": "BENCHMARK_COMMIT"} if given else None
     return {"sha": head.stdout.strip(), "dirty": bool(status.stdout.strip())}
 
 
