@@ -248,6 +248,7 @@ def test_a_study_without_a_record_of_its_settings_is_not_resumed(project: Path) 
 # --- the README's example, for real ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # a DVC experiment end to end: dvc, then each stage a process of its own
 def test_dvc_exp_run_pins_gamma(tmp_path: Path) -> None:
     """`dvc exp run -S ++model.sa2vp.gamma=0.5` in a copy of the repository, on a tiny backbone and budget: the
     tuning leaves γ out, best.yaml says so, and the final training uses γ = 0.5."""

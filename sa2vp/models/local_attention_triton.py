@@ -41,6 +41,36 @@ def _launch_shape(q: torch.Tensor) -> tuple[tuple[int, int], dict[str, int]]:
 
 
 @triton.jit
+def _block_positions(block, tokens, width, BLOCK_Q: tl.constexpr):
+    """The block's token indices, which of them exist, and their grid rows and columns."""
+    idx = block * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    return idx, idx < tokens, idx // width, idx % width
+
+
+@triton.jit
+def _neighbour(row, col, dy, dx, valid, height, width):
+    """The token at (row + dy, col + dx) and whether it is inside the grid (index 0 where it is not)."""
+    near_row, near_col = row + dy, col + dx
+    inside = valid & (near_row >= 0) & (near_row < height) & (near_col >= 0) & (near_col < width)
+    return tl.where(inside, near_row * width + near_col, 0), inside
+
+
+@triton.jit
+def _rows(base, index, stride_n, stride_d, present, head_dim, BLOCK_D: tl.constexpr):
+    """Rows `index` of one (batch, head)'s (tokens, D) map, in fp32; zeros where `present` is False."""
+    dims = tl.arange(0, BLOCK_D)
+    mask = present[:, None] & (dims < head_dim)[None, :]
+    return tl.load(base + index[:, None] * stride_n + dims[None, :] * stride_d, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_rows(base, index, stride_n, stride_d, values, present, head_dim, BLOCK_D: tl.constexpr):
+    dims = tl.arange(0, BLOCK_D)
+    mask = present[:, None] & (dims < head_dim)[None, :]
+    tl.store(base + index[:, None] * stride_n + dims[None, :] * stride_d, values.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _forward_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr, lse_ptr,
     sqb, sqh, sqn, sqd,
@@ -53,46 +83,33 @@ def _forward_kernel(
     block, batch_head = tl.program_id(0), tl.program_id(1)
     b, h = batch_head // heads, batch_head % heads
     tokens = height * width
-    idx = block * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    valid = idx < tokens
-    row, col = idx // width, idx % width
-    dims = tl.arange(0, BLOCK_D)
-    dim_ok = dims < head_dim
-
-    q_ptrs = q_ptr + b * sqb + h * sqh + idx[:, None] * sqn + dims[None, :] * sqd
-    q = tl.load(q_ptrs, mask=valid[:, None] & dim_ok[None, :], other=0.0).to(tl.float32) * scale
-    k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
+    idx, valid, row, col = _block_positions(block, tokens, width, BLOCK_Q)
+    q_base, k_base, v_base = q_ptr + b * sqb + h * sqh, k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
+    q = _rows(q_base, idx, sqn, sqd, valid, head_dim, BLOCK_D) * scale
 
     # The centre (always inside the grid) starts the running softmax: max = its score, sum = 1.
     centre = tl.where(valid, idx, 0)
-    kv_mask = valid[:, None] & dim_ok[None, :]
-    k = tl.load(k_base + centre[:, None] * skn + dims[None, :] * skd, mask=kv_mask, other=0.0).to(tl.float32)
-    v = tl.load(v_base + centre[:, None] * svn + dims[None, :] * svd, mask=kv_mask, other=0.0).to(tl.float32)
-    running_max = tl.sum(q * k, axis=1)
+    running_max = tl.sum(q * _rows(k_base, centre, skn, skd, valid, head_dim, BLOCK_D), axis=1)
     running_sum = tl.full([BLOCK_Q], 1.0, tl.float32)
-    acc = v
+    acc = _rows(v_base, centre, svn, svd, valid, head_dim, BLOCK_D)
     for dy in tl.static_range(-RADIUS, RADIUS + 1):
         for dx in tl.static_range(-RADIUS, RADIUS + 1):
             if dy != 0 or dx != 0:
-                key_row, key_col = row + dy, col + dx
-                inside = valid & (key_row >= 0) & (key_row < height) & (key_col >= 0) & (key_col < width)
-                key = tl.where(inside, key_row * width + key_col, 0)
-                load_mask = inside[:, None] & dim_ok[None, :]
-                k = tl.load(k_base + key[:, None] * skn + dims[None, :] * skd, mask=load_mask, other=0.0)
-                v = tl.load(v_base + key[:, None] * svn + dims[None, :] * svd, mask=load_mask, other=0.0)
-                score = tl.sum(q * k.to(tl.float32), axis=1)
+                key, inside = _neighbour(row, col, dy, dx, valid, height, width)
+                # outside the grid the loads give zeros: under "zero" a zero key (score 0) with a zero value
+                score = tl.sum(q * _rows(k_base, key, skn, skd, inside, head_dim, BLOCK_D), axis=1)
                 if not ZERO_BORDER:
                     score = tl.where(inside, score, float("-inf"))
                 new_max = tl.maximum(running_max, score)
                 rescale = tl.exp(running_max - new_max)
                 weight = tl.exp(score - new_max)
                 running_sum = running_sum * rescale + weight
-                acc = acc * rescale[:, None] + weight[:, None] * v.to(tl.float32)
+                value = _rows(v_base, key, svn, svd, inside, head_dim, BLOCK_D)
+                acc = acc * rescale[:, None] + weight[:, None] * value
                 running_max = new_max
 
-    out = acc / running_sum[:, None]
-    o_ptrs = out_ptr + b * sob + h * soh + idx[:, None] * son + dims[None, :] * sod
-    tl.store(o_ptrs, out.to(out_ptr.dtype.element_ty), mask=valid[:, None] & dim_ok[None, :])
+    out_base = out_ptr + b * sob + h * soh
+    _store_rows(out_base, idx, son, sod, acc / running_sum[:, None], valid, head_dim, BLOCK_D)
     tl.store(lse_ptr + batch_head * tokens + idx, running_max + tl.log(running_sum), mask=valid)
 
 
@@ -112,38 +129,24 @@ def _backward_query_kernel(
     block, batch_head = tl.program_id(0), tl.program_id(1)
     b, h = batch_head // heads, batch_head % heads
     tokens = height * width
-    idx = block * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    valid = idx < tokens
-    row, col = idx // width, idx % width
-    dims = tl.arange(0, BLOCK_D)
-    row_mask = valid[:, None] & (dims < head_dim)[None, :]
-
-    q = tl.load(q_ptr + b * sqb + h * sqh + idx[:, None] * sqn + dims[None, :] * sqd, mask=row_mask, other=0.0)
-    q = q.to(tl.float32) * scale
-    grad_out = tl.load(
-        grad_out_ptr + b * sob + h * soh + idx[:, None] * son + dims[None, :] * sod, mask=row_mask, other=0.0
-    )
-    grad_out = grad_out.to(tl.float32)
-    out = tl.load(out_ptr + b * sob + h * soh + idx[:, None] * son + dims[None, :] * sod, mask=row_mask, other=0.0)
-    delta = tl.sum(grad_out * out.to(tl.float32), axis=1)
-    lse = tl.load(lse_ptr + batch_head * tokens + idx, mask=valid, other=0.0)
+    idx, valid, row, col = _block_positions(block, tokens, width, BLOCK_Q)
     k_base, v_base = k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
+    q = _rows(q_ptr + b * sqb + h * sqh, idx, sqn, sqd, valid, head_dim, BLOCK_D) * scale
+    grad_out = _rows(grad_out_ptr + b * sob + h * soh, idx, son, sod, valid, head_dim, BLOCK_D)
+    delta = tl.sum(grad_out * _rows(out_ptr + b * sob + h * soh, idx, son, sod, valid, head_dim, BLOCK_D), axis=1)
+    lse = tl.load(lse_ptr + batch_head * tokens + idx, mask=valid, other=0.0)
 
     grad_q = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for dy in tl.static_range(-RADIUS, RADIUS + 1):
         for dx in tl.static_range(-RADIUS, RADIUS + 1):
-            key_row, key_col = row + dy, col + dx
-            inside = valid & (key_row >= 0) & (key_row < height) & (key_col >= 0) & (key_col < width)
-            key = tl.where(inside, key_row * width + key_col, 0)
-            load_mask = inside[:, None] & (dims < head_dim)[None, :]
-            k = tl.load(k_base + key[:, None] * skn + dims[None, :] * skd, mask=load_mask, other=0.0).to(tl.float32)
-            v = tl.load(v_base + key[:, None] * svn + dims[None, :] * svd, mask=load_mask, other=0.0).to(tl.float32)
+            # zero keys (outside the grid) add nothing to dQ: their key is 0
+            key, inside = _neighbour(row, col, dy, dx, valid, height, width)
+            k = _rows(k_base, key, skn, skd, inside, head_dim, BLOCK_D)
+            v = _rows(v_base, key, svn, svd, inside, head_dim, BLOCK_D)
             prob = tl.where(inside, tl.exp(tl.sum(q * k, axis=1) - lse), 0.0)
-            grad_score = prob * (tl.sum(grad_out * v, axis=1) - delta)
-            grad_q += grad_score[:, None] * k
+            grad_q += (prob * (tl.sum(grad_out * v, axis=1) - delta))[:, None] * k
 
-    dq_ptrs = grad_q_ptr + b * sgb + h * sgh + idx[:, None] * sgn + dims[None, :] * sgd
-    tl.store(dq_ptrs, (grad_q * scale).to(grad_q_ptr.dtype.element_ty), mask=row_mask)
+    _store_rows(grad_q_ptr + b * sgb + h * sgh, idx, sgn, sgd, grad_q * scale, valid, head_dim, BLOCK_D)
     tl.store(delta_ptr + batch_head * tokens + idx, delta, mask=valid)
 
 
@@ -163,40 +166,26 @@ def _backward_key_kernel(
     block, batch_head = tl.program_id(0), tl.program_id(1)
     b, h = batch_head // heads, batch_head % heads
     tokens = height * width
-    idx = block * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    valid = idx < tokens
-    row, col = idx // width, idx % width
-    dims = tl.arange(0, BLOCK_D)
-    row_mask = valid[:, None] & (dims < head_dim)[None, :]
-
-    k = tl.load(k_ptr + b * skb + h * skh + idx[:, None] * skn + dims[None, :] * skd, mask=row_mask, other=0.0)
-    k = k.to(tl.float32)
-    v = tl.load(v_ptr + b * svb + h * svh + idx[:, None] * svn + dims[None, :] * svd, mask=row_mask, other=0.0)
-    v = v.to(tl.float32)
+    idx, valid, row, col = _block_positions(block, tokens, width, BLOCK_Q)
     q_base, do_base = q_ptr + b * sqb + h * sqh, grad_out_ptr + b * sob + h * soh
+    k = _rows(k_ptr + b * skb + h * skh, idx, skn, skd, valid, head_dim, BLOCK_D)
+    v = _rows(v_ptr + b * svb + h * svh, idx, svn, svd, valid, head_dim, BLOCK_D)
 
     grad_k = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     grad_v = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     for dy in tl.static_range(-RADIUS, RADIUS + 1):
         for dx in tl.static_range(-RADIUS, RADIUS + 1):
-            query_row, query_col = row + dy, col + dx
-            inside = valid & (query_row >= 0) & (query_row < height) & (query_col >= 0) & (query_col < width)
-            query = tl.where(inside, query_row * width + query_col, 0)
-            load_mask = inside[:, None] & (dims < head_dim)[None, :]
-            q = tl.load(q_base + query[:, None] * sqn + dims[None, :] * sqd, mask=load_mask, other=0.0)
-            q = q.to(tl.float32) * scale
-            grad_out = tl.load(do_base + query[:, None] * son + dims[None, :] * sod, mask=load_mask, other=0.0)
-            grad_out = grad_out.to(tl.float32)
+            query, inside = _neighbour(row, col, dy, dx, valid, height, width)
+            q = _rows(q_base, query, sqn, sqd, inside, head_dim, BLOCK_D) * scale
+            grad_out = _rows(do_base, query, son, sod, inside, head_dim, BLOCK_D)
             lse = tl.load(lse_ptr + batch_head * tokens + query, mask=inside, other=0.0)
             delta = tl.load(delta_ptr + batch_head * tokens + query, mask=inside, other=0.0)
             prob = tl.where(inside, tl.exp(tl.sum(q * k, axis=1) - lse), 0.0)
             grad_v += prob[:, None] * grad_out
-            grad_score = prob * (tl.sum(grad_out * v, axis=1) - delta)
-            grad_k += grad_score[:, None] * q  # q already carries the scale
+            grad_k += (prob * (tl.sum(grad_out * v, axis=1) - delta))[:, None] * q  # q carries the scale
 
-    offsets = b * sgb + h * sgh + idx[:, None] * sgn + dims[None, :] * sgd
-    tl.store(grad_k_ptr + offsets, grad_k.to(grad_k_ptr.dtype.element_ty), mask=row_mask)
-    tl.store(grad_v_ptr + offsets, grad_v.to(grad_v_ptr.dtype.element_ty), mask=row_mask)
+    _store_rows(grad_k_ptr + b * sgb + h * sgh, idx, sgn, sgd, grad_k, valid, head_dim, BLOCK_D)
+    _store_rows(grad_v_ptr + b * sgb + h * sgh, idx, sgn, sgd, grad_v, valid, head_dim, BLOCK_D)
 
 
 class _WindowedAttention(torch.autograd.Function):
