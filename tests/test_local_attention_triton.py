@@ -101,3 +101,31 @@ def test_triton_kernel_is_refused_on_the_cpu_without_the_interpreter(monkeypatch
     q, k, v = _qkv_views((3, 3), heads=1, head_dim=4)
     with pytest.raises(RuntimeError, match="runs on CUDA tensors"):
         spatial_cross_attention(q, k, v, (3, 3), window=3, kernel="triton")
+
+
+@pytest.mark.parametrize("kernel", ["_forward_kernel", "_backward_query_kernel", "_backward_key_kernel"])
+def test_the_kernels_compile_for_a_gpu_without_one(kernel):
+    """Compiled, not interpreted: Triton's own compiler and ptxas for an H100/H200 (sm_90), bf16, c = 7, for what
+    the interpreter does not check (what the compiler accepts, and that the window loop stays a loop: unrolled,
+    the c = 7 kernels took minutes to compile)."""
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from sa2vp.models import local_attention_triton
+
+    fn = getattr(local_attention_triton, kernel)
+    constexprs = {"RADIUS": 3, "BLOCK_Q": 64, "BLOCK_D": 64} | ({"ZERO_BORDER": True} if "forward" in kernel else {})
+    signature = {
+        name: "constexpr"
+        if name in constexprs
+        else ("*fp32" if name in ("lse_ptr", "delta_ptr") else "*bf16")
+        if name.endswith("_ptr")
+        else ("fp32" if name == "scale" else "i32")
+        for name in fn.arg_names
+    }
+    source = ASTSource(
+        fn=fn, signature=signature, constexprs={(fn.arg_names.index(name),): v for name, v in constexprs.items()}
+    )
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    assert compiled.asm["cubin"] and len(compiled.asm["ptx"]) < 1_000_000

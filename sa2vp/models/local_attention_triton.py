@@ -2,8 +2,9 @@
 key map — no pads, halo copies, masks or score matrices — with an online softmax, and the backward likewise.
 
 Forward, one program per block of queries of one (batch, head): for each of the c² window offsets it gathers the
-neighbours' keys and values, scores them and folds them into a running softmax (centre first, so the running
-maximum is finite from the start). It keeps the log-sum-exp per query for the backward.
+neighbours' keys and values, scores them and folds them into a running softmax. It keeps the log-sum-exp per
+query for the backward. The offsets are a loop in the compiled code, not unrolled, so a kernel compiles in the
+same seconds for every c (unrolled, c = 7 took minutes).
 
 Backward, two kernels and no atomics (deterministic):
 - per query block: dQ over the window, and δ = rowsum(dO ∘ O) for the second kernel;
@@ -87,26 +88,24 @@ def _forward_kernel(
     q_base, k_base, v_base = q_ptr + b * sqb + h * sqh, k_ptr + b * skb + h * skh, v_ptr + b * svb + h * svh
     q = _rows(q_base, idx, sqn, sqd, valid, head_dim, BLOCK_D) * scale
 
-    # The centre (always inside the grid) starts the running softmax: max = its score, sum = 1.
-    centre = tl.where(valid, idx, 0)
-    running_max = tl.sum(q * _rows(k_base, centre, skn, skd, valid, head_dim, BLOCK_D), axis=1)
-    running_sum = tl.full([BLOCK_Q], 1.0, tl.float32)
-    acc = _rows(v_base, centre, svn, svd, valid, head_dim, BLOCK_D)
-    for dy in tl.static_range(-RADIUS, RADIUS + 1):
-        for dx in tl.static_range(-RADIUS, RADIUS + 1):
-            if dy != 0 or dx != 0:
-                key, inside = _neighbour(row, col, dy, dx, valid, height, width)
-                # outside the grid the loads give zeros: under "zero" a zero key (score 0) with a zero value
-                score = tl.sum(q * _rows(k_base, key, skn, skd, inside, head_dim, BLOCK_D), axis=1)
-                if not ZERO_BORDER:
-                    score = tl.where(inside, score, float("-inf"))
-                new_max = tl.maximum(running_max, score)
-                rescale = tl.exp(running_max - new_max)
-                weight = tl.exp(score - new_max)
-                running_sum = running_sum * rescale + weight
-                value = _rows(v_base, key, svn, svd, inside, head_dim, BLOCK_D)
-                acc = acc * rescale[:, None] + weight[:, None] * value
-                running_max = new_max
+    # A running softmax over the window. It starts from a finite floor, not −inf: a position dropped under "clip"
+    # scores −inf, and −inf − (−inf) would be NaN; the centre is always inside, so the sum ends ≥ 1.
+    running_max = tl.full([BLOCK_Q], -1e30, tl.float32)
+    running_sum = tl.zeros([BLOCK_Q], tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
+    for offset in range(0, (2 * RADIUS + 1) * (2 * RADIUS + 1)):  # a loop, not unrolled: c = 7 compiles as c = 1
+        dy, dx = offset // (2 * RADIUS + 1) - RADIUS, offset % (2 * RADIUS + 1) - RADIUS
+        key, inside = _neighbour(row, col, dy, dx, valid, height, width)
+        # outside the grid the loads give zeros: under "zero" a zero key (score 0) with a zero value
+        score = tl.sum(q * _rows(k_base, key, skn, skd, inside, head_dim, BLOCK_D), axis=1)
+        if not ZERO_BORDER:
+            score = tl.where(inside, score, float("-inf"))
+        new_max = tl.maximum(running_max, score)
+        rescale = tl.exp(running_max - new_max)
+        weight = tl.exp(score - new_max)
+        running_sum = running_sum * rescale + weight
+        acc = acc * rescale[:, None] + weight[:, None] * _rows(v_base, key, svn, svd, inside, head_dim, BLOCK_D)
+        running_max = new_max
 
     out_base = out_ptr + b * sob + h * soh
     _store_rows(out_base, idx, son, sod, acc / running_sum[:, None], valid, head_dim, BLOCK_D)
@@ -137,14 +136,14 @@ def _backward_query_kernel(
     lse = tl.load(lse_ptr + batch_head * tokens + idx, mask=valid, other=0.0)
 
     grad_q = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    for dy in tl.static_range(-RADIUS, RADIUS + 1):
-        for dx in tl.static_range(-RADIUS, RADIUS + 1):
-            # zero keys (outside the grid) add nothing to dQ: their key is 0
-            key, inside = _neighbour(row, col, dy, dx, valid, height, width)
-            k = _rows(k_base, key, skn, skd, inside, head_dim, BLOCK_D)
-            v = _rows(v_base, key, svn, svd, inside, head_dim, BLOCK_D)
-            prob = tl.where(inside, tl.exp(tl.sum(q * k, axis=1) - lse), 0.0)
-            grad_q += (prob * (tl.sum(grad_out * v, axis=1) - delta))[:, None] * k
+    for offset in range(0, (2 * RADIUS + 1) * (2 * RADIUS + 1)):
+        dy, dx = offset // (2 * RADIUS + 1) - RADIUS, offset % (2 * RADIUS + 1) - RADIUS
+        # zero keys (outside the grid) add nothing to dQ: their key is 0
+        key, inside = _neighbour(row, col, dy, dx, valid, height, width)
+        k = _rows(k_base, key, skn, skd, inside, head_dim, BLOCK_D)
+        v = _rows(v_base, key, svn, svd, inside, head_dim, BLOCK_D)
+        prob = tl.where(inside, tl.exp(tl.sum(q * k, axis=1) - lse), 0.0)
+        grad_q += (prob * (tl.sum(grad_out * v, axis=1) - delta))[:, None] * k
 
     _store_rows(grad_q_ptr + b * sgb + h * sgh, idx, sgn, sgd, grad_q * scale, valid, head_dim, BLOCK_D)
     tl.store(delta_ptr + batch_head * tokens + idx, delta, mask=valid)
@@ -173,16 +172,16 @@ def _backward_key_kernel(
 
     grad_k = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
     grad_v = tl.zeros([BLOCK_Q, BLOCK_D], tl.float32)
-    for dy in tl.static_range(-RADIUS, RADIUS + 1):
-        for dx in tl.static_range(-RADIUS, RADIUS + 1):
-            query, inside = _neighbour(row, col, dy, dx, valid, height, width)
-            q = _rows(q_base, query, sqn, sqd, inside, head_dim, BLOCK_D) * scale
-            grad_out = _rows(do_base, query, son, sod, inside, head_dim, BLOCK_D)
-            lse = tl.load(lse_ptr + batch_head * tokens + query, mask=inside, other=0.0)
-            delta = tl.load(delta_ptr + batch_head * tokens + query, mask=inside, other=0.0)
-            prob = tl.where(inside, tl.exp(tl.sum(q * k, axis=1) - lse), 0.0)
-            grad_v += prob[:, None] * grad_out
-            grad_k += (prob * (tl.sum(grad_out * v, axis=1) - delta))[:, None] * q  # q carries the scale
+    for offset in range(0, (2 * RADIUS + 1) * (2 * RADIUS + 1)):
+        dy, dx = offset // (2 * RADIUS + 1) - RADIUS, offset % (2 * RADIUS + 1) - RADIUS
+        query, inside = _neighbour(row, col, dy, dx, valid, height, width)
+        q = _rows(q_base, query, sqn, sqd, inside, head_dim, BLOCK_D) * scale
+        grad_out = _rows(do_base, query, son, sod, inside, head_dim, BLOCK_D)
+        lse = tl.load(lse_ptr + batch_head * tokens + query, mask=inside, other=0.0)
+        delta = tl.load(delta_ptr + batch_head * tokens + query, mask=inside, other=0.0)
+        prob = tl.where(inside, tl.exp(tl.sum(q * k, axis=1) - lse), 0.0)
+        grad_v += prob[:, None] * grad_out
+        grad_k += (prob * (tl.sum(grad_out * v, axis=1) - delta))[:, None] * q  # q carries the scale
 
     _store_rows(grad_k_ptr + b * sgb + h * sgh, idx, sgn, sgd, grad_k, valid, head_dim, BLOCK_D)
     _store_rows(grad_v_ptr + b * sgb + h * sgh, idx, sgn, sgd, grad_v, valid, head_dim, BLOCK_D)
