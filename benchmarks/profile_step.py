@@ -9,6 +9,7 @@ and of those that copy memory — operator counts, unlike times, mean something 
     python benchmarks/profile_step.py --model vit_base_patch16_224 --batch-size 64 --precision bf16 \
         --set model.sa2vp.window=3
     python benchmarks/profile_step.py --params params.yaml --batch-size 64      # the offline default's step
+    python benchmarks/profile_step.py --params params.yaml --batch-size 64 --by-shape --steps 2
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ def main() -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--steps", type=int, default=3, help="profiled steps (after 3 untimed)")
     parser.add_argument("--rows", type=int, default=20)
+    parser.add_argument(
+        "--by-shape", action="store_true", help="also the top operators per input shape (which tensors cost)"
+    )
     args = parser.parse_args()
 
     values: dict[str, Any] = {"train.device": args.device}
@@ -76,7 +80,7 @@ def main() -> None:
     for _ in range(3):
         step()
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=args.by_shape) as prof:
         for _ in range(args.steps):
             step()
         if device.type == "cuda":
@@ -84,6 +88,11 @@ def main() -> None:
     averages = prof.key_averages()
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     print(averages.table(sort_by=sort, row_limit=args.rows, max_name_column_width=60))
+    if args.by_shape:
+        print(f"per input shape, ms per step ({sort}):")
+        by_shape = sorted(prof.key_averages(group_by_input_shape=True), key=lambda e: -getattr(e, sort))
+        for event in by_shape[: args.rows]:
+            print(f"  {getattr(event, sort) / 1e3 / args.steps:9.1f}  {event.key:<34} {str(event.input_shapes)[:90]}")
     counts = Counter({event.key: event.count for event in averages})
     aten = sum(count for key, count in counts.items() if key.startswith("aten::"))
     print(f"per step: {aten / args.steps:.0f} aten operators (nested ones included), of which copies:")
