@@ -180,17 +180,19 @@ def _weights(output: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, digits_root: Path) -> dict[str, Any]:
     """The same training three ways: one process (in this one), 2 processes under torchrun, and 2 processes
-    killed after the first checkpoint and resumed under torchrun. torchrun runs first, in the background."""
+    killed after the first checkpoint and resumed under torchrun. The uninterrupted torchrun runs in the
+    background meanwhile; the one to kill starts only when this process can watch it (started before the
+    single-process run, on a busy machine it had passed its last checkpoint before the watch began)."""
     base = tmp_path_factory.mktemp("distributed")
     whole, killed, single = (_project(base / name, digits_root) for name in ("whole", "killed", "single"))
     uninterrupted = _torchrun(whole)
-    interrupted = _torchrun(killed)
     threads = torch.get_num_threads()
     try:
         settings = tiny_settings(single)
         reference = fit(settings)
     finally:
         torch.set_num_threads(threads)  # the run set 1 (train.cpu_threads); later tests in this process keep theirs
+    interrupted = _torchrun(killed)
     _kill_after_first_checkpoint(interrupted, killed / "runs" / "train")
     stopped_at = load_checkpoint(killed / "runs" / "train")["state"]["epoch"]
     resumed = _torchrun(killed, "--resume")
