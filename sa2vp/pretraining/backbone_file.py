@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
 from sa2vp.atomic import atomic_path
 from sa2vp.data.progress import NO_PROGRESS, Progress
 from sa2vp.errors import BackboneError
-from sa2vp.models.backbones import from_hub, timm_kwargs
+from sa2vp.models.backbones import from_hub, read_safetensors_metadata, timm_kwargs
 from sa2vp.pretraining.loop import pretrain
 from sa2vp.settings import BackboneSettings
 
@@ -56,8 +55,7 @@ def materialise_backbone(settings: BackboneSettings, out: Path, progress: Progre
 
 def read_metadata(path: Path) -> dict[str, str]:
     """The metadata a materialised weights file carries (timm name, origin, seed, source accuracy, …)."""
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
+    return read_safetensors_metadata(path)
 
 
 def save_weights(model: nn.Module, out: Path, metadata: dict[str, str]) -> None:
